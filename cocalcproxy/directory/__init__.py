@@ -1,0 +1,118 @@
+"""The directory: accounts, projects, collaborators, sessions, API tokens and a change counter.
+
+Two faces over one implementation:
+
+* ``SyncDirectory``: blocking calls, used by the admin command and run inside worker threads.
+* ``Directory``: the same method names returning Deferreds; every call runs the blocking
+  implementation in a thread pool so the reactor thread never touches the database or Argon2.
+
+Every write bumps the change counter; running proxies poll ``change_counter()`` to drop cached
+decisions.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+
+from cocalcproxy.directory.model import (
+    Account,
+    Conflict,
+    DirectoryError,
+    InvalidInput,
+    NotFound,
+    Project,
+    TokenInfo,
+    Unavailable,
+)
+
+__all__ = [
+    "Account",
+    "Conflict",
+    "DirectoryError",
+    "IDirectory",
+    "InvalidInput",
+    "NotFound",
+    "Project",
+    "TokenInfo",
+    "Unavailable",
+]
+
+
+class IDirectory(Protocol):
+    """What the proxy needs from the directory. Every method returns a Deferred."""
+
+    def ping(self) -> Deferred[None]: ...
+
+    def change_counter(self) -> Deferred[int]: ...
+
+    def close(self) -> Deferred[None]: ...
+
+    # accounts
+    def add_user(self, name: str, password: str) -> Deferred[Account]: ...
+
+    def set_password(self, name: str, password: str) -> Deferred[None]: ...
+
+    def remove_user(self, name: str) -> Deferred[None]: ...
+
+    def list_users(self) -> Deferred[list[Account]]: ...
+
+    def check_password(self, name: str, password: str) -> Deferred[Account | None]: ...
+
+    # API tokens: create returns (token_id, secret token); only the SHA-256 of the secret is kept
+    def create_token(
+        self, name: str, expires_in_days: float | None = None
+    ) -> Deferred[tuple[str, str]]: ...
+
+    def revoke_token(self, token_id: str) -> Deferred[None]: ...
+
+    def account_for_token(self, token: str) -> Deferred[Account | None]: ...
+
+    # sessions: create returns the secret session token (the cookie value)
+    def create_session(self, account_id: int, lifetime_seconds: float) -> Deferred[str]: ...
+
+    def account_for_session(self, token: str) -> Deferred[Account | None]: ...
+
+    def delete_session(self, token: str) -> Deferred[None]: ...
+
+    # projects
+    def add_project(
+        self,
+        owner: str,
+        host: str = "127.0.0.1",
+        home: str | None = None,
+        project_id: str | None = None,
+        title: str = "",
+    ) -> Deferred[Project]: ...
+
+    def set_project(
+        self,
+        project_id: str,
+        host: str | None = None,
+        home: str | None = None,
+        title: str | None = None,
+    ) -> Deferred[Project]: ...
+
+    def remove_project(self, project_id: str) -> Deferred[None]: ...
+
+    def add_collaborator(self, project_id: str, name: str) -> Deferred[None]: ...
+
+    def remove_collaborator(self, project_id: str, name: str) -> Deferred[None]: ...
+
+    def get_project(self, project_id: str) -> Deferred[Project | None]: ...
+
+    def list_projects(self) -> Deferred[list[Project]]: ...
+
+    def project_for(self, account_id: int, project_id: str) -> Deferred[Project | None]:
+        """The project, only when the account is its owner or a collaborator; else None."""
+        ...
+
+    def projects_for(self, account_id: int) -> Deferred[list[Project]]: ...
+
+
+def open_directory(url: str, reactor: object) -> IDirectory:
+    """Open (and migrate) the directory at ``url``; the directory issue provides it."""
+    from cocalcproxy.directory.store import open_directory as _open
+
+    return _open(url, reactor)

@@ -1,0 +1,52 @@
+"""Plain records and errors shared by every directory implementation and its callers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Account:
+    id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class Project:
+    id: str
+    owner_id: int
+    owner_name: str
+    host: str
+    home: str | None
+    title: str
+    collaborators: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """Public facts about an API token; the secret itself is never stored."""
+
+    id: str
+    account_name: str
+    created: float
+    expires: float | None
+
+
+class DirectoryError(Exception):
+    """A refusal whose message is safe to show to the person who asked (admin command, logs)."""
+
+
+class NotFound(DirectoryError):
+    pass
+
+
+class Conflict(DirectoryError):
+    pass
+
+
+class InvalidInput(DirectoryError):
+    pass
+
+
+class Unavailable(DirectoryError):
+    """The database cannot be reached or read."""

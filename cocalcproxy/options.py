@@ -1,0 +1,190 @@
+"""The twistd options of ``twistd cocalcproxy``: one source of truth for names and defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.python import usage
+
+DEFAULT_LISTEN = "tcp:8443"
+
+
+def default_state_dir(environ: dict[str, str] | None = None) -> str:
+    """``$COCALCPROXY_STATE_DIR``, else systemd's ``$STATE_DIRECTORY``, else ``./cocalcproxy-state``."""
+    env = os.environ if environ is None else environ
+    explicit = env.get("COCALCPROXY_STATE_DIR")
+    if explicit:
+        return explicit
+    systemd = env.get("STATE_DIRECTORY")
+    if systemd:
+        # systemd may pass several colon-separated directories; the first is ours.
+        return systemd.split(":")[0]
+    return "cocalcproxy-state"
+
+
+def default_database_url(state_dir: str) -> str:
+    return "sqlite:///" + str(Path(state_dir).absolute() / "directory.sqlite3")
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive whole number")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be a positive number")
+    return number
+
+
+def _size(value: str) -> int:
+    """A byte count with an optional K/M/G/T suffix (powers of 1024)."""
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    factor = 1
+    for suffix, power in (("K", 1), ("M", 2), ("G", 3), ("T", 4)):
+        if text.endswith(suffix):
+            factor = 1024**power
+            text = text[:-1]
+            break
+    number = int(text) * factor
+    if number <= 0:
+        raise ValueError("must be a positive size")
+    return number
+
+
+class Options(usage.Options):
+    """Run the cocalcproxy HTTPS proxy.
+
+    Every request for /<project_id>/server/<port>/, /<project_id>/port/<port>/ or
+    /<project_id>/raw/ is let through only for the project's owner and collaborators.
+    """
+
+    synopsis = "[options]"
+    longdesc = __doc__
+
+    optParameters: list[list[Any]] = [
+        [
+            "state-dir",
+            None,
+            None,
+            "Directory for the SQLite database, generated TLS material and secrets "
+            "[default: $COCALCPROXY_STATE_DIR, else $STATE_DIRECTORY, else ./cocalcproxy-state].",
+        ],
+        [
+            "database",
+            None,
+            None,
+            "Directory database URL: sqlite:///PATH or postgresql://user@host/db "
+            "[default: sqlite:///<state-dir>/directory.sqlite3].",
+        ],
+        [
+            "tls-cert",
+            None,
+            None,
+            "PEM certificate (leaf first, then the chain; may also hold the key). Re-read on "
+            "SIGHUP. [default: a self-signed certificate generated under <state-dir>/tls/]",
+        ],
+        ["tls-key", None, None, "PEM private key [default: the key inside --tls-cert]."],
+        [
+            "redirect-http",
+            None,
+            None,
+            "Plain-HTTP endpoint that redirects every request to https (308) and proxies nothing.",
+        ],
+        ["hostname", None, "localhost", "Public host name used in redirects and the certificate."],
+        [
+            "project-domain",
+            None,
+            None,
+            "Serve https://<pid>-<port>.DOMAIN/ and https://<pid>-raw.DOMAIN/ (subdomain routing).",
+        ],
+        ["metrics", None, None, "Plain-HTTP endpoint for Prometheus /metrics (bind to loopback)."],
+        [
+            "max-body-size",
+            None,
+            1024**3,
+            "Largest request body forwarded, bytes with optional K/M/G suffix; larger gets 413.",
+            _size,
+        ],
+        [
+            "backend-connect-timeout",
+            None,
+            10.0,
+            "Seconds to wait for a backend to accept a connection before answering 504.",
+            _positive_float,
+        ],
+        [
+            "backend-response-timeout",
+            None,
+            300.0,
+            "Seconds to wait for a backend's response headers before answering 504.",
+            _positive_float,
+        ],
+        [
+            "session-lifetime",
+            None,
+            14.0,
+            "Days a sign-in session lasts.",
+            _positive_float,
+        ],
+        [
+            "hsts-max-age",
+            None,
+            31536000,
+            "Strict-Transport-Security max-age in seconds on every HTTPS answer (0 turns it off).",
+            int,
+        ],
+        [
+            "websocket-idle-timeout",
+            None,
+            3600.0,
+            "Seconds without traffic in either direction before a WebSocket relay is closed.",
+            _positive_float,
+        ],
+        [
+            "shutdown-timeout",
+            None,
+            30.0,
+            "On SIGTERM, seconds to let requests in flight finish before closing them.",
+            _positive_float,
+        ],
+        [
+            "backend-pool-size",
+            None,
+            64,
+            "Idle persistent connections kept per backend host and port.",
+            _positive_int,
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Twisted server endpoint to serve HTTPS on; repeatable; TLS is applied on top
+        (tcp:8443, tcp6:port=443:interface=\\:\\:, unix:/run/cocalcproxy.sock,
+        systemd:domain=INET:index=0) [default: tcp:8443]."""
+        self["listen"].append(endpoint)
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        if self["state-dir"] is None:
+            self["state-dir"] = default_state_dir()
+        if self["database"] is None:
+            self["database"] = default_database_url(self["state-dir"])
+        if self["tls-key"] and not self["tls-cert"]:
+            raise usage.UsageError("--tls-key needs --tls-cert")
+        if self["hsts-max-age"] < 0:
+            raise usage.UsageError("--hsts-max-age must not be negative")
+        if self["project-domain"] is not None:
+            domain = self["project-domain"].strip(".").lower()
+            if not domain or "/" in domain:
+                raise usage.UsageError("--project-domain must be a DNS name")
+            self["project-domain"] = domain

@@ -1,0 +1,86 @@
+"""The proxy's own pages under /_/ (health, static) and the index.
+
+Sign-in, sign-out and the project list are the guard's; this module dispatches to it.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from cocalcproxy import pages, routing
+from cocalcproxy.directory import IDirectory
+from cocalcproxy.site import ProxyRequest
+
+log = Logger()
+
+_STATIC_TYPES = {".css": b"text/css; charset=utf-8", ".svg": b"image/svg+xml", ".png": b"image/png"}
+
+
+class OwnPages:
+    def __init__(self, directory: IDirectory, guard_pages: object | None = None) -> None:
+        self.directory = directory
+        self.guard_pages = guard_pages
+
+    def handle(self, request: ProxyRequest, page: routing.OwnPage) -> None:
+        request.log_info.form = "own"
+        if page.name == "health":
+            self.health(request)
+        elif page.name == "static":
+            self.static(request, page.rest)
+        elif self.guard_pages is not None and hasattr(self.guard_pages, page.name):
+            getattr(self.guard_pages, page.name)(request)
+        else:
+            pages.not_found(request)
+
+    def health(self, request: ProxyRequest) -> None:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"Allow", b"GET, HEAD")
+            pages.write_error(request, 405, "Method not allowed", "Use GET.")
+            return
+        d: Deferred[None] = self.directory.ping()
+
+        def answer(ok: bool) -> None:
+            if request._disconnected:
+                return
+            body = json.dumps({"status": "ok" if ok else "unavailable", "directory": ok}).encode()
+            request.setResponseCode(200 if ok else 503)
+            pages.set_own_page_headers(request)
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Content-Length", str(len(body)).encode())
+            if request.method != b"HEAD":
+                request.write(body)
+            request.finish()
+
+        def failed(failure: object) -> None:
+            log.warn("health check: directory unreachable: {f}", f=failure)
+            answer(False)
+
+        d.addCallbacks(lambda _: answer(True), failed)
+
+    def static(self, request: ProxyRequest, name: bytes) -> None:
+        text = name.decode("ascii", "replace")
+        suffix = "." + text.rsplit(".", 1)[-1] if "." in text else ""
+        if (
+            request.method not in (b"GET", b"HEAD")
+            or "/" in text
+            or text.startswith(".")
+            or suffix not in _STATIC_TYPES
+        ):
+            pages.not_found(request)
+            return
+        try:
+            data = resources.files("cocalcproxy.pages").joinpath("static", text).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, OSError):
+            pages.not_found(request)
+            return
+        request.setHeader(b"Content-Type", _STATIC_TYPES[suffix])
+        request.setHeader(b"Cache-Control", b"public, max-age=3600")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"Content-Length", str(len(data)).encode())
+        if request.method != b"HEAD":
+            request.write(data)
+        request.finish()

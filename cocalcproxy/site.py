@@ -1,0 +1,194 @@
+"""The HTTP face: the Site, its Request class, and the root that routes every request.
+
+The flow is one way: routing.parse -> own page | guard.authorize -> handler. A handler gets an
+already-authorised Route, Project and Account and never parses URLs or looks at credentials.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+from twisted.web.http import HTTPChannel
+
+from cocalcproxy import pages, routing
+from cocalcproxy.directory import Account, Project
+
+log = Logger()
+
+
+@dataclass
+class Access:
+    """An authorised request: who asked and which project they may reach."""
+
+    account: Account
+    project: Project
+
+
+class Guard(Protocol):
+    def authorize(self, request: ProxyRequest, route: routing.Route) -> Deferred[Access | None]:
+        """Fire with Access, or with None after the guard has itself answered (302/401/404)."""
+        ...
+
+
+class Handler(Protocol):
+    def handle(self, request: ProxyRequest, route: routing.Route, access: Access) -> None:
+        """Take over the request and finish it (or hand the connection to a relay)."""
+        ...
+
+
+class OwnPages(Protocol):
+    def handle(self, request: ProxyRequest, page: routing.OwnPage) -> None: ...
+
+
+@dataclass
+class LogInfo:
+    """Facts the access log records; filled in as the request travels."""
+
+    account: str | None = None
+    project: str | None = None
+    form: str | None = None
+    port: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ProxyRequest(server.Request):
+    """A Request that carries access-log facts and knows whether it is on TLS."""
+
+    def __init__(self, channel: HTTPChannel, queued: object = None) -> None:
+        super().__init__(channel)
+        self.log_info = LogInfo()
+
+    def notifyFinishOrNone(self) -> Deferred[None]:  # noqa: N802
+        return self.notifyFinish()
+
+
+class Root(resource.Resource):
+    """Routes every request; a leaf so Twisted's path traversal never touches the raw path."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        *,
+        guard: Guard,
+        forwarder: Handler,
+        relay: Handler,
+        raw: Handler,
+        own_pages: OwnPages,
+        project_domain: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.guard = guard
+        self.forwarder = forwarder
+        self.relay = relay
+        self.raw = raw
+        self.own_pages = own_pages
+        self.project_domain = project_domain
+
+    def render(self, request: server.Request) -> int:
+        assert isinstance(request, ProxyRequest)
+        try:
+            self._route(request)
+        except Exception:
+            log.failure("routing failed for {uri!r}", uri=request.uri)
+            if not request.finished and not request.startedWriting:
+                pages.write_error(request, 500, "Internal error", "The proxy failed; see its log.")
+        return server.NOT_DONE_YET
+
+    def _route(self, request: ProxyRequest) -> None:
+        hosts = request.requestHeaders.getRawHeaders(b"host", [])
+        if len(hosts) > 1:
+            pages.write_error(request, 400, "Bad request", "More than one Host header.")
+            return
+        outcome = routing.parse(hosts[0] if hosts else None, request.uri, self.project_domain)
+        if isinstance(outcome, routing.NotFound):
+            pages.not_found(request)
+        elif isinstance(outcome, routing.Redirect):
+            request.setResponseCode(308 if request.method not in (b"GET", b"HEAD") else 301)
+            request.setHeader(b"Location", outcome.location)
+            pages.set_own_page_headers(request)
+            request.setHeader(b"Content-Length", b"0")
+            request.finish()
+        elif isinstance(outcome, routing.OwnPage):
+            self.own_pages.handle(request, outcome)
+        else:
+            self._authorize(request, outcome)
+
+    def _authorize(self, request: ProxyRequest, route: routing.Route) -> None:
+        request.log_info.form = route.kind
+        request.log_info.port = route.port
+        d = self.guard.authorize(request, route)
+        d.addCallback(self._dispatch, request, route)
+        d.addErrback(self._failed, request)
+
+    def _dispatch(self, access: Access | None, request: ProxyRequest, route: routing.Route) -> None:
+        if access is None:
+            return
+        request.log_info.account = access.account.name
+        request.log_info.project = access.project.id
+        handler: Handler
+        if route.kind == "raw":
+            handler = self.raw
+        elif is_websocket_upgrade(request):
+            handler = self.relay
+        else:
+            handler = self.forwarder
+        handler.handle(request, route, access)
+
+    def _failed(self, failure: Failure, request: ProxyRequest) -> None:
+        log.failure("request for {uri!r} failed", failure, uri=request.uri)
+        if not request.finished and not request.startedWriting and not request._disconnected:
+            pages.write_error(request, 503, "Service unavailable", "Please try again shortly.")
+
+
+def is_websocket_upgrade(request: server.Request) -> bool:
+    upgrade = b",".join(request.requestHeaders.getRawHeaders(b"upgrade", []))
+    connection = b",".join(request.requestHeaders.getRawHeaders(b"connection", []))
+    return b"websocket" in [t.strip().lower() for t in upgrade.split(b",")] and b"upgrade" in [
+        t.strip().lower() for t in connection.split(b",")
+    ]
+
+
+class ProxySite(server.Site):
+    """A Site that counts requests in flight so shutdown can wait for them."""
+
+    requestFactory = ProxyRequest
+    displayTracebacks = False
+
+    def __init__(self, root: resource.Resource, **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
+        self.in_flight: set[server.Request] = set()
+        self._idle_waiters: list[Deferred[None]] = []
+        self.on_request_done: list[Callable[[server.Request], None]] = []
+
+    def request_started(self, request: server.Request) -> None:
+        self.in_flight.add(request)
+
+        def done(_: object) -> None:
+            self.in_flight.discard(request)
+            for hook in self.on_request_done:
+                hook(request)
+            if not self.in_flight:
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for w in waiters:
+                    w.callback(None)
+
+        request.notifyFinish().addBoth(done)
+
+    def wait_idle(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        if not self.in_flight:
+            d.callback(None)
+        else:
+            self._idle_waiters.append(d)
+        return d
+
+    def getResourceFor(self, request: server.Request) -> resource.IResource:  # noqa: N802
+        self.request_started(request)
+        return super().getResourceFor(request)

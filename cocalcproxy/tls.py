@@ -1,0 +1,183 @@
+"""TLS material: loading PEM files, generating a self-signed certificate, and a server
+connection creator whose certificate can be swapped (SIGHUP) without touching open connections."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+log = Logger()
+
+# Mozilla "intermediate" TLS 1.2 suites; TLS 1.3 suites are fixed and all strong.
+CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+
+class TLSConfigError(Exception):
+    """The certificate or key cannot be used; the message says why (never the key itself)."""
+
+
+@dataclass(frozen=True)
+class Material:
+    options: ssl.CertificateOptions
+    fingerprint: str
+    not_after: datetime.datetime
+    subject: str
+
+
+def fingerprint_of(cert: x509.Certificate) -> str:
+    digest = cert.fingerprint(hashes.SHA256()).hex().upper()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+def load_material(cert_path: str, key_path: str | None = None) -> Material:
+    """Read a PEM certificate (leaf, then chain) and its key; refuse anything unusable."""
+    try:
+        cert_data = Path(cert_path).read_bytes()
+        key_data = Path(key_path).read_bytes() if key_path else cert_data
+    except OSError as e:
+        raise TLSConfigError(f"cannot read TLS file: {e.strerror} ({e.filename})") from None
+    try:
+        certs = x509.load_pem_x509_certificates(cert_data)
+    except ValueError:
+        raise TLSConfigError(f"{cert_path}: no PEM certificate found") from None
+    try:
+        key = serialization.load_pem_private_key(key_data, password=None)
+    except (ValueError, TypeError):
+        where = key_path or cert_path
+        raise TLSConfigError(f"{where}: no usable unencrypted PEM private key found") from None
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise TLSConfigError("only RSA and EC private keys are supported")
+    leaf = certs[0]
+    if leaf.public_key().public_numbers() != key.public_key().public_numbers():
+        raise TLSConfigError(f"{cert_path}: the private key does not match the certificate")
+    options = ssl.CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key),
+        certificate=crypto.X509.from_cryptography(leaf),
+        extraCertChain=[crypto.X509.from_cryptography(c) for c in certs[1:]],
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
+        acceptableProtocols=[b"http/1.1"],
+    )
+    try:
+        options.getContext()
+    except SSL.Error as e:
+        raise TLSConfigError(f"OpenSSL refused the certificate or key: {e}") from None
+    return Material(
+        options=options,
+        fingerprint=fingerprint_of(leaf),
+        not_after=leaf.not_valid_after_utc,
+        subject=leaf.subject.rfc4514_string(),
+    )
+
+
+def generate_self_signed(hostname: str, cert_path: Path, key_path: Path) -> None:
+    """Write a new EC P-256 self-signed certificate for hostname, localhost, 127.0.0.1 and ::1."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    seen: set[str] = set()
+    for name in (hostname, "localhost", "127.0.0.1", "::1"):
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            names.append(x509.DNSName(name))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key_bytes = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    tmp_key = key_path.with_suffix(".tmp")
+    fd = os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_bytes)
+    os.replace(tmp_key, key_path)
+    tmp_cert = cert_path.with_suffix(".tmp")
+    tmp_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    os.replace(tmp_cert, cert_path)
+
+
+def ensure_self_signed(state_dir: str, hostname: str) -> tuple[str, str]:
+    """Paths of the generated certificate and key, creating them on first start."""
+    tls_dir = Path(state_dir) / "tls"
+    cert_path, key_path = tls_dir / "cert.pem", tls_dir / "key.pem"
+    if not (cert_path.exists() and key_path.exists()):
+        generate_self_signed(hostname, cert_path, key_path)
+        log.info(
+            "generated a self-signed certificate for {hostname} in {dir}",
+            hostname=hostname,
+            dir=str(tls_dir),
+        )
+    return str(cert_path), str(key_path)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableServerCreator:
+    """Creates each new server TLS connection from the current material.
+
+    ``reload()`` builds and checks new material completely before swapping it in, so a broken file
+    leaves the old certificate serving; connections already open keep the context they started with.
+    """
+
+    def __init__(self, cert_path: str, key_path: str | None) -> None:
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.material = load_material(cert_path, key_path)
+
+    def reload(self) -> bool:
+        try:
+            material = load_material(self.cert_path, self.key_path)
+        except TLSConfigError as e:
+            log.error("TLS reload refused, keeping the current certificate: {why}", why=str(e))
+            return False
+        self.material = material
+        log.info(
+            "TLS certificate reloaded: {subject}, SHA-256 {fingerprint}, valid until {not_after}",
+            subject=material.subject,
+            fingerprint=material.fingerprint,
+            not_after=material.not_after.isoformat(),
+        )
+        return True
+
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:  # noqa: N802
+        connection: SSL.Connection = self.material.options.serverConnectionForTLS(tlsProtocol)
+        return connection

@@ -1,0 +1,52 @@
+"""Packaging for cocalcproxy: the package itself plus its twistd plugin module."""
+
+from setuptools import setup
+
+setup(
+    name="cocalcproxy",
+    version="0.1.0",
+    description="A TLS proxy that lets a project's owner and collaborators reach its web servers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=[
+        "cocalcproxy",
+        "cocalcproxy.directory",
+        "cocalcproxy.guard",
+        "cocalcproxy.pages",
+        "twisted.plugins",
+    ],
+    package_data={
+        "cocalcproxy.pages": ["*.html", "static/*"],
+        "cocalcproxy.directory": ["migrations/*.sql"],
+    },
+    include_package_data=True,
+    install_requires=[
+        "Twisted[tls]>=26.4,<27",
+        "pyOpenSSL>=24",
+        "service-identity>=24",
+        "cryptography>=42",
+        "argon2-cffi>=23",
+        "treq>=24",
+        "prometheus_client>=0.20",
+    ],
+    extras_require={
+        "postgresql": ["psycopg[binary]>=3.1"],
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "pytest-timeout>=2",
+            "hypothesis>=6",
+            "treq>=24",
+            "websockets>=13",
+            "psycopg[binary]>=3.1",
+            "mypy>=1.10",
+            "ruff>=0.5",
+            "types-pyOpenSSL",
+        ],
+        "docs": ["sphinx>=7"],
+    },
+    entry_points={"console_scripts": ["cocalcproxy = cocalcproxy.admin:main"]},
+    zip_safe=False,
+)
