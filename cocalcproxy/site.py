@@ -22,12 +22,47 @@ from cocalcproxy.directory import Account, Project
 log = Logger()
 
 
-@dataclass
+@dataclass(eq=False)
 class Access:
-    """An authorised request: who asked and which project they may reach."""
+    """An authorised request: who asked and which project they may reach.
+
+    Long-lived users of an Access (WebSocket relays) register ``on_revoked`` callbacks; the guard
+    calls ``revoke()`` when the account, its session or token, or its place on the project is
+    withdrawn, so open connections are cut within the guard's polling interval.
+    """
 
     account: Account
     project: Project
+    _revoked_callbacks: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    revoked: bool = False
+
+    def on_revoked(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` once when access is withdrawn; returns a function that cancels."""
+        if self.revoked:
+            callback()
+            return lambda: None
+        self._revoked_callbacks.append(callback)
+
+        def cancel() -> None:
+            if callback in self._revoked_callbacks:
+                self._revoked_callbacks.remove(callback)
+
+        return cancel
+
+    @property
+    def watched(self) -> bool:
+        return bool(self._revoked_callbacks)
+
+    def revoke(self) -> None:
+        if self.revoked:
+            return
+        self.revoked = True
+        callbacks, self._revoked_callbacks = self._revoked_callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.failure("revocation callback failed")
 
 
 class Guard(Protocol):
@@ -63,6 +98,9 @@ class ProxyRequest(server.Request):
     def __init__(self, channel: HTTPChannel, queued: object = None) -> None:
         super().__init__(channel)
         self.log_info = LogInfo()
+        # Set by the guard when the Authorization header carried the proxy's own credentials, so
+        # the header policy removes it before anything goes to a backend.
+        self.authorization_is_proxy_credential = False
 
     def notifyFinishOrNone(self) -> Deferred[None]:  # noqa: N802
         return self.notifyFinish()
