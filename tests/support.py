@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import treq
+from treq.client import HTTPClient
 from twisted.internet import defer, reactor, ssl
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -79,17 +79,15 @@ class TrustOne:
         return ssl.optionsForClientTLS(hostname.decode(), trustRoot=self.authority)
 
 
-def https_client(
-    case: unittest.TestCase, cert_path: str, persistent: bool = True
-) -> treq.HTTPClient:
+def https_client(case: unittest.TestCase, cert_path: str, persistent: bool = True) -> HTTPClient:
     """A treq client trusting the proxy's certificate; its pool is closed at cleanup."""
     pool = HTTPConnectionPool(reactor, persistent=persistent)
     case.addCleanup(pool.closeCachedConnections)
     agent = Agent(reactor, contextFactory=TrustOne(cert_path), pool=pool)
-    return treq.HTTPClient(agent)
+    return HTTPClient(agent)
 
 
-def plain_client(case: unittest.TestCase) -> treq.HTTPClient:
+def plain_client(case: unittest.TestCase) -> HTTPClient:
     pool = HTTPConnectionPool(reactor, persistent=False)
     case.addCleanup(pool.closeCachedConnections)
-    return treq.HTTPClient(Agent(reactor, pool=pool))
+    return HTTPClient(Agent(reactor, pool=pool))

@@ -1,0 +1,159 @@
+"""TLS material: generation, loading, refusal of broken files, and live reload on real sockets."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from cryptography import x509
+from OpenSSL import SSL
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.threads import deferToThread
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.trial import unittest
+from twisted.web import resource, server
+
+from cocalcproxy import tls
+from tests import tlsutil
+from tests.support import https_client
+
+
+class Hello(resource.Resource):
+    isLeaf = True
+
+    def render_GET(self, request: server.Request) -> bytes:  # noqa: N802
+        return b"hello over tls"
+
+
+class GeneratedCertificateTests(unittest.TestCase):
+    def test_generated_once_with_names_and_private_key(self) -> None:
+        state = self.mktemp()
+        cert_path, key_path = tls.ensure_self_signed(state, "proxy.example.org")
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = set(san.get_values_for_type(x509.DNSName))
+        addresses = {str(a) for a in san.get_values_for_type(x509.IPAddress)}
+        self.assertEqual(names, {"proxy.example.org", "localhost"})
+        self.assertEqual(addresses, {"127.0.0.1", "::1"})
+        self.assertEqual(stat.S_IMODE(os.stat(key_path).st_mode), 0o600)
+        first = Path(cert_path).read_bytes()
+        tls.ensure_self_signed(state, "proxy.example.org")
+        self.assertEqual(Path(cert_path).read_bytes(), first, "reused on later starts")
+
+    def test_generated_material_loads(self) -> None:
+        cert_path, key_path = tls.ensure_self_signed(self.mktemp(), "localhost")
+        material = tls.load_material(cert_path, key_path)
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+        self.assertEqual(material.fingerprint, tlsutil.fingerprint(cert))
+
+
+class LoadMaterialTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp())
+        self.cert, self.key, self.leaf, _ = tlsutil.write_pair(self.dir, "a")
+
+    def test_key_inside_certificate_file(self) -> None:
+        combined = self.dir / "combined.pem"
+        combined.write_bytes(self.cert.read_bytes() + self.key.read_bytes())
+        material = tls.load_material(str(combined))
+        self.assertEqual(material.fingerprint, tlsutil.fingerprint(self.leaf))
+
+    def test_mismatched_key_refused(self) -> None:
+        _, other_key, _, _ = tlsutil.write_pair(self.dir, "b")
+        with self.assertRaises(tls.TLSConfigError) as caught:
+            tls.load_material(str(self.cert), str(other_key))
+        self.assertIn("does not match", str(caught.exception))
+
+    def test_garbage_and_missing_files_refused(self) -> None:
+        garbage = self.dir / "garbage.pem"
+        garbage.write_bytes(b"not a certificate\n")
+        with self.assertRaises(tls.TLSConfigError):
+            tls.load_material(str(garbage), str(self.key))
+        with self.assertRaises(tls.TLSConfigError):
+            tls.load_material(str(self.cert), str(garbage))
+        with self.assertRaises(tls.TLSConfigError) as caught:
+            tls.load_material(str(self.dir / "missing.pem"))
+        self.assertIn("cannot read", str(caught.exception))
+
+    def test_key_never_in_error_message(self) -> None:
+        truncated = self.dir / "truncated.key"
+        truncated.write_bytes(self.key.read_bytes()[:-40])
+        with self.assertRaises(tls.TLSConfigError) as caught:
+            tls.load_material(str(self.cert), str(truncated))
+        self.assertNotIn("PRIVATE KEY-----\n", str(caught.exception))
+        self.assertNotIn(self.key.read_bytes()[40:80].decode(), str(caught.exception))
+
+
+class LiveTLSTests(unittest.TestCase):
+    """A real TLS listener on loopback with the reloadable creator."""
+
+    @inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.dir = Path(self.mktemp())
+        self.cert, self.key, self.leaf, self.ca = tlsutil.write_pair(self.dir, "live")
+        self.creator = tls.ReloadableServerCreator(str(self.cert), str(self.key))
+        factory = TLSMemoryBIOFactory(self.creator, False, server.Site(Hello()))
+        self.port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(self.port.stopListening)
+        self.portnum = self.port.getHost().port
+        # The client trusts the CA: so a request succeeding proves the chain was sent and valid.
+        self.ca_file = self.dir / "ca.pem"
+        self.ca_file.write_bytes(tlsutil.pem(self.ca))
+
+    @inlineCallbacks
+    def test_handshake_and_request_with_chain(self):  # type: ignore[no-untyped-def]
+        client = https_client(self, str(self.ca_file))
+        response = yield client.get(f"https://localhost:{self.portnum}/")
+        body = yield response.content()
+        self.assertEqual((response.code, body), (200, b"hello over tls"))
+        chain, chosen = yield deferToThread(tlsutil.peer_chain, self.portnum)
+        self.assertEqual(len(chain), 2, "leaf and its chain are sent")
+        self.assertEqual(chosen, None)
+
+    @inlineCallbacks
+    def test_old_tls_versions_refused(self):  # type: ignore[no-untyped-def]
+        with self.assertRaises(SSL.Error):
+            yield deferToThread(tlsutil.peer_chain, self.portnum, max_version=SSL.TLS1_1_VERSION)
+        chain, _ = yield deferToThread(
+            tlsutil.peer_chain, self.portnum, max_version=SSL.TLS1_2_VERSION
+        )
+        self.assertTrue(chain)
+
+    @inlineCallbacks
+    def test_alpn_only_http11(self):  # type: ignore[no-untyped-def]
+        _, chosen = yield deferToThread(tlsutil.peer_chain, self.portnum, alpn=[b"h2", b"http/1.1"])
+        self.assertEqual(chosen, b"http/1.1")
+
+    @inlineCallbacks
+    def test_reload_new_connections_get_new_certificate(self):  # type: ignore[no-untyped-def]
+        before = yield deferToThread(tlsutil.peer_fingerprint, self.portnum)
+        self.assertEqual(before, tlsutil.fingerprint(self.leaf))
+
+        # An open keep-alive connection made before the reload keeps working after it.
+        client = https_client(self, str(self.ca_file))
+        first = yield client.get(f"https://localhost:{self.portnum}/")
+        yield first.content()
+
+        new_cert, new_key, new_leaf, _ = tlsutil.write_pair(self.dir, "next")
+        os.replace(new_cert, self.cert)
+        os.replace(new_key, self.key)
+        self.assertTrue(self.creator.reload())
+        after = yield deferToThread(tlsutil.peer_fingerprint, self.portnum)
+        self.assertEqual(after, tlsutil.fingerprint(new_leaf))
+
+        again = yield client.get(f"https://localhost:{self.portnum}/")
+        body = yield again.content()
+        self.assertEqual(
+            body, b"hello over tls", "the old connection (old CA trusted) still serves"
+        )
+
+    @inlineCallbacks
+    def test_broken_reload_keeps_old_certificate(self):  # type: ignore[no-untyped-def]
+        self.cert.write_bytes(b"-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n")
+        self.assertFalse(self.creator.reload())
+        after = yield deferToThread(tlsutil.peer_fingerprint, self.portnum)
+        self.assertEqual(after, tlsutil.fingerprint(self.leaf))
+        self.flushLoggedErrors()
