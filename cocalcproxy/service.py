@@ -40,7 +40,7 @@ class ListenerService(service.Service):
         endpoint = serverFromString(self.reactor, self.description)
         d = endpoint.listen(self.factory)
 
-        def listening(port: IListeningPort) -> IListeningPort:
+        def listening(port: Any) -> Any:
             self.port = port
             log.info(
                 "{label} listening on {desc} ({host})",
@@ -68,8 +68,10 @@ class ListenerService(service.Service):
     def stopService(self) -> defer.Deferred[None] | None:  # noqa: N802
         super().stopService()
         if self.port is not None:
-            port, self.port = self.port, None
-            return defer.maybeDeferred(port.stopListening)
+            port: Any = self.port
+            self.port = None
+            stopped: defer.Deferred[None] = defer.maybeDeferred(port.stopListening)
+            return stopped
         return None
 
 
@@ -196,7 +198,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     DirectoryService(directory).setServiceParent(proxy)
     DrainService(reactor, site, options["shutdown-timeout"]).setServiceParent(proxy)
     for description in options["listen"]:
-        factory = TLSMemoryBIOFactory(creator, False, site)
+        factory = TLSMemoryBIOFactory(creator, False, site)  # type: ignore[arg-type]
         listener = ListenerService(reactor, description, factory, "HTTPS")
         listener.setServiceParent(proxy)
         proxy.listeners.append(listener)

@@ -196,7 +196,7 @@ def is_websocket_upgrade(request: server.Request) -> bool:
 class ProxySite(server.Site):
     """A Site that counts requests in flight so shutdown can wait for them."""
 
-    requestFactory = ProxyRequest
+    requestFactory = ProxyRequest  # type: ignore[assignment]
     displayTracebacks = False
 
     def __init__(self, root: resource.Resource, **kwargs: Any) -> None:
@@ -229,4 +229,5 @@ class ProxySite(server.Site):
 
     def getResourceFor(self, request: server.Request) -> resource.IResource:  # noqa: N802
         self.request_started(request)
-        return super().getResourceFor(request)
+        found: resource.IResource = super().getResourceFor(request)
+        return found

@@ -67,10 +67,13 @@ def load_material(cert_path: str, key_path: str | None = None) -> Material:
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
         raise TLSConfigError("only RSA and EC private keys are supported")
     leaf = certs[0]
-    if leaf.public_key().public_numbers() != key.public_key().public_numbers():
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if leaf.public_key().public_bytes(
+        serialization.Encoding.DER, public
+    ) != key.public_key().public_bytes(serialization.Encoding.DER, public):
         raise TLSConfigError(f"{cert_path}: the private key does not match the certificate")
     options = ssl.CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),
+        privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
         certificate=crypto.X509.from_cryptography(leaf),
         extraCertChain=[crypto.X509.from_cryptography(c) for c in certs[1:]],
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,

@@ -115,4 +115,5 @@ def open_directory(url: str, reactor: object) -> IDirectory:
     """Open (and migrate) the directory at ``url``; the directory issue provides it."""
     from cocalcproxy.directory.store import open_directory as _open
 
-    return _open(url, reactor)
+    opened: IDirectory = _open(url, reactor)
+    return opened
