@@ -164,11 +164,6 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         reactor = global_reactor
     proxy = ProxyService(reactor, options)
 
-    try:
-        directory = directory_module.open_directory(options["database"], reactor)
-    except directory_module.DirectoryError as e:
-        raise usage.UsageError(f"cannot open the directory: {e}") from None
-
     cert, key = options["tls-cert"], options["tls-key"]
     if not cert:
         cert, key = tls.ensure_self_signed(options["state-dir"], options["hostname"])
@@ -182,6 +177,11 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         fingerprint=creator.material.fingerprint,
     )
     proxy.tls_creator = creator
+
+    try:
+        directory = directory_module.open_directory(options["database"], reactor)
+    except directory_module.DirectoryError as e:
+        raise usage.UsageError(f"cannot open the directory: {e}") from None
 
     guard = SimpleGuard(directory)
     root = Root(

@@ -18,9 +18,15 @@ class CocalcProxyServiceMaker:
     options = Options
 
     def makeService(self, options: Any) -> Any:  # noqa: N802
+        from twisted.python.usage import UsageError
+
         from cocalcproxy.service import build_service
 
-        return build_service(options)
+        try:
+            return build_service(options)
+        except UsageError as e:
+            # twistd would print a traceback; an operator needs one clear line and status 1.
+            raise SystemExit(f"cocalcproxy: {e}") from None
 
 
 serviceMaker = CocalcProxyServiceMaker()
