@@ -61,7 +61,7 @@ class ProxyProcess:
     """``twistd -n cocalcproxy`` in a subprocess, its output in ``log_path``."""
 
     def __init__(self, state_dir: str, *args: str, port: int | None = None) -> None:
-        self.state_dir = state_dir
+        self.state_dir = state_dir = os.path.abspath(state_dir)
         self.port = port or free_port()
         self.log_path = Path(state_dir) / "twistd-output.log"
         Path(state_dir).mkdir(parents=True, exist_ok=True)

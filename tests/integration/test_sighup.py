@@ -16,7 +16,7 @@ from tests.processes import ProxyProcess, wait_for
 class SighupTests(unittest.TestCase):
     def test_reload_on_sighup(self) -> None:
         state = self.mktemp()
-        tls_dir = Path(self.mktemp())
+        tls_dir = Path(self.mktemp()).absolute()
         cert, key, leaf, _ = tlsutil.write_pair(tls_dir, "first")
         proxy = ProxyProcess(state, "--tls-cert", str(cert), "--tls-key", str(key)).start()
         self.addCleanup(proxy.stop)
@@ -41,7 +41,7 @@ class SighupTests(unittest.TestCase):
 
     def test_bad_certificate_at_start_is_a_clear_error(self) -> None:
         state = self.mktemp()
-        bad = Path(self.mktemp())
+        bad = Path(self.mktemp()).absolute()
         bad.write_bytes(b"nonsense")
         proxy = ProxyProcess(state, "--tls-cert", str(bad)).start()
         assert proxy.process is not None
