@@ -1,6 +1,20 @@
-"""Pure routing: (host, raw request-target) -> what to do with it. No Twisted imports.
+"""Pure routing: (Host, raw request-target) -> what to do with it. No Twisted imports.
 
-PLACEHOLDER: the forwarding issue owns the full parser and its property tests.
+Only the contract's forms are recognised; everything else is a 404 (:class:`NotFound`), never a
+proxy attempt. The decision is made on the raw bytes the client sent, before any decoding:
+
+* ``<pid>`` is a canonical lower-case UUID, ``<port>`` a decimal 1..65535 without sign or leading
+  zero. Upper-case ids, percent-encoded prefixes (``%2f``, ``%2e``), doubled slashes, dot
+  segments inside the prefix and anything else that is not exactly the form are 404.
+* The request-target must be origin-form (``/...``): absolute-form (``http://host/...``),
+  authority-form and ``*`` are 404, so nothing in the request can name a backend. The backend is
+  always the project's registered host and the port from the prefix.
+* Only visible ASCII (0x21-0x7e) is accepted; control bytes, NUL, spaces, non-ASCII and ``#``
+  are 404, as is a target longer than :data:`MAX_TARGET` bytes.
+* After the prefix, the path and query are opaque: they reach the backend byte for byte, dot
+  segments and percent-escapes included (they can only ever reach the same backend).
+* ``raw`` paths are checked more strictly because they name files: a segment that decodes to
+  ``.`` or ``..`` or contains ``/``, ``\\`` or NUL once decoded is 404.
 """
 
 from __future__ import annotations
@@ -8,8 +22,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import unquote_to_bytes
 
 Kind = Literal["server", "port", "raw"]
+
+#: Longest request-target accepted (bytes).
+MAX_TARGET = 8192
+
+_UUID = rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_PORT = rb"[1-9][0-9]{0,4}"
+_VISIBLE = re.compile(rb"\A/[\x21-\x7e]*\Z")
+_PROXIED = re.compile(rb"\A/(" + _UUID + rb")/(server|port)/(" + _PORT + rb")(/.*)?\Z", re.S)
+_RAW = re.compile(rb"\A/(" + _UUID + rb")/raw(/.*)?\Z", re.S)
+_STATIC_NAME = re.compile(rb"\A[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}\Z")
+_SUBDOMAIN = re.compile(rb"\A(" + _UUID + rb")-(" + _PORT + rb"|raw)\Z")
+_OWN_PAGES = {b"/_/login": "login", b"/_/logout": "logout", b"/_/health": "health"}
 
 
 @dataclass(frozen=True)
@@ -20,6 +47,8 @@ class Route:
     ``/<pid>/port/<port>``, ``/<pid>/raw``; empty in subdomain mode).
     ``backend_target`` is the request-target the backend sees (path and query, bytes exactly as
     the client sent them); for ``raw`` it is the still-encoded path after the prefix plus query.
+    Subdomain routes (``<pid>-<port>.<domain>``) have ``kind="port"`` (the backend sees the path
+    unchanged), an empty prefix and ``subdomain=True``; ``<pid>-raw.<domain>`` gives ``raw``.
     """
 
     project_id: str
@@ -29,10 +58,21 @@ class Route:
     backend_target: bytes
     subdomain: bool = False
 
+    @property
+    def path(self) -> bytes:
+        """``backend_target`` without its query."""
+        return self.backend_target.split(b"?", 1)[0]
+
+    @property
+    def query(self) -> bytes:
+        """The query string including its ``?``, or empty."""
+        _, sep, query = self.backend_target.partition(b"?")
+        return sep + query
+
 
 @dataclass(frozen=True)
 class OwnPage:
-    """One of the proxy's own pages: ``index`` (``/``), ``login``, ``logout``, ``health``, ``static``."""
+    """A proxy page: ``index`` (``/``), ``login``, ``logout``, ``health``, ``static``."""
 
     name: str
     rest: bytes = b""
@@ -40,6 +80,8 @@ class OwnPage:
 
 @dataclass(frozen=True)
 class Redirect:
+    """Answer with a redirect to ``location`` (a path on the proxy, query kept)."""
+
     location: bytes
 
 
@@ -50,30 +92,93 @@ class NotFound:
 
 Outcome = Route | OwnPage | Redirect | NotFound
 
-_SIMPLE = re.compile(
-    rb"^/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/(server|port)/([1-9][0-9]{0,4})(/[^?]*)?(\?.*)?$"
-)
-
 
 def parse(host: bytes | None, target: bytes, project_domain: str | None = None) -> Outcome:
-    """Classify a request. Placeholder until the forwarding issue lands."""
-    path = target.split(b"?", 1)[0]
-    if path == b"/":
-        return OwnPage("index")
-    for name in ("login", "logout", "health"):
-        if path == b"/_/" + name.encode():
-            return OwnPage(name)
-    if path.startswith(b"/_/static/"):
-        return OwnPage("static", path[len(b"/_/static/") :])
-    m = _SIMPLE.match(target)
+    """Classify a request by its Host header and raw request-target."""
+    if len(target) > MAX_TARGET:
+        return NotFound("request-target too long")
+    if not _VISIBLE.match(target) or b"#" in target:
+        return NotFound("not an origin-form request-target of visible ASCII")
+    path, sep, query_s = target.partition(b"?")
+    query = sep + query_s
+    if project_domain:
+        label = _project_label(host, project_domain)
+        if label is not None:
+            return _parse_subdomain(label, path, query, target)
+    return _parse_main(path, query, target)
+
+
+def _project_label(host: bytes | None, project_domain: str) -> bytes | None:
+    """The label left of ``.<project_domain>`` when Host is a project subdomain, else None."""
+    if not host:
+        return None
+    name = host.strip().lower()
+    if name.startswith(b"["):
+        return None
+    name = name.split(b":", 1)[0].rstrip(b".")
+    suffix = b"." + project_domain.strip(".").lower().encode("ascii", "replace")
+    if not name.endswith(suffix):
+        return None
+    return name[: -len(suffix)]
+
+
+def _parse_subdomain(label: bytes, path: bytes, query: bytes, target: bytes) -> Outcome:
+    m = _SUBDOMAIN.match(label)
     if not m:
-        return NotFound("no such route")
-    pid, kind, port_s, rest, query = m.groups()
-    port = int(port_s)
+        return NotFound("no such project host")
+    pid, which = m.group(1).decode(), m.group(2)
+    if which == b"raw":
+        if not _safe_raw_path(path):
+            return NotFound("unsafe file path")
+        return Route(pid, "raw", None, b"", target, subdomain=True)
+    port = int(which)
     if port > 65535:
         return NotFound("port out of range")
-    prefix = b"/" + pid + b"/" + kind + b"/" + port_s
-    if rest is None:
-        return Redirect(prefix + b"/" + (query or b""))
-    backend = (rest + (query or b"")) if kind == b"server" else target
-    return Route(pid.decode(), "server" if kind == b"server" else "port", port, prefix, backend)
+    return Route(pid, "port", port, b"", target, subdomain=True)
+
+
+def _parse_main(path: bytes, query: bytes, target: bytes) -> Outcome:
+    if path == b"/":
+        return OwnPage("index")
+    if path.startswith(b"/_/"):
+        name = _OWN_PAGES.get(path)
+        if name is not None:
+            return OwnPage(name)
+        if path.startswith(b"/_/static/"):
+            rest = path[len(b"/_/static/") :]
+            if _STATIC_NAME.match(rest) and b".." not in rest:
+                return OwnPage("static", rest)
+        return NotFound("no such page")
+    m = _PROXIED.match(path)
+    if m:
+        pid, kind_b, port_s, rest = m.groups()
+        port = int(port_s)
+        if port > 65535:
+            return NotFound("port out of range")
+        prefix = b"/" + pid + b"/" + kind_b + b"/" + port_s
+        if rest is None:
+            return Redirect(prefix + b"/" + query)
+        if kind_b == b"server":
+            return Route(pid.decode(), "server", port, prefix, rest + query)
+        return Route(pid.decode(), "port", port, prefix, target)
+    m = _RAW.match(path)
+    if m:
+        pid, rest = m.groups()
+        prefix = b"/" + pid + b"/raw"
+        if rest is None:
+            return Redirect(prefix + b"/" + query)
+        if not _safe_raw_path(rest):
+            return NotFound("unsafe file path")
+        return Route(pid.decode(), "raw", None, prefix, rest + query)
+    return NotFound("no such route")
+
+
+def _safe_raw_path(path: bytes) -> bool:
+    """No segment of a file path may decode to ``.``/``..`` or hide a separator or NUL."""
+    for segment in path.split(b"/")[1:]:
+        decoded = unquote_to_bytes(segment)
+        if decoded in (b".", b".."):
+            return False
+        if b"/" in decoded or b"\\" in decoded or b"\x00" in decoded:
+            return False
+    return True
