@@ -44,6 +44,7 @@ setup(
             "mypy>=1.10",
             "ruff>=0.5",
             "types-pyOpenSSL",
+            "sphinx>=7",
         ],
         "docs": ["sphinx>=7"],
     },
