@@ -1,0 +1,111 @@
+"""The documentation builds cleanly and cannot drift from the code it describes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.python import usage
+from twisted.trial import unittest
+
+from cocalcproxy.options import Options
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+REFERENCE = DOCS / "reference.rst"
+ADMIN_COMMANDS = {
+    "user add",
+    "user passwd",
+    "user remove",
+    "user list",
+    "token create",
+    "token revoke",
+    "project add",
+    "project set",
+    "project collaborator add",
+    "project collaborator remove",
+    "project remove",
+    "project list",
+}
+PAGES = ("index", "user-guide", "operator-guide", "reference", "security")
+
+
+def twistd_option_names() -> set[str]:
+    """Every long option ``twistd cocalcproxy`` accepts, as ``--name``."""
+    names = {parameter[0] for parameter in Options.optParameters}
+    names |= {flag[0] for flag in getattr(Options, "optFlags", [])}
+    inherited = set(dir(usage.Options))
+    names |= {
+        attribute[len("opt_") :].replace("_", "-")
+        for attribute in dir(Options)
+        if attribute.startswith("opt_") and attribute not in inherited
+    }
+    return {"--" + name for name in names}
+
+
+def section(text: str, start_label: str, end_heading: str) -> str:
+    start = text.index(start_label)
+    end = text.index(end_heading, start)
+    return text[start:end]
+
+
+class SphinxBuildTests(unittest.TestCase):
+    def test_builds_with_warnings_as_errors(self) -> None:
+        """``sphinx -W`` (as CI runs it) succeeds and writes every page."""
+        out = Path(self.mktemp())
+        result = subprocess.run(
+            [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html"]
+            + [str(DOCS), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        )
+        self.assertEqual(
+            result.returncode, 0, f"sphinx failed:\n{result.stdout}\n{result.stderr}"
+        )
+        self.assertEqual(result.stderr.strip(), "")
+        for page in PAGES:
+            self.assertTrue((out / f"{page}.html").is_file(), page)
+
+
+class ReferenceMatchesCodeTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.reference = REFERENCE.read_text(encoding="utf-8")
+        self.option_table = section(self.reference, ".. _options:", "Environment variables")
+
+    def test_every_option_is_documented(self) -> None:
+        """Each option of cocalcproxy.options.Options has a row in the reference table."""
+        documented = set(re.findall(r"^   \* - ``(--[a-z0-9-]+)", self.option_table, re.M))
+        missing = twistd_option_names() - documented
+        self.assertEqual(missing, set(), "options missing from docs/reference.rst")
+
+    def test_no_documented_option_is_invented(self) -> None:
+        """Each row of the reference table names an option that exists."""
+        documented = set(re.findall(r"^   \* - ``(--[a-z0-9-]+)", self.option_table, re.M))
+        self.assertGreater(len(documented), 10)
+        invented = documented - twistd_option_names()
+        self.assertEqual(invented, set(), "docs/reference.rst documents options that do not exist")
+
+    def test_defaults_match(self) -> None:
+        """The numeric defaults in the table are the ones options.py uses."""
+        rows = dict(
+            re.findall(
+                r"^   \* - ``(--[a-z0-9-]+)[^`]*``\n     - ([^\n]*)", self.option_table, re.M
+            )
+        )
+        for name, _short, default, *_rest in Options.optParameters:
+            if isinstance(default, bool) or not isinstance(default, int | float):
+                continue
+            cell = rows["--" + name]
+            numbers = [float(n) for n in re.findall(r"\d+(?:\.\d+)?", cell)]
+            self.assertIn(float(default), numbers, f"--{name}: table says {cell!r}")
+
+    def test_every_admin_command_is_documented(self) -> None:
+        """Each command of the admin command (the contract's list) has a row in the table."""
+        table = section(self.reference, ".. _admin-commands:", ".. _url-reference:")
+        documented = set(re.findall(r"^   \* - ``([a-z][a-z ]+?)(?: [A-Z-]|``)", table, re.M))
+        self.assertEqual(documented, ADMIN_COMMANDS)
