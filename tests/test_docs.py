@@ -64,9 +64,7 @@ class SphinxBuildTests(unittest.TestCase):
             timeout=240,
             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
         )
-        self.assertEqual(
-            result.returncode, 0, f"sphinx failed:\n{result.stdout}\n{result.stderr}"
-        )
+        self.assertEqual(result.returncode, 0, f"sphinx failed:\n{result.stdout}\n{result.stderr}")
         self.assertEqual(result.stderr.strip(), "")
         for page in PAGES:
             self.assertTrue((out / f"{page}.html").is_file(), page)
