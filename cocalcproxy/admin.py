@@ -1,0 +1,424 @@
+"""The ``cocalcproxy`` administration command: accounts, API tokens and projects.
+
+It opens the same database as the proxy (same defaults: ``--state-dir``, ``--database``), runs
+each command in one transaction and exits. A running proxy sees every change within its polling
+interval through the directory's change counter.
+
+Output contract: a command that creates something prints its id (or token) alone on the last
+line of stdout, so ``pid=$(cocalcproxy project add --owner alice)`` works; ``--json`` prints one
+JSON document instead. Errors print one line on stderr and exit with status 1, having changed
+nothing. Passwords are read from stdin (never from the command line, where other users could see
+them) and never printed back; generated passwords are 24 random URL-safe characters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import IO, Any, NoReturn
+
+from cocalcproxy.directory.hashing import generated_password
+from cocalcproxy.directory.model import DirectoryError, InvalidInput, Project, TokenInfo
+from cocalcproxy.directory.store import SyncDirectory, open_sync_directory
+from cocalcproxy.options import default_database_url, default_state_dir
+
+PROG = "cocalcproxy"
+
+DESCRIPTION = """\
+Administer the cocalcproxy directory: users, API tokens and projects.
+
+Commands that create something print its id (or token) alone on the last line of
+stdout, so pid=$(cocalcproxy project add --owner alice) works; --json prints JSON
+instead. Errors go to stderr with exit status 1 and change nothing.
+"""
+
+EPILOG = """\
+output of creating commands (last line is what scripts capture):
+  user add NAME                    NAME, then the generated password (shown only once)
+  user add NAME --password-stdin   NAME
+  token create NAME                the token id (for 'token revoke'), then the token
+  project add ...                  the project id
+
+notes:
+  'user remove' deletes the account with its sessions, API tokens and collaborations;
+  it is refused while the user still owns projects ('project remove' them first).
+  'user passwd' ends all of the user's sign-in sessions; API tokens keep working.
+  'project set PID --home ""' removes the project's home directory (no /raw/ access).
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with exit status 1 for usage errors, like every other refusal."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
+def _common(json_only: bool = False) -> argparse.ArgumentParser:
+    """Options accepted before or after the command. Defaults are suppressed here so a value
+    given before the command is not overwritten by a sub-parser's default."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print JSON instead of text",
+    )
+    if not json_only:
+        where = parent.add_mutually_exclusive_group()
+        where.add_argument(
+            "--state-dir",
+            metavar="DIR",
+            default=argparse.SUPPRESS,
+            help="state directory holding directory.sqlite3 [default: $COCALCPROXY_STATE_DIR, "
+            "else $STATE_DIRECTORY, else ./cocalcproxy-state]",
+        )
+        where.add_argument(
+            "--database",
+            metavar="URL",
+            default=argparse.SUPPRESS,
+            help="sqlite:///ABSOLUTE/PATH or postgresql://USER@HOST[:PORT]/DB "
+            "[default: sqlite:///<state-dir>/directory.sqlite3]",
+        )
+    return parent
+
+
+def _days(value: str) -> float:
+    try:
+        days = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {value!r}") from None
+    if not 0 < days <= 36500:
+        raise argparse.ArgumentTypeError("must be a positive number of days (at most 36500)")
+    return days
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = _Parser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    commands = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+
+    def group(name: str, help_text: str) -> Any:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        return sub.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def leaf(actions: Any, name: str, help_text: str, handler: Callable[..., Any]) -> Any:
+        sub = actions.add_parser(name, help=help_text, description=help_text, parents=[common])
+        sub.set_defaults(handler=handler)
+        return sub
+
+    users = group("user", "manage user accounts")
+    sub = leaf(
+        users,
+        "add",
+        "create an account; without --password-stdin a password is generated and printed",
+        cmd_user_add,
+    )
+    sub.add_argument("name", metavar="NAME")
+    sub.add_argument(
+        "--password-stdin", action="store_true", help="read the password from one line of stdin"
+    )
+    sub = leaf(users, "passwd", "set the password; ends the user's sessions", cmd_user_passwd)
+    sub.add_argument("name", metavar="NAME")
+    sub.add_argument(
+        "--password-stdin",
+        action="store_true",
+        required=True,
+        help="read the new password from one line of stdin",
+    )
+    sub = leaf(
+        users,
+        "remove",
+        "delete the account, its sessions, tokens and collaborations "
+        "(refused while it owns projects)",
+        cmd_user_remove,
+    )
+    sub.add_argument("name", metavar="NAME")
+    leaf(users, "list", "list the accounts", cmd_user_list)
+
+    tokens = group("token", "manage API tokens")
+    sub = leaf(tokens, "create", "print a new API token for the user", cmd_token_create)
+    sub.add_argument("name", metavar="NAME")
+    sub.add_argument(
+        "--expires-in", metavar="DAYS", type=_days, help="expire after DAYS days [default: never]"
+    )
+    sub = leaf(tokens, "revoke", "revoke an API token by its id", cmd_token_revoke)
+    sub.add_argument("token_id", metavar="TOKEN_ID")
+    sub = leaf(tokens, "list", "list API tokens (ids, owners, expiry; no secrets)", cmd_token_list)
+    sub.add_argument("name", metavar="NAME", nargs="?")
+
+    projects = group("project", "manage projects and their collaborators")
+    sub = leaf(projects, "add", "create a project and print its id", cmd_project_add)
+    sub.add_argument("--owner", metavar="NAME", required=True, help="the owning user")
+    sub.add_argument("--host", metavar="HOST", default="127.0.0.1", help="backend host name or IP")
+    sub.add_argument("--home", metavar="DIR", help="absolute path served under /<pid>/raw/")
+    sub.add_argument("--id", metavar="UUID", dest="project_id", help="a lower-case UUID")
+    sub.add_argument("--title", metavar="TEXT", default="", help="a short description")
+    sub = leaf(projects, "set", "change a project's host, home or title", cmd_project_set)
+    sub.add_argument("project_id", metavar="PID")
+    sub.add_argument("--host", metavar="HOST")
+    sub.add_argument("--home", metavar="DIR", help='absolute path, or "" for none')
+    sub.add_argument("--title", metavar="TEXT")
+    collaborators = projects.add_parser(
+        "collaborator", help="add or remove a collaborator", description="manage collaborators"
+    ).add_subparsers(dest="collaborator_action", metavar="ACTION", required=True)
+    for name, text, handler in (
+        ("add", "let NAME reach the project", cmd_collaborator_add),
+        ("remove", "stop NAME reaching the project", cmd_collaborator_remove),
+    ):
+        sub = leaf(collaborators, name, text, handler)
+        sub.add_argument("project_id", metavar="PID")
+        sub.add_argument("name", metavar="NAME")
+    sub = leaf(projects, "remove", "delete a project and its collaborator list", cmd_project_remove)
+    sub.add_argument("project_id", metavar="PID")
+    leaf(projects, "list", "list the projects", cmd_project_list)
+    return parser
+
+
+class Output:
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def lines(self, *lines: str) -> None:
+        for line in lines:
+            sys.stdout.write(line + "\n")
+
+    def document(self, value: object) -> None:
+        sys.stdout.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def read_password(stdin: IO[str]) -> str:
+    """One line from stdin without its line ending; refuses an empty one. On a terminal the
+    typing is not echoed."""
+    if stdin.isatty():
+        line = getpass.getpass("Password: ", stream=sys.stderr)
+    else:
+        line = stdin.readline()
+        if line.endswith("\n"):
+            line = line[:-1]
+        if line.endswith("\r"):
+            line = line[:-1]
+    if not line:
+        raise InvalidInput("no password on standard input (an empty password is refused)")
+    return line
+
+
+def project_json(project: Project) -> dict[str, object]:
+    return {
+        "id": project.id,
+        "owner": project.owner_name,
+        "host": project.host,
+        "home": project.home,
+        "title": project.title,
+        "collaborators": list(project.collaborators),
+    }
+
+
+def token_json(info: TokenInfo) -> dict[str, object]:
+    return {
+        "id": info.id,
+        "user": info.account_name,
+        "created": info.created,
+        "expires": info.expires,
+    }
+
+
+# Each command gets (directory, parsed arguments, output, stdin).
+
+
+def cmd_user_add(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    generated = not args.password_stdin
+    password = generated_password() if generated else read_password(stdin)
+    account = d.add_user(args.name, password)
+    if out.as_json:
+        doc: dict[str, object] = {"id": account.id, "name": account.name}
+        if generated:
+            doc["password"] = password
+        out.document(doc)
+    elif generated:
+        out.lines(account.name, password)
+    else:
+        out.lines(account.name)
+
+
+def cmd_user_passwd(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    d.set_password(args.name, read_password(stdin))
+    if out.as_json:
+        out.document({"name": args.name})
+
+
+def cmd_user_remove(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    d.remove_user(args.name)
+    if out.as_json:
+        out.document({"removed": args.name})
+
+
+def cmd_user_list(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    users = d.list_users()
+    if out.as_json:
+        out.document([{"id": u.id, "name": u.name} for u in users])
+    else:
+        out.lines(*(u.name for u in users))
+
+
+def cmd_token_create(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    token_id, token = d.create_token(args.name, args.expires_in)
+    if out.as_json:
+        info = next(t for t in d.list_tokens(args.name) if t.id == token_id)
+        out.document({**token_json(info), "token": token})
+    else:
+        out.lines(token_id, token)
+
+
+def cmd_token_revoke(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    d.revoke_token(args.token_id)
+    if out.as_json:
+        out.document({"revoked": args.token_id})
+
+
+def cmd_token_list(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    tokens = d.list_tokens(args.name)
+    if out.as_json:
+        out.document([token_json(t) for t in tokens])
+    else:
+        out.lines(
+            *(
+                f"{t.id}\t{t.account_name}\texpires="
+                + ("never" if t.expires is None else _timestamp(t.expires))
+                for t in tokens
+            )
+        )
+
+
+def cmd_project_add(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    project = d.add_project(
+        args.owner, host=args.host, home=args.home, project_id=args.project_id, title=args.title
+    )
+    if out.as_json:
+        out.document(project_json(project))
+    else:
+        out.lines(project.id)
+
+
+def cmd_project_set(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    if args.host is None and args.home is None and args.title is None:
+        raise InvalidInput("nothing to change: give --host, --home or --title")
+    project = d.set_project(args.project_id, host=args.host, home=args.home, title=args.title)
+    if out.as_json:
+        out.document(project_json(project))
+
+
+def cmd_collaborator_add(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    d.add_collaborator(args.project_id, args.name)
+    _show_project(d, args.project_id, out)
+
+
+def cmd_collaborator_remove(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    d.remove_collaborator(args.project_id, args.name)
+    _show_project(d, args.project_id, out)
+
+
+def _show_project(d: SyncDirectory, project_id: str, out: Output) -> None:
+    if out.as_json:
+        project = d.get_project(project_id)
+        out.document(None if project is None else project_json(project))
+
+
+def cmd_project_remove(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    d.remove_project(args.project_id)
+    if out.as_json:
+        out.document({"removed": args.project_id})
+
+
+def cmd_project_list(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    projects = d.list_projects()
+    if out.as_json:
+        out.document([project_json(p) for p in projects])
+    else:
+        out.lines(
+            *(
+                "\t".join(
+                    (
+                        p.id,
+                        f"owner={p.owner_name}",
+                        f"host={p.host}",
+                        f"home={p.home or '-'}",
+                        f"collaborators={','.join(p.collaborators) or '-'}",
+                        f"title={p.title}",
+                    )
+                )
+                for p in projects
+            )
+        )
+
+
+def _timestamp(seconds: float) -> str:
+    import datetime
+
+    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def database_url(args: Any) -> str:
+    database = getattr(args, "database", None)
+    if database:
+        return str(database)
+    state_dir = getattr(args, "state_dir", None) or default_state_dir()
+    return default_database_url(state_dir)
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    stdin: IO[str] | None = None,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> int:
+    """Run one admin command; returns the exit status (0, or 1 for any refusal)."""
+    with contextlib.ExitStack() as stack:
+        if stdout is not None:
+            stack.enter_context(contextlib.redirect_stdout(stdout))
+        if stderr is not None:
+            stack.enter_context(contextlib.redirect_stderr(stderr))
+        return _main(list(sys.argv[1:] if argv is None else argv), stdin or sys.stdin)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _main(argv: list[str], stdin: IO[str]) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "state_dir", None) is not None and getattr(args, "database", None):
+            parser.error("give --state-dir or --database, not both")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    out = Output(bool(getattr(args, "json", False)))
+    directory: SyncDirectory | None = None
+    try:
+        directory = open_sync_directory(database_url(args))
+        args.handler(directory, args, out, stdin)
+    except DirectoryError as e:
+        sys.stderr.write(f"{PROG}: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted, nothing changed\n")
+        return 1
+    finally:
+        if directory is not None:
+            directory.close()
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""The few places where SQLite and PostgreSQL differ: URLs, connecting, locking, error classes.
+
+Everything else (the SQL of the queries and of the migrations) is shared. Queries are written with
+``?`` placeholders and translated for psycopg, which uses ``%s``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from cocalcproxy.directory.model import Conflict, DirectoryError, InvalidInput, Unavailable
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+POSTGRES_CONNECT_TIMEOUT_S = 10
+# Taken by every migration run so two processes starting at once migrate one after the other.
+POSTGRES_MIGRATION_LOCK = 0x636F63616C63  # "cocalc"
+
+URL_HELP = "use sqlite:///ABSOLUTE/PATH or postgresql://USER@HOST[:PORT]/DATABASE"
+
+
+class Dialect:
+    """One database backend. ``connect`` returns a DB-API connection in autocommit mode; the
+    store opens transactions itself with ``begin_write`` / ``begin_read``."""
+
+    name = ""
+    serial_primary_key = ""
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def connect(self) -> Any:
+        raise NotImplementedError
+
+    def sql(self, query: str) -> str:
+        return query
+
+    def begin_write(self, cursor: Any) -> None:
+        raise NotImplementedError
+
+    def begin_read(self, cursor: Any) -> None:
+        raise NotImplementedError
+
+    def begin_migration(self, cursor: Any) -> None:
+        self.begin_write(cursor)
+
+    def table_exists(self, cursor: Any, table: str) -> bool:
+        raise NotImplementedError
+
+    def translate_error(self, error: BaseException) -> DirectoryError | None:
+        """A DirectoryError for a database exception, or None when it is not a database one."""
+        raise NotImplementedError
+
+
+class SQLiteDialect(Dialect):
+    name = "sqlite"
+    serial_primary_key = "INTEGER PRIMARY KEY AUTOINCREMENT"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def describe(self) -> str:
+        return f"sqlite:///{self.path.lstrip('/')}"
+
+    def _prepare_file(self) -> None:
+        parent = os.path.dirname(self.path) or "/"
+        try:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise Unavailable(
+                f"cannot create the directory {parent!r} for the database: {e.strerror}"
+            ) from None
+        try:
+            # Created 0600 before SQLite sees it; SQLite gives the -wal and -shm files the same
+            # mode, so password hashes are never world-readable.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise Unavailable(f"cannot open the database {self.path!r}: {e.strerror}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise Unavailable(f"the database {self.path!r} is not a regular file")
+        finally:
+            os.close(fd)
+
+    def connect(self) -> Any:
+        self._prepare_file()
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=SQLITE_BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as e:
+            raise Unavailable(f"cannot open the database {self.path!r}: {e}") from None
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise Unavailable(f"the database {self.path!r} cannot use WAL mode ({mode})")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.Error as e:
+            conn.close()
+            raise Unavailable(f"cannot read the database {self.path!r}: {e}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def begin_write(self, cursor: Any) -> None:
+        # IMMEDIATE takes the write lock up front (waiting up to busy_timeout), so a transaction
+        # never has to upgrade a read lock, which SQLite answers with an immediate SQLITE_BUSY.
+        cursor.execute("BEGIN IMMEDIATE")
+
+    def begin_read(self, cursor: Any) -> None:
+        cursor.execute("BEGIN")
+
+    def table_exists(self, cursor: Any, table: str) -> bool:
+        cursor.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,))
+        return cursor.fetchone() is not None
+
+    def translate_error(self, error: BaseException) -> DirectoryError | None:
+        if isinstance(error, sqlite3.IntegrityError):
+            return Conflict(f"the change conflicts with existing data ({error})")
+        if isinstance(error, sqlite3.Error):
+            return Unavailable(f"cannot use the database {self.path!r}: {error}")
+        return None
+
+
+class PostgresDialect(Dialect):
+    name = "postgresql"
+    serial_primary_key = "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"
+
+    def __init__(self, url: str) -> None:
+        try:
+            import psycopg  # noqa: F401
+            from psycopg.conninfo import conninfo_to_dict, make_conninfo
+        except ImportError:
+            raise Unavailable(
+                "PostgreSQL support needs psycopg 3: pip install 'cocalcproxy[postgresql]'"
+            ) from None
+        self.url = url
+        try:
+            params = conninfo_to_dict(url)
+        except Exception as e:  # psycopg.ProgrammingError for a malformed URL
+            raise InvalidInput(f"invalid database URL {redact(url)!r}: {e}; {URL_HELP}") from None
+        if not params.get("dbname"):
+            raise InvalidInput(
+                f"invalid database URL {redact(url)!r}: no database name; {URL_HELP}"
+            )
+        extra = (
+            {} if "connect_timeout" in params else {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
+        )
+        self.conninfo = make_conninfo(url, **extra)
+
+    def describe(self) -> str:
+        return redact(self.url)
+
+    def connect(self) -> Any:
+        import psycopg
+
+        try:
+            return psycopg.connect(self.conninfo, autocommit=True)
+        except psycopg.Error as e:
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise Unavailable(f"cannot connect to {self.describe()}: {message}") from None
+
+    def sql(self, query: str) -> str:
+        return query.replace("?", "%s")
+
+    def begin_write(self, cursor: Any) -> None:
+        cursor.execute("BEGIN")
+
+    def begin_read(self, cursor: Any) -> None:
+        # One snapshot for multi-statement reads (a project and its collaborators).
+        cursor.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
+    def begin_migration(self, cursor: Any) -> None:
+        cursor.execute("BEGIN")
+        cursor.execute(f"SELECT pg_advisory_xact_lock({POSTGRES_MIGRATION_LOCK})")
+
+    def table_exists(self, cursor: Any, table: str) -> bool:
+        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
+        row = cursor.fetchone()
+        return bool(row and row[0])
+
+    def translate_error(self, error: BaseException) -> DirectoryError | None:
+        import psycopg
+
+        if isinstance(error, psycopg.IntegrityError):
+            return Conflict(f"the change conflicts with existing data ({_first_line(error)})")
+        if isinstance(error, psycopg.Error):
+            return Unavailable(f"cannot use the database {self.describe()}: {_first_line(error)}")
+        return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = (parts.username or "") + ":***"
+    return urlunsplit(parts._replace(netloc=user + "@" + netloc[-1]))
+
+
+def dialect_for(url: str) -> Dialect:
+    """Parse a database URL. ``sqlite:///PATH`` and ``sqlite:////PATH`` both name the absolute
+    path /PATH (the second is what SQLAlchemy writes); relative paths are refused."""
+    if not isinstance(url, str) or not url:
+        raise InvalidInput(f"no database URL given: {URL_HELP}")
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "sqlite":
+        rest = url[len("sqlite:") :]
+        if not rest.startswith("///") or len(rest.strip("/")) == 0:
+            raise InvalidInput(
+                f"invalid database URL {url!r}: the SQLite path must be absolute; {URL_HELP}"
+            )
+        path = "/" + rest.lstrip("/")
+        if "\x00" in path:
+            raise InvalidInput(f"invalid database URL {url!r}: {URL_HELP}")
+        return SQLiteDialect(path)
+    if scheme in ("postgresql", "postgres"):
+        return PostgresDialect(url)
+    raise InvalidInput(f"unsupported database URL {redact(url)!r}: {URL_HELP}")

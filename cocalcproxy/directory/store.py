@@ -1,0 +1,806 @@
+"""The directory over SQL: a blocking ``SyncDirectory`` and the asynchronous ``Directory``.
+
+``SyncDirectory`` holds one DB-API connection per thread (SQLite connections must not be shared
+between threads, and a PostgreSQL connection runs one transaction at a time). Every write runs
+in one transaction that begins by bumping the change counter, which also serialises writers on
+both backends; a failure rolls everything back, so a refused command changes nothing.
+
+``Directory`` implements ``IDirectory``: every call runs the blocking method in a dedicated
+thread pool with ``deferToThreadPool``, so neither SQL nor Argon2 ever runs on the reactor thread.
+The pool starts with the reactor and stops in ``close()``.
+
+Choices worth knowing:
+
+* Removing a user who still owns projects is refused (Conflict, naming the projects): a project
+  without an owner would be unreachable, and silently deleting projects is worse. The user's
+  sessions, API tokens and collaborations go with the account.
+* Every write bumps the change counter, session creation included, except rehashing a password
+  whose Argon2 parameters changed (it cannot change any decision).
+* User names are unique regardless of case but looked up exactly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+from argon2 import PasswordHasher
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from cocalcproxy.directory import validate
+from cocalcproxy.directory.dialect import Dialect, dialect_for
+from cocalcproxy.directory.hashing import (
+    Passwords,
+    new_token,
+    new_token_id,
+    token_hash,
+)
+from cocalcproxy.directory.migrate import LATEST, migrate
+from cocalcproxy.directory.model import (
+    Account,
+    Conflict,
+    DirectoryError,
+    NotFound,
+    Project,
+    TokenInfo,
+    Unavailable,
+)
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+TOKEN_MAX = 512  # longer "tokens" are refused without touching the database
+
+_PROJECT_COLUMNS = (
+    "SELECT p.id, p.owner_id, a.name, p.host, p.home, p.title "
+    "FROM projects p JOIN accounts a ON a.id = p.owner_id "
+)
+
+
+class Tx:
+    """A cursor inside one transaction, speaking ``?`` placeholders on every backend."""
+
+    def __init__(self, cursor: Any, dialect: Dialect) -> None:
+        self.cursor = cursor
+        self.dialect = dialect
+
+    def run(self, query: str, *params: object) -> int:
+        self.cursor.execute(self.dialect.sql(query), params)
+        return int(self.cursor.rowcount)
+
+    def one(self, query: str, *params: object) -> Any:
+        self.cursor.execute(self.dialect.sql(query), params)
+        return self.cursor.fetchone()
+
+    def all(self, query: str, *params: object) -> list[Any]:
+        self.cursor.execute(self.dialect.sql(query), params)
+        return list(self.cursor.fetchall())
+
+
+class SyncDirectory:
+    """The directory with blocking calls returning plain values; see the module docstring."""
+
+    def __init__(
+        self,
+        dialect: Dialect,
+        hasher: PasswordHasher | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.dialect = dialect
+        self.passwords = Passwords(hasher)
+        self.clock = clock
+        self._local = threading.local()
+        self._connections: list[Any] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # connections and transactions
+
+    def _connection(self) -> Any:
+        if self._closed:
+            raise Unavailable("the directory is closed")
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self.dialect.connect()
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    raise Unavailable("the directory is closed")
+                self._connections.append(conn)
+            self._local.conn = conn
+        return conn
+
+    def _drop_connection(self) -> None:
+        """Forget this thread's connection after a database error; the next call reconnects."""
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with self._lock:
+                if conn in self._connections:
+                    self._connections.remove(conn)
+            try:
+                conn.close()
+            except Exception:  # noqa: S110 - already broken
+                pass
+
+    def release_thread_connection(self) -> None:
+        """Close the calling thread's connection (used after migrating on the main thread)."""
+        self._drop_connection()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            try:
+                conn.close()
+            except Exception:  # noqa: S110 - closing anyway
+                pass
+
+    def _transaction(self, write: bool, work: Callable[[Tx], T], bump: bool = True) -> T:
+        conn = self._connection()
+        try:
+            cursor = conn.cursor()
+            tx = Tx(cursor, self.dialect)
+            if write:
+                self.dialect.begin_write(cursor)
+                if bump:
+                    tx.run("UPDATE change_counter SET value = value + 1 WHERE id = 1")
+            else:
+                self.dialect.begin_read(cursor)
+            try:
+                result = work(tx)
+                cursor.execute("COMMIT")
+            except BaseException:
+                try:
+                    cursor.execute("ROLLBACK")
+                except Exception:  # noqa: S110 - the first error is the one to report
+                    pass
+                raise
+            return result
+        except DirectoryError:
+            raise
+        except Exception as e:
+            translated = self.dialect.translate_error(e)
+            if translated is None:
+                raise
+            if not isinstance(translated, Conflict):
+                self._drop_connection()
+            raise translated from None
+
+    def _read(self, work: Callable[[Tx], T]) -> T:
+        return self._transaction(False, work)
+
+    def _write(self, work: Callable[[Tx], T], bump: bool = True) -> T:
+        return self._transaction(True, work, bump)
+
+    def migrate(self, target: int = LATEST) -> tuple[int, int]:
+        conn = self._connection()
+        try:
+            return migrate(conn, self.dialect, target)
+        except DirectoryError:
+            raise
+        except Exception as e:
+            translated = self.dialect.translate_error(e)
+            if translated is None:
+                raise
+            self._drop_connection()
+            raise Unavailable(f"cannot migrate the database: {translated}") from None
+
+    def schema_version(self) -> int:
+        from cocalcproxy.directory.migrate import current_version
+
+        return self._read(lambda tx: current_version(tx.cursor, self.dialect))
+
+    # health and changes
+
+    def ping(self) -> None:
+        self._read(lambda tx: tx.one("SELECT value FROM change_counter WHERE id = 1"))
+
+    def change_counter(self) -> int:
+        row = self._read(lambda tx: tx.one("SELECT value FROM change_counter WHERE id = 1"))
+        return int(row[0])
+
+    # accounts
+
+    @staticmethod
+    def _account_row(tx: Tx, name: str) -> Any:
+        return tx.one("SELECT id, name, password_hash FROM accounts WHERE name = ?", name)
+
+    def _require_account(self, tx: Tx, name: str) -> Account:
+        row = tx.one("SELECT id, name FROM accounts WHERE name = ?", name)
+        if row is None:
+            raise NotFound(f"no user named {name!r}")
+        return Account(int(row[0]), row[1])
+
+    def add_user(self, name: str, password: str) -> Account:
+        validate.name(name)
+        validate.password(password)
+        hashed = self.passwords.hash(password)
+        now = self.clock()
+
+        def work(tx: Tx) -> Account:
+            existing = tx.one("SELECT name FROM accounts WHERE lower(name) = lower(?)", name)
+            if existing is not None:
+                if existing[0] == name:
+                    raise Conflict(f"a user named {name!r} already exists")
+                raise Conflict(
+                    f"a user named {existing[0]!r} already exists (names are case-insensitive)"
+                )
+            row = tx.one(
+                "INSERT INTO accounts (name, password_hash, created) VALUES (?, ?, ?) RETURNING id",
+                name,
+                hashed,
+                now,
+            )
+            return Account(int(row[0]), name)
+
+        return self._write(work)
+
+    def set_password(self, name: str, password: str) -> None:
+        """Set a new password and end every session of the user (API tokens stay)."""
+        validate.name(name)
+        validate.password(password)
+        hashed = self.passwords.hash(password)
+
+        def work(tx: Tx) -> None:
+            account = self._require_account(tx, name)
+            tx.run("UPDATE accounts SET password_hash = ? WHERE id = ?", hashed, account.id)
+            tx.run("DELETE FROM sessions WHERE account_id = ?", account.id)
+
+        self._write(work)
+
+    def remove_user(self, name: str) -> None:
+        """Delete the account with its sessions, API tokens and collaborations. Refused while
+        the user owns projects: remove those (or their owner's other data) first."""
+        validate.name(name)
+
+        def work(tx: Tx) -> None:
+            account = self._require_account(tx, name)
+            owned = tx.all(
+                "SELECT id FROM projects WHERE owner_id = ? ORDER BY created, id", account.id
+            )
+            if owned:
+                ids = ", ".join(row[0] for row in owned[:5])
+                more = f" and {len(owned) - 5} more" if len(owned) > 5 else ""
+                raise Conflict(
+                    f"user {name!r} still owns {len(owned)} project(s): {ids}{more}; "
+                    "remove them first with 'cocalcproxy project remove PID'"
+                )
+            tx.run("DELETE FROM sessions WHERE account_id = ?", account.id)
+            tx.run("DELETE FROM api_tokens WHERE account_id = ?", account.id)
+            tx.run("DELETE FROM collaborators WHERE account_id = ?", account.id)
+            tx.run("DELETE FROM accounts WHERE id = ?", account.id)
+
+        self._write(work)
+
+    def list_users(self) -> list[Account]:
+        rows = self._read(lambda tx: tx.all("SELECT id, name FROM accounts ORDER BY name, id"))
+        return [Account(int(r[0]), r[1]) for r in rows]
+
+    def get_user(self, name: str) -> Account | None:
+        if not validate.is_name(name):
+            return None
+        row = self._read(lambda tx: tx.one("SELECT id, name FROM accounts WHERE name = ?", name))
+        return None if row is None else Account(int(row[0]), row[1])
+
+    def check_password(self, name: str, password: str) -> Account | None:
+        """The account when the password is right, else None. Exactly one Argon2 verification
+        runs whether or not the name exists (a dummy hash stands in for unknown names)."""
+        if not isinstance(password, str) or not isinstance(name, str):
+            return None
+        try:
+            validate.password(password)
+        except DirectoryError:
+            return None
+        row = self._read(lambda tx: self._account_row(tx, name)) if validate.is_name(name) else None
+        stored = None if row is None else str(row[2])
+        if not self.passwords.verify(stored, password):
+            return None
+        assert row is not None and stored is not None
+        account = Account(int(row[0]), row[1])
+        if self.passwords.needs_rehash(stored):
+            rehashed = self.passwords.hash(password)
+            self._write(
+                lambda tx: tx.run(
+                    "UPDATE accounts SET password_hash = ? WHERE id = ? AND password_hash = ?",
+                    rehashed,
+                    account.id,
+                    stored,
+                ),
+                bump=False,
+            )
+        return account
+
+    # API tokens
+
+    def create_token(self, name: str, expires_in_days: float | None = None) -> tuple[str, str]:
+        """A new API token for the user: (public token id, secret token). Only the SHA-256 of
+        the secret is stored; the secret cannot be shown again."""
+        validate.name(name)
+        days = validate.expires_in_days(expires_in_days)
+        now = self.clock()
+        expires = None if days is None else now + days * 86400
+        token_id, token = new_token_id(), new_token()
+
+        def work(tx: Tx) -> tuple[str, str]:
+            account = self._require_account(tx, name)
+            tx.run(
+                "INSERT INTO api_tokens (id, token_hash, account_id, created, expires) "
+                "VALUES (?, ?, ?, ?, ?)",
+                token_id,
+                token_hash(token),
+                account.id,
+                now,
+                expires,
+            )
+            return token_id, token
+
+        return self._write(work)
+
+    def revoke_token(self, token_id: str) -> None:
+        validate.token_id(token_id)
+
+        def work(tx: Tx) -> None:
+            if tx.run("DELETE FROM api_tokens WHERE id = ?", token_id) == 0:
+                raise NotFound(f"no API token with id {token_id!r}")
+
+        self._write(work)
+
+    def list_tokens(self, name: str | None = None) -> list[TokenInfo]:
+        """Public facts about API tokens (all, or one user's); the secrets are not stored."""
+        query = (
+            "SELECT t.id, a.name, t.created, t.expires FROM api_tokens t "
+            "JOIN accounts a ON a.id = t.account_id "
+        )
+
+        def work(tx: Tx) -> list[Any]:
+            if name is None:
+                return tx.all(query + "ORDER BY a.name, t.created, t.id")
+            self._require_account(tx, name)
+            return tx.all(query + "WHERE a.name = ? ORDER BY t.created, t.id", name)
+
+        if name is not None:
+            validate.name(name)
+        return [
+            TokenInfo(r[0], r[1], float(r[2]), None if r[3] is None else float(r[3]))
+            for r in self._read(work)
+        ]
+
+    def account_for_token(self, token: str) -> Account | None:
+        if not isinstance(token, str) or not token or len(token) > TOKEN_MAX:
+            return None
+        digest = token_hash(token)
+        now = self.clock()
+        row = self._read(
+            lambda tx: tx.one(
+                "SELECT a.id, a.name FROM api_tokens t JOIN accounts a ON a.id = t.account_id "
+                "WHERE t.token_hash = ? AND (t.expires IS NULL OR t.expires > ?)",
+                digest,
+                now,
+            )
+        )
+        return None if row is None else Account(int(row[0]), row[1])
+
+    # sessions
+
+    def create_session(self, account_id: int, lifetime_seconds: float) -> str:
+        """A new sign-in session; returns the secret (the cookie value). Expired sessions of
+        everyone are purged on the way."""
+        lifetime = validate.lifetime_seconds(lifetime_seconds)
+        now = self.clock()
+        token = new_token()
+
+        def work(tx: Tx) -> str:
+            if tx.one("SELECT 1 FROM accounts WHERE id = ?", account_id) is None:
+                raise NotFound(f"no account with id {account_id}")
+            tx.run("DELETE FROM sessions WHERE expires <= ?", now)
+            tx.run(
+                "INSERT INTO sessions (token_hash, account_id, created, expires) "
+                "VALUES (?, ?, ?, ?)",
+                token_hash(token),
+                account_id,
+                now,
+                now + lifetime,
+            )
+            return token
+
+        return self._write(work)
+
+    def account_for_session(self, token: str) -> Account | None:
+        if not isinstance(token, str) or not token or len(token) > TOKEN_MAX:
+            return None
+        digest = token_hash(token)
+        now = self.clock()
+        row = self._read(
+            lambda tx: tx.one(
+                "SELECT a.id, a.name FROM sessions s JOIN accounts a ON a.id = s.account_id "
+                "WHERE s.token_hash = ? AND s.expires > ?",
+                digest,
+                now,
+            )
+        )
+        return None if row is None else Account(int(row[0]), row[1])
+
+    def delete_session(self, token: str) -> None:
+        """End a session (sign-out). Unknown or malformed tokens are ignored."""
+        if not isinstance(token, str) or not token or len(token) > TOKEN_MAX:
+            return
+        digest = token_hash(token)
+        self._write(lambda tx: tx.run("DELETE FROM sessions WHERE token_hash = ?", digest))
+
+    def purge_expired(self) -> int:
+        """Delete expired sessions and API tokens; returns how many rows went."""
+        now = self.clock()
+
+        def work(tx: Tx) -> int:
+            gone = tx.run("DELETE FROM sessions WHERE expires <= ?", now)
+            return gone + tx.run(
+                "DELETE FROM api_tokens WHERE expires IS NOT NULL AND expires <= ?", now
+            )
+
+        return self._write(work)
+
+    # projects
+
+    @staticmethod
+    def _projects(tx: Tx, rows: Sequence[Any]) -> list[Project]:
+        if not rows:
+            return []
+        ids = [row[0] for row in rows]
+        collaborators: dict[str, list[str]] = {pid: [] for pid in ids}
+        marks = ", ".join("?" for _ in ids)
+        for pid, name in tx.all(
+            "SELECT c.project_id, a.name FROM collaborators c "  # noqa: S608 - only '?' marks
+            f"JOIN accounts a ON a.id = c.account_id WHERE c.project_id IN ({marks}) "
+            "ORDER BY a.name",
+            *ids,
+        ):
+            collaborators[pid].append(name)
+        return [
+            Project(
+                id=row[0],
+                owner_id=int(row[1]),
+                owner_name=row[2],
+                host=row[3],
+                home=row[4],
+                title=row[5],
+                collaborators=tuple(collaborators[row[0]]),
+            )
+            for row in rows
+        ]
+
+    def _load_project(self, tx: Tx, project_id: str) -> Project | None:
+        rows = tx.all(_PROJECT_COLUMNS + "WHERE p.id = ?", project_id)
+        found = self._projects(tx, rows)
+        return found[0] if found else None
+
+    def _require_project(self, tx: Tx, project_id: str) -> Project:
+        project = self._load_project(tx, project_id)
+        if project is None:
+            raise NotFound(f"no project with id {project_id!r}")
+        return project
+
+    def add_project(
+        self,
+        owner: str,
+        host: str = "127.0.0.1",
+        home: str | None = None,
+        project_id: str | None = None,
+        title: str = "",
+    ) -> Project:
+        validate.name(owner)
+        host = validate.host(host)
+        home = validate.home(home)
+        title = validate.title(title)
+        pid = validate.new_project_id() if project_id is None else validate.project_id(project_id)
+        now = self.clock()
+
+        def work(tx: Tx) -> Project:
+            account = self._require_account(tx, owner)
+            if tx.one("SELECT 1 FROM projects WHERE id = ?", pid) is not None:
+                raise Conflict(f"a project with id {pid!r} already exists")
+            tx.run(
+                "INSERT INTO projects (id, owner_id, host, home, title, created) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                pid,
+                account.id,
+                host,
+                home,
+                title,
+                now,
+            )
+            return self._require_project(tx, pid)
+
+        return self._write(work)
+
+    def set_project(
+        self,
+        project_id: str,
+        host: str | None = None,
+        home: str | None = None,
+        title: str | None = None,
+    ) -> Project:
+        """Change what is given; None leaves a field alone, ``home=""`` removes the home."""
+        validate.project_id(project_id)
+        changes: list[tuple[str, object]] = []
+        if host is not None:
+            changes.append(("host", validate.host(host)))
+        if home is not None:
+            changes.append(("home", None if home == "" else validate.home(home)))
+        if title is not None:
+            changes.append(("title", validate.title(title)))
+
+        def work(tx: Tx) -> Project:
+            self._require_project(tx, project_id)
+            for column, value in changes:
+                tx.run(f"UPDATE projects SET {column} = ? WHERE id = ?", value, project_id)  # noqa: S608
+            return self._require_project(tx, project_id)
+
+        return self._write(work)
+
+    def remove_project(self, project_id: str) -> None:
+        validate.project_id(project_id)
+
+        def work(tx: Tx) -> None:
+            self._require_project(tx, project_id)
+            tx.run("DELETE FROM collaborators WHERE project_id = ?", project_id)
+            tx.run("DELETE FROM projects WHERE id = ?", project_id)
+
+        self._write(work)
+
+    def add_collaborator(self, project_id: str, name: str) -> None:
+        validate.project_id(project_id)
+        validate.name(name)
+
+        def work(tx: Tx) -> None:
+            project = self._require_project(tx, project_id)
+            account = self._require_account(tx, name)
+            if account.id == project.owner_id:
+                raise Conflict(f"{name!r} owns project {project_id!r}")
+            if name in project.collaborators:
+                raise Conflict(f"{name!r} is already a collaborator on project {project_id!r}")
+            tx.run(
+                "INSERT INTO collaborators (project_id, account_id) VALUES (?, ?)",
+                project_id,
+                account.id,
+            )
+
+        self._write(work)
+
+    def remove_collaborator(self, project_id: str, name: str) -> None:
+        validate.project_id(project_id)
+        validate.name(name)
+
+        def work(tx: Tx) -> None:
+            self._require_project(tx, project_id)
+            account = self._require_account(tx, name)
+            removed = tx.run(
+                "DELETE FROM collaborators WHERE project_id = ? AND account_id = ?",
+                project_id,
+                account.id,
+            )
+            if removed == 0:
+                raise NotFound(f"{name!r} is not a collaborator on project {project_id!r}")
+
+        self._write(work)
+
+    def get_project(self, project_id: str) -> Project | None:
+        if not validate.is_project_id(project_id):
+            return None
+        return self._read(lambda tx: self._load_project(tx, project_id))
+
+    def list_projects(self) -> list[Project]:
+        return self._read(
+            lambda tx: self._projects(
+                tx, tx.all(_PROJECT_COLUMNS + "ORDER BY a.name, p.created, p.id")
+            )
+        )
+
+    def project_for(self, account_id: int, project_id: str) -> Project | None:
+        """The project when the account owns it or collaborates on it; otherwise None, the
+        same answer as for a project that does not exist."""
+        if not validate.is_project_id(project_id) or not isinstance(account_id, int):
+            return None
+
+        def work(tx: Tx) -> Project | None:
+            rows = tx.all(
+                _PROJECT_COLUMNS  # noqa: S608 - constant text
+                + "WHERE p.id = ? AND (p.owner_id = ? OR EXISTS ("
+                "SELECT 1 FROM collaborators c WHERE c.project_id = p.id AND c.account_id = ?))",
+                project_id,
+                account_id,
+                account_id,
+            )
+            found = self._projects(tx, rows)
+            return found[0] if found else None
+
+        return self._read(work)
+
+    def projects_for(self, account_id: int) -> list[Project]:
+        """Projects the account owns or collaborates on."""
+        return self._read(
+            lambda tx: self._projects(
+                tx,
+                tx.all(
+                    _PROJECT_COLUMNS  # noqa: S608 - constant text
+                    + "WHERE p.owner_id = ? OR EXISTS ("
+                    "SELECT 1 FROM collaborators c WHERE c.project_id = p.id "
+                    "AND c.account_id = ?) ORDER BY a.name, p.created, p.id",
+                    account_id,
+                    account_id,
+                ),
+            )
+        )
+
+
+class Directory:
+    """``IDirectory`` over a ``SyncDirectory``: each call runs in a dedicated thread pool."""
+
+    def __init__(self, sync: SyncDirectory, reactor: Any, pool_size: int = 4) -> None:
+        self.sync = sync
+        self.reactor = reactor
+        self.pool = ThreadPool(minthreads=0, maxthreads=pool_size, name="cocalcproxy-directory")
+        self._closed = False
+        self._shutdown_trigger: Any = None
+        if hasattr(reactor, "callWhenRunning"):
+            reactor.callWhenRunning(self._start)
+        else:
+            self._start()
+
+    def _start(self) -> None:
+        if self._closed or self.pool.started:
+            return
+        self.pool.start()
+        if hasattr(self.reactor, "addSystemEventTrigger"):
+            self._shutdown_trigger = self.reactor.addSystemEventTrigger(
+                "during", "shutdown", self._stop
+            )
+
+    def _stop(self) -> None:
+        self._closed = True
+        self._shutdown_trigger = None
+        self.pool.stop()
+        self.sync.close()
+
+    def _call(self, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        if self._closed:
+            return fail(Unavailable("the directory is closed"))
+        return deferToThreadPool(self.reactor, self.pool, method, *args, **kwargs)
+
+    def close(self) -> Deferred[None]:
+        """Stop the pool (work already queued is finished first) and close the connections."""
+        if self._closed:
+            return succeed(None)
+        if self._shutdown_trigger is not None:
+            self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
+        self._stop()
+        return succeed(None)
+
+    def ping(self) -> Deferred[None]:
+        return self._call(self.sync.ping)
+
+    def change_counter(self) -> Deferred[int]:
+        return self._call(self.sync.change_counter)
+
+    def add_user(self, name: str, password: str) -> Deferred[Account]:
+        return self._call(self.sync.add_user, name, password)
+
+    def set_password(self, name: str, password: str) -> Deferred[None]:
+        return self._call(self.sync.set_password, name, password)
+
+    def remove_user(self, name: str) -> Deferred[None]:
+        return self._call(self.sync.remove_user, name)
+
+    def list_users(self) -> Deferred[list[Account]]:
+        return self._call(self.sync.list_users)
+
+    def get_user(self, name: str) -> Deferred[Account | None]:
+        return self._call(self.sync.get_user, name)
+
+    def check_password(self, name: str, password: str) -> Deferred[Account | None]:
+        return self._call(self.sync.check_password, name, password)
+
+    def create_token(
+        self, name: str, expires_in_days: float | None = None
+    ) -> Deferred[tuple[str, str]]:
+        return self._call(self.sync.create_token, name, expires_in_days)
+
+    def revoke_token(self, token_id: str) -> Deferred[None]:
+        return self._call(self.sync.revoke_token, token_id)
+
+    def list_tokens(self, name: str | None = None) -> Deferred[list[TokenInfo]]:
+        return self._call(self.sync.list_tokens, name)
+
+    def account_for_token(self, token: str) -> Deferred[Account | None]:
+        return self._call(self.sync.account_for_token, token)
+
+    def create_session(self, account_id: int, lifetime_seconds: float) -> Deferred[str]:
+        return self._call(self.sync.create_session, account_id, lifetime_seconds)
+
+    def account_for_session(self, token: str) -> Deferred[Account | None]:
+        return self._call(self.sync.account_for_session, token)
+
+    def delete_session(self, token: str) -> Deferred[None]:
+        return self._call(self.sync.delete_session, token)
+
+    def purge_expired(self) -> Deferred[int]:
+        return self._call(self.sync.purge_expired)
+
+    def add_project(
+        self,
+        owner: str,
+        host: str = "127.0.0.1",
+        home: str | None = None,
+        project_id: str | None = None,
+        title: str = "",
+    ) -> Deferred[Project]:
+        return self._call(self.sync.add_project, owner, host, home, project_id, title)
+
+    def set_project(
+        self,
+        project_id: str,
+        host: str | None = None,
+        home: str | None = None,
+        title: str | None = None,
+    ) -> Deferred[Project]:
+        return self._call(self.sync.set_project, project_id, host, home, title)
+
+    def remove_project(self, project_id: str) -> Deferred[None]:
+        return self._call(self.sync.remove_project, project_id)
+
+    def add_collaborator(self, project_id: str, name: str) -> Deferred[None]:
+        return self._call(self.sync.add_collaborator, project_id, name)
+
+    def remove_collaborator(self, project_id: str, name: str) -> Deferred[None]:
+        return self._call(self.sync.remove_collaborator, project_id, name)
+
+    def get_project(self, project_id: str) -> Deferred[Project | None]:
+        return self._call(self.sync.get_project, project_id)
+
+    def list_projects(self) -> Deferred[list[Project]]:
+        return self._call(self.sync.list_projects)
+
+    def project_for(self, account_id: int, project_id: str) -> Deferred[Project | None]:
+        return self._call(self.sync.project_for, account_id, project_id)
+
+    def projects_for(self, account_id: int) -> Deferred[list[Project]]:
+        return self._call(self.sync.projects_for, account_id)
+
+
+def open_sync_directory(
+    url: str,
+    hasher: PasswordHasher | None = None,
+    clock: Callable[[], float] = time.time,
+    migrate_to: int = LATEST,
+) -> SyncDirectory:
+    """Open the database at ``url`` and bring its schema up to date (blocking).
+
+    Raises InvalidInput for a malformed URL and Unavailable when the database cannot be opened,
+    read or migrated; the messages name the database (never its password).
+    """
+    sync = SyncDirectory(dialect_for(url), hasher=hasher, clock=clock)
+    try:
+        sync.migrate(migrate_to)
+    except BaseException:
+        sync.close()
+        raise
+    return sync
+
+
+def open_directory(
+    url: str,
+    reactor: Any,
+    hasher: PasswordHasher | None = None,
+    clock: Callable[[], float] = time.time,
+    pool_size: int = 4,
+) -> Directory:
+    """The asynchronous directory for the proxy. Migrates synchronously right away (this runs
+    in makeService, before the reactor), so a bad database stops the start with a clear error."""
+    sync = open_sync_directory(url, hasher=hasher, clock=clock)
+    sync.release_thread_connection()
+    return Directory(sync, reactor, pool_size=pool_size)

@@ -1,0 +1,149 @@
+"""Pure checks for what goes into the directory. Each raises InvalidInput with a message that is
+safe to show to the operator; the offending value is quoted with repr() so control characters
+cannot reach a terminal or log line raw."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import uuid
+
+from cocalcproxy.directory.model import InvalidInput
+
+NAME_MAX = 64
+TITLE_MAX = 200
+PASSWORD_MAX = 4096
+HOME_MAX = 4096
+
+_NAME = re.compile(r"[A-Za-z0-9._@][A-Za-z0-9._@-]{0,63}")
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_TOKEN_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def _shown(value: str, limit: int = 80) -> str:
+    text = value if len(value) <= limit else value[:limit] + "..."
+    return repr(text)
+
+
+def name(value: str) -> str:
+    """1-64 characters of letters, digits, '.', '_', '@' and '-', not starting with '-' (so a
+    name can never be mistaken for an option)."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise InvalidInput(
+            f"invalid user name {_shown(str(value))}: use 1-{NAME_MAX} letters, digits, "
+            "'.', '_', '@' or '-', not starting with '-'"
+        )
+    return value
+
+
+def is_name(value: str) -> bool:
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None
+
+
+def project_id(value: str) -> str:
+    """A canonical project id: lower-case 8-4-4-4-12 hex, exactly as it appears in URLs."""
+    if not isinstance(value, str) or not _CANONICAL_UUID.fullmatch(value):
+        raise InvalidInput(
+            f"invalid project id {_shown(str(value))}: expected a lower-case UUID such as "
+            "'0b9d1c56-3f4a-4e6b-9a51-2c7d8e9f0a1b'"
+        )
+    return value
+
+
+def is_project_id(value: str) -> bool:
+    return isinstance(value, str) and _CANONICAL_UUID.fullmatch(value) is not None
+
+
+def new_project_id() -> str:
+    return str(uuid.uuid4())
+
+
+def token_id(value: str) -> str:
+    if not isinstance(value, str) or not _TOKEN_ID.fullmatch(value):
+        raise InvalidInput(f"invalid token id {_shown(str(value))}: expected 16 hex digits")
+    return value
+
+
+def host(value: str) -> str:
+    """A backend host: a DNS name or an IP literal, nothing else (no scheme, port, path, user
+    info or spaces). Names are lower-cased; IPv6 may be given with or without brackets and is
+    stored without them, in its compressed form."""
+    if not isinstance(value, str) or not value:
+        raise InvalidInput("invalid host '': give a host name or an IP address")
+    text = value
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    else:
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+            raise InvalidInput(f"invalid host {_shown(value)}: scoped IPv6 addresses are refused")
+        return address.compressed
+    lowered = text.lower()
+    labels = lowered.split(".")
+    if (
+        len(lowered) > 253
+        or not all(_LABEL.fullmatch(label) for label in labels)
+        or lowered.replace(".", "").isdigit()
+    ):
+        raise InvalidInput(
+            f"invalid host {_shown(value)}: give a host name or an IP address only "
+            "(no scheme, port, path or spaces)"
+        )
+    return lowered
+
+
+def home(value: str | None) -> str | None:
+    """An absolute path on this machine (normalised), or None for "no home directory"."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or not value.startswith("/")
+        or len(value) > HOME_MAX
+        or any(ord(c) < 32 or ord(c) == 127 for c in value)
+    ):
+        raise InvalidInput(
+            f"invalid home directory {_shown(str(value))}: give an absolute path such as "
+            "/home/alice/project"
+        )
+    normalised = os.path.normpath(value)
+    if normalised.startswith("//"):
+        normalised = "/" + normalised.lstrip("/")
+    return normalised
+
+
+def title(value: str) -> str:
+    if not isinstance(value, str) or len(value) > TITLE_MAX:
+        raise InvalidInput(f"invalid title: at most {TITLE_MAX} characters")
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
+        raise InvalidInput("invalid title: control characters are not allowed")
+    return value
+
+
+def password(value: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidInput("the password must not be empty")
+    if len(value.encode("utf-8", "surrogatepass")) > PASSWORD_MAX:
+        raise InvalidInput(f"the password is too long (at most {PASSWORD_MAX} bytes)")
+    if "\x00" in value:
+        raise InvalidInput("the password must not contain NUL characters")
+    return value
+
+
+def expires_in_days(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if not (isinstance(value, int | float)) or not (0 < value <= 36500):
+        raise InvalidInput("the expiry must be a positive number of days (at most 36500)")
+    return float(value)
+
+
+def lifetime_seconds(value: float) -> float:
+    if not isinstance(value, int | float) or not (0 < value <= 36500 * 86400):
+        raise InvalidInput("the session lifetime must be a positive number of seconds")
+    return float(value)
