@@ -16,7 +16,7 @@ from twisted.web import server
 
 from cocalcproxy import directory as directory_module
 from cocalcproxy import forward, raw, relay, tls
-from cocalcproxy.guard import SimpleGuard
+from cocalcproxy.guard import build_guard
 from cocalcproxy.ownpages import OwnPages
 from cocalcproxy.redirect import RedirectResource
 from cocalcproxy.site import ProxySite, Root
@@ -183,19 +183,27 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     except directory_module.DirectoryError as e:
         raise usage.UsageError(f"cannot open the directory: {e}") from None
 
-    guard = SimpleGuard(directory)
+    guard, guard_pages, guard_service = build_guard(
+        directory,
+        reactor,
+        state_dir=options["state-dir"],
+        session_lifetime_days=options["session-lifetime"],
+        project_domain=options["project-domain"],
+    )
     root = Root(
         guard=guard,
         forwarder=forward.Placeholder(),
         relay=relay.Placeholder(),
         raw=raw.Placeholder(),
-        own_pages=OwnPages(directory),
+        own_pages=OwnPages(directory, guard_pages),
         project_domain=options["project-domain"],
     )
     site = ProxySite(root, reactor=reactor)
+    site.hsts_max_age = options["hsts-max-age"]
     proxy.site = site
 
     DirectoryService(directory).setServiceParent(proxy)
+    guard_service.setServiceParent(proxy)
     DrainService(reactor, site, options["shutdown-timeout"]).setServiceParent(proxy)
     for description in options["listen"]:
         factory = TLSMemoryBIOFactory(creator, False, site)  # type: ignore[arg-type]

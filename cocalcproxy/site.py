@@ -105,6 +105,19 @@ class ProxyRequest(server.Request):
     def notifyFinishOrNone(self) -> Deferred[None]:  # noqa: N802
         return self.notifyFinish()
 
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            self._set_transport_security()
+        super().write(data)
+
+    def _set_transport_security(self) -> None:
+        """HSTS on every HTTPS answer, proxied or our own, replacing any a backend sent."""
+        max_age = getattr(getattr(self.channel, "site", None), "hsts_max_age", 0)
+        if max_age > 0 and self.isSecure():
+            self.responseHeaders.setRawHeaders(
+                b"Strict-Transport-Security", [b"max-age=%d" % (max_age,)]
+            )
+
 
 class Root(resource.Resource):
     """Routes every request; a leaf so Twisted's path traversal never touches the raw path."""
@@ -198,6 +211,8 @@ class ProxySite(server.Site):
 
     requestFactory = ProxyRequest  # type: ignore[assignment]
     displayTracebacks = False
+    # Strict-Transport-Security max-age for HTTPS answers; 0 sends none (--hsts-max-age).
+    hsts_max_age = 0
 
     def __init__(self, root: resource.Resource, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)

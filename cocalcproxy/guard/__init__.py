@@ -1,83 +1,61 @@
-"""The guard: who is asking, and may they reach this project?
+"""The guard: only a project's owner and collaborators get in.
 
-PLACEHOLDER until the guard issue lands: Basic (name and password) and Bearer (API token) only,
-no sessions, no cache. It already keeps the contract's answers: 302 to sign in for browser
-navigations without credentials, 401 otherwise, and one 404 for unknown and forbidden projects.
+* ``credentials``: which proxy credentials a request carries (pure) and their cred types.
+* ``checkers``: twisted.cred checkers over the directory, the realm and the portal.
+* ``core.Guard``: ``authorize(request, route)`` for ``site.Root``, with cached decisions and
+  revocation when the directory's change counter moves.
+* ``web.GuardPages``: ``/_/login``, ``/_/logout`` and ``/``.
+* ``csrf``, ``ratelimit``, ``policy``, ``cache``: the small rules those rest on.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-from urllib.parse import quote
+from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.web.server import Request
+from twisted.application import service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 
-from cocalcproxy import pages, routing
-from cocalcproxy.directory import Account, IDirectory
-from cocalcproxy.site import Access, ProxyRequest
+from cocalcproxy.directory import IDirectory
+from cocalcproxy.guard.core import Guard
+from cocalcproxy.guard.csrf import CsrfTokens, load_or_create_key
+from cocalcproxy.guard.web import GuardPages
 
+__all__ = ["Guard", "GuardPages", "GuardService", "build_guard"]
 
-def is_navigation(request: Request) -> bool:
-    return request.method in (b"GET", b"HEAD") and pages.wants_html(request)
-
-
-def login_redirect(request: Request) -> None:
-    target = quote(request.uri.decode("latin-1"), safe="/?=&;:@!$'()*+,-._~%")
-    request.setResponseCode(302)
-    request.setHeader(b"Location", b"/_/login?next=" + quote(target, safe="").encode())
-    pages.set_own_page_headers(request)
-    request.setHeader(b"Content-Length", b"0")
-    request.finish()
+SECONDS_PER_DAY = 86400.0
 
 
-def unauthorized(request: Request) -> None:
-    request.setHeader(b"WWW-Authenticate", b'Basic realm="cocalcproxy", charset="UTF-8"')
-    pages.write_error(
-        request, 401, "Sign-in required", "Send a session cookie, API token or Basic credentials."
+class GuardService(service.Service):
+    """Polls the directory's change counter while the proxy runs."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self.guard.start()
+
+    def stopService(self) -> Deferred[Any]:  # noqa: N802
+        super().stopService()
+        return self.guard.stop()
+
+
+def build_guard(
+    directory: IDirectory,
+    clock: IReactorTime,
+    *,
+    state_dir: str,
+    session_lifetime_days: float,
+    project_domain: str | None = None,
+) -> tuple[Guard, GuardPages, GuardService]:
+    guard = Guard(directory, clock)
+    guard_pages = GuardPages(
+        guard,
+        directory,
+        CsrfTokens(load_or_create_key(state_dir)),
+        clock,
+        session_lifetime=session_lifetime_days * SECONDS_PER_DAY,
+        project_domain=project_domain,
     )
-
-
-class SimpleGuard:
-    def __init__(self, directory: IDirectory) -> None:
-        self.directory = directory
-
-    @inlineCallbacks
-    def _account(self, request: Request):  # type: ignore[no-untyped-def]
-        header = request.getHeader(b"authorization")
-        if not header:
-            return None
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer":
-            account = yield self.directory.account_for_token(value.strip())
-            return account
-        if scheme.lower() == "basic":
-            try:
-                name, _, secret = (
-                    base64.b64decode(value.strip(), validate=True).decode().partition(":")
-                )
-            except (binascii.Error, UnicodeDecodeError):
-                return None
-            account = yield self.directory.check_password(name, secret)
-            if account is None:
-                account = yield self.directory.account_for_token(secret)
-                if account is not None and account.name != name:
-                    account = None
-            return account
-        return None
-
-    @inlineCallbacks
-    def authorize(self, request: ProxyRequest, route: routing.Route):  # type: ignore[no-untyped-def]
-        account: Account | None = yield self._account(request)
-        if account is None:
-            if is_navigation(request):
-                login_redirect(request)
-            else:
-                unauthorized(request)
-            return None
-        project = yield self.directory.project_for(account.id, route.project_id)
-        if project is None:
-            pages.not_found(request)
-            return None
-        return Access(account, project)
+    return guard, guard_pages, GuardService(guard)

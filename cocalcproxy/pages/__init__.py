@@ -18,6 +18,9 @@ OWN_PAGE_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"X-Frame-Options", b"DENY"),
     (b"Referrer-Policy", b"same-origin"),
     (b"Cache-Control", b"no-store"),
+    (b"Cross-Origin-Opener-Policy", b"same-origin"),
+    (b"Cross-Origin-Resource-Policy", b"same-origin"),
+    (b"Permissions-Policy", b"camera=(), microphone=(), geolocation=(), payment=(), usb=()"),
 )
 
 

@@ -1,0 +1,441 @@
+"""The guard: who is asking (twisted.cred portal, cached), may they reach this project (cached),
+and withdrawing both when the directory changes.
+
+Caches hold decisions, positive and negative, keyed by an HMAC of the credentials under a
+per-process key, so neither a secret nor a plain hash of one is kept. Every entry carries the time
+it stops being trusted: the credential's own expiry when known, else a short TTL, so an expired
+session or token is refused from the cache too.
+
+Once a second the guard reads the directory's change counter. When it moved (any admin change,
+sign-in or sign-out anywhere), every cache is dropped and every live ``Access`` that somebody
+watches (WebSocket relays register ``on_revoked``) is checked again; those no longer allowed are
+revoked. A generation number tells lookups that began before a change not to fill the new cache
+with old answers, and marks grants made from such answers for checking again.
+"""
+
+from __future__ import annotations
+
+import secrets
+import weakref
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+from cocalcproxy import pages, routing
+from cocalcproxy.directory import IDirectory, Project
+from cocalcproxy.guard import policy
+from cocalcproxy.guard.cache import ExpiringCache
+from cocalcproxy.guard.checkers import IAccountAvatar, Identity, identity_of, make_portal
+from cocalcproxy.guard.credentials import (
+    SESSION_COOKIE,
+    Credential,
+    Malformed,
+    NameAndSecret,
+    Presented,
+    SessionToken,
+    cache_key,
+    extract,
+)
+from cocalcproxy.guard.ratelimit import SignInLimits
+from cocalcproxy.site import Access, ProxyRequest
+
+log = Logger()
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    identity: Identity
+    presented: Presented
+    generation: int
+    valid_until: float
+
+
+@dataclass(frozen=True)
+class SignedOut:
+    """No credentials, or a session cookie that is no longer (or never was) valid."""
+
+    stale_session: bool = False
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Basic or Bearer credentials that did not authenticate: 401, never forwarded."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Limited:
+    retry_after: int
+
+
+Outcome = Authenticated | SignedOut | Rejected | Limited
+
+
+@dataclass(frozen=True)
+class Looked(Generic[V]):
+    value: V
+    generation: int
+    valid_until: float
+
+
+class CachedLookups(Generic[K, V]):
+    """A cache in front of a Deferred-returning lookup, with concurrent misses for one key
+    sharing a single lookup, and answers from an older generation never stored."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        generation: Callable[[], int],
+        ttl: Callable[[V], float],
+        max_entries: int,
+    ) -> None:
+        self.clock = clock
+        self.generation = generation
+        self.ttl = ttl
+        self.cache: ExpiringCache[K, V] = ExpiringCache(max_entries)
+        self._pending: dict[tuple[int, K], list[Deferred[Looked[V]]]] = {}
+
+    def cached(self, key: K) -> Looked[V] | None:
+        entry = self.cache.get(key, self.clock.seconds())
+        if entry is None:
+            return None
+        return Looked(entry.value, self.generation(), entry.expires_at)
+
+    def get(self, key: K, fetch: Callable[[], Deferred[V]]) -> Deferred[Looked[V]]:
+        hit = self.cached(key)
+        if hit is not None:
+            return succeed(hit)
+        generation = self.generation()
+        slot = (generation, key)
+        mine: Deferred[Looked[V]] = Deferred()
+        waiters = self._pending.get(slot)
+        if waiters is not None:
+            waiters.append(mine)
+            return mine
+        self._pending[slot] = [mine]
+
+        def settle(result: V | Failure) -> None:
+            waiting = self._pending.pop(slot, [])
+            if isinstance(result, Failure):
+                for d in waiting:
+                    d.errback(result)
+                return
+            valid_until = self.clock.seconds() + self.ttl(result)
+            if generation == self.generation():
+                self.cache.put(key, result, valid_until)
+            for d in waiting:
+                d.callback(Looked(result, generation, valid_until))
+
+        fetch().addBoth(settle)
+        return mine
+
+    def put(self, key: K, value: V, valid_until: float) -> None:
+        self.cache.put(key, value, valid_until)
+
+    def discard(self, key: K) -> None:
+        self.cache.discard(key)
+
+    def clear(self) -> None:
+        self.cache.clear()
+
+
+@dataclass
+class Grant:
+    """What an issued Access rests on, kept (weakly, with the Access) to check it again."""
+
+    credentials: Credential
+    account_id: int
+    project_id: str
+    generation: int
+    valid_until: float
+
+
+def is_navigation(request: Request) -> bool:
+    return request.method in (b"GET", b"HEAD") and pages.wants_html(request)
+
+
+class Guard:
+    """Implements ``site.Guard``; also answers the sign-in pages' questions."""
+
+    def __init__(
+        self,
+        directory: IDirectory,
+        clock: IReactorTime,
+        *,
+        portal: Portal | None = None,
+        limits: SignInLimits | None = None,
+        poll_interval: float = 1.0,
+        credential_ttl: float = 30.0,
+        negative_ttl: float = 30.0,
+        access_ttl: float = 300.0,
+        max_entries: int = 10_000,
+    ) -> None:
+        self.directory = directory
+        self.clock = clock
+        self.portal = portal if portal is not None else make_portal(directory)
+        self.limits = limits if limits is not None else SignInLimits.default()
+        self.poll_interval = poll_interval
+        self.credential_ttl = credential_ttl
+        self.negative_ttl = negative_ttl
+        self.generation = 0
+        self._key = secrets.token_bytes(32)
+        self.identities: CachedLookups[bytes, Identity | None] = CachedLookups(
+            clock, lambda: self.generation, self._identity_ttl, max_entries
+        )
+        self.projects: CachedLookups[tuple[int, str], Project | None] = CachedLookups(
+            clock,
+            lambda: self.generation,
+            lambda p: access_ttl if p is not None else negative_ttl,
+            max_entries,
+        )
+        self.grants: weakref.WeakKeyDictionary[Access, Grant] = weakref.WeakKeyDictionary()
+        self.last_counter: int | None = None
+        self._directory_down = False
+        self._loop: LoopingCall | None = None
+        self._loop_done: Deferred[Any] | None = None
+
+    def _identity_ttl(self, identity: Identity | None) -> float:
+        if identity is None:
+            return self.negative_ttl
+        ttl = self.credential_ttl
+        if identity.expires_at is not None:
+            ttl = min(ttl, identity.expires_at - self.clock.seconds())
+        return ttl
+
+    # -- who is asking ------------------------------------------------------------------------
+
+    def authenticate(self, request: Request) -> Deferred[Outcome]:
+        presented = extract(
+            request.requestHeaders.getRawHeaders(b"authorization", []),
+            request.requestHeaders.getRawHeaders(b"cookie", []),
+        )
+        if presented is None:
+            return succeed(SignedOut())
+        if isinstance(presented, Malformed):
+            return succeed(Rejected(presented.reason))
+        credentials = presented.credentials
+        key = cache_key(self._key, credentials)
+        hit = self.identities.cached(key)
+        if hit is not None:
+            return succeed(self._outcome(presented, hit))
+        attempt: tuple[str, str, float] | None = None
+        if isinstance(credentials, NameAndSecret):
+            now = self.clock.seconds()
+            address = client_address(request)
+            wait = self.limits.begin(address, credentials.name, now)
+            if wait is not None:
+                return succeed(Limited(wait))
+            attempt = (address, credentials.name, now)
+        d = self.identities.get(key, lambda: self._login(credentials))
+
+        def decided(looked: Looked[Identity | None]) -> Outcome:
+            if attempt is not None and looked.value is not None:
+                self.limits.succeeded(*attempt)
+            return self._outcome(presented, looked)
+
+        return d.addCallback(decided)
+
+    def _login(self, credentials: Any) -> Deferred[Identity | None]:
+        d = self.portal.login(credentials, None, IAccountAvatar)
+
+        def refused(failure: Failure) -> None:
+            failure.trap(UnauthorizedLogin)
+            return None
+
+        return d.addCallbacks(identity_of, refused)
+
+    def _outcome(self, presented: Presented, looked: Looked[Identity | None]) -> Outcome:
+        if looked.value is None:
+            if presented.from_authorization:
+                return Rejected("credentials not accepted")
+            return SignedOut(stale_session=True)
+        return Authenticated(looked.value, presented, looked.generation, looked.valid_until)
+
+    def check_password(self, name: str, password: str) -> Deferred[Identity | None]:
+        """For the sign-in form: never cached, never an API token in place of the password."""
+        from cocalcproxy.guard.credentials import form_password
+
+        return self._login(form_password(name, password))
+
+    def remember_session(self, token: str, identity: Identity) -> None:
+        """Prime the cache with a session just created here, whose expiry we know exactly."""
+        key = cache_key(self._key, SessionToken(token))
+        self.identities.put(key, identity, self.clock.seconds() + self._identity_ttl(identity))
+
+    def forget_session(self, token: str) -> None:
+        self.identities.discard(cache_key(self._key, SessionToken(token)))
+
+    # -- may they reach this project ----------------------------------------------------------
+
+    @inlineCallbacks
+    def authorize(self, request: ProxyRequest, route: routing.Route):  # type: ignore[no-untyped-def]
+        outcome: Outcome = yield self.authenticate(request)
+        if request._disconnected:
+            return None
+        if not isinstance(outcome, Authenticated):
+            refuse(request, outcome)
+            return None
+        if outcome.presented.from_authorization:
+            request.authorization_is_proxy_credential = True
+        account = outcome.identity.account
+        looked: Looked[Project | None] = yield self.projects.get(
+            (account.id, route.project_id),
+            lambda: self.directory.project_for(account.id, route.project_id),
+        )
+        if request._disconnected:
+            return None
+        project = looked.value
+        if project is None:
+            request.log_info.account = account.name
+            pages.not_found(request)
+            return None
+        access = Access(account, project)
+        self.grants[access] = Grant(
+            outcome.presented.credentials,
+            account.id,
+            project.id,
+            min(outcome.generation, looked.generation),
+            min(outcome.valid_until, looked.valid_until),
+        )
+        return access
+
+    # -- noticing changes ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._loop is not None:
+            return
+        self._loop = LoopingCall(self.poll)
+        self._loop.clock = self.clock
+        self._loop_done = self._loop.start(self.poll_interval, now=True)
+        self._loop_done.addErrback(lambda f: log.failure("guard polling stopped", f))
+
+    def stop(self) -> Deferred[Any]:
+        loop, done = self._loop, self._loop_done
+        self._loop = self._loop_done = None
+        if loop is None or done is None:
+            return succeed(None)
+        if loop.running:
+            loop.stop()
+        return done
+
+    def invalidate(self) -> None:
+        """Forget every cached decision; grants made before now get checked again."""
+        self.generation += 1
+        self.identities.clear()
+        self.projects.clear()
+
+    def poll(self) -> Deferred[None]:
+        """Read the change counter; on a change (or failure) drop caches; re-check watched grants.
+        Never fails, so the LoopingCall keeps going."""
+        d = self.directory.change_counter()
+        d.addCallbacks(self._counter_read, self._counter_failed)
+        d.addCallback(lambda _: self.recheck_watched())
+        d.addErrback(lambda f: log.failure("guard poll failed", f))
+        return d
+
+    def _counter_read(self, counter: int) -> None:
+        if self._directory_down:
+            log.info("directory reachable again")
+            self._directory_down = False
+        previous, self.last_counter = self.last_counter, counter
+        if previous is not None and counter != previous:
+            self.invalidate()
+
+    def _counter_failed(self, failure: Failure) -> None:
+        if not self._directory_down:
+            log.warn("cannot read the directory's change counter: {why}", why=failure.value)
+            self._directory_down = True
+        # Fail closed: without the counter we cannot know about revocations.
+        self.invalidate()
+
+    def recheck_watched(self) -> Deferred[None]:
+        now = self.clock.seconds()
+        due = []
+        for access, grant in list(self.grants.items()):
+            if access.revoked:
+                self.grants.pop(access, None)
+            elif access.watched and (
+                grant.generation < self.generation or grant.valid_until <= now
+            ):
+                due.append(self._recheck(access, grant))
+        if not due:
+            return succeed(None)
+        return gatherResults(due).addCallback(lambda _: None)
+
+    @inlineCallbacks
+    def _recheck(self, access: Access, grant: Grant):  # type: ignore[no-untyped-def]
+        credentials = grant.credentials
+        try:
+            who: Looked[Identity | None] = yield self.identities.get(
+                cache_key(self._key, credentials), lambda: self._login(credentials)
+            )
+            if who.value is None or who.value.account.id != grant.account_id:
+                log.info("access to {pid} withdrawn: credentials", pid=grant.project_id)
+                access.revoke()
+                return
+            what: Looked[Project | None] = yield self.projects.get(
+                (grant.account_id, grant.project_id),
+                lambda: self.directory.project_for(grant.account_id, grant.project_id),
+            )
+            if what.value is None:
+                log.info("access to {pid} withdrawn: not a member", pid=grant.project_id)
+                access.revoke()
+                return
+            grant.generation = min(who.generation, what.generation)
+            grant.valid_until = min(who.valid_until, what.valid_until)
+        except Exception:
+            log.failure("re-checking access to {pid} failed; will retry", pid=grant.project_id)
+
+
+def client_address(request: Request) -> str:
+    address = request.getClientAddress()
+    return str(getattr(address, "host", "") or "unknown")
+
+
+def refuse(request: Request, outcome: SignedOut | Rejected | Limited) -> None:
+    """Answer a request that did not authenticate, as the contract says."""
+    if isinstance(outcome, Limited):
+        request.setHeader(b"Retry-After", str(outcome.retry_after).encode())
+        pages.write_error(
+            request,
+            429,
+            "Too many attempts",
+            "Too many failed sign-ins. Try again later.",
+            retry_after=outcome.retry_after,
+        )
+        return
+    if isinstance(outcome, SignedOut) and outcome.stale_session:
+        expire_cookie(request, SESSION_COOKIE)
+    if isinstance(outcome, SignedOut) and is_navigation(request):
+        request.setResponseCode(302)
+        request.setHeader(b"Location", policy.login_location(request.uri))
+        pages.set_own_page_headers(request)
+        request.setHeader(b"Content-Length", b"0")
+        request.finish()
+        return
+    request.setHeader(b"WWW-Authenticate", b'Basic realm="cocalcproxy", charset="UTF-8"')
+    pages.write_error(
+        request,
+        401,
+        "Sign-in required",
+        "Sign in, or send an API token (Authorization: Bearer) or Basic credentials.",
+    )
+
+
+def expire_cookie(request: Request, name: str) -> None:
+    request.addCookie(
+        name.encode(), b"", max_age=b"0", path=b"/", secure=True, httpOnly=True, sameSite="lax"
+    )

@@ -1,0 +1,444 @@
+"""The guard's pages: ``/_/login``, ``/_/logout`` and ``/`` (the signed-in person's projects).
+
+``OwnPages`` calls ``login``, ``logout`` and ``index`` by name. Every answer carries the own-page
+security headers; everything reflected goes through twisted.web.template, which escapes it.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.server import Request
+from twisted.web.template import Element, Tag, XMLString, flattenString, renderer, tags
+
+from cocalcproxy import pages
+from cocalcproxy.directory import IDirectory, Project
+from cocalcproxy.guard import policy
+from cocalcproxy.guard.checkers import Identity
+from cocalcproxy.guard.core import (
+    Authenticated,
+    Guard,
+    client_address,
+    expire_cookie,
+    refuse,
+)
+from cocalcproxy.guard.credentials import (
+    MAX_NAME_LENGTH,
+    MAX_SECRET_LENGTH,
+    SESSION_COOKIE,
+    SessionToken,
+    cookie_values,
+    session_cookie,
+)
+from cocalcproxy.guard.csrf import CSRF_COOKIE, CsrfTokens, new_presession, well_formed_presession
+
+log = Logger()
+
+MAX_FORM_BYTES = 16 * 1024
+FAILED = "The name or password is not right."
+EXPIRED = "The sign-in form had expired or came from another site. Please sign in again."
+MISSING = "Enter your name and password."
+
+
+def _template(name: str) -> XMLString:
+    return XMLString(resources.files("cocalcproxy.pages").joinpath(name).read_text("utf-8"))
+
+
+_LOGIN = _template("login.html")
+_INDEX = _template("index.html")
+
+
+class LoginPage(Element):
+    loader = _LOGIN
+
+    def __init__(self, csrf: str, next_path: str, name: str, message: str | None) -> None:
+        super().__init__()
+        self.csrf = csrf
+        self.next_path = next_path
+        self.name = name
+        self.message_text = message
+
+    @renderer
+    def message(self, request: IRequest | None, tag: Tag) -> Tag | str:
+        if not self.message_text:
+            return ""
+        return tags.p(self.message_text, class_="error", role="alert")
+
+    @renderer
+    def form(self, request: IRequest | None, tag: Tag) -> Tag:
+        return tag.fillSlots(csrf=self.csrf, next=self.next_path, name=self.name)
+
+
+class IndexPage(Element):
+    loader = _INDEX
+
+    def __init__(
+        self,
+        account: str,
+        projects: list[Project],
+        logout_csrf: str | None,
+        project_domain: str | None,
+    ) -> None:
+        super().__init__()
+        self.account = account
+        self.project_list = projects
+        self.logout_csrf = logout_csrf
+        self.project_domain = project_domain
+
+    @renderer
+    def signed_in(self, request: IRequest | None, tag: Tag) -> Tag:
+        return tag.fillSlots(account=self.account)
+
+    @renderer
+    def projects(self, request: IRequest | None, tag: Tag) -> Tag:
+        if not self.project_list:
+            return tags.p("You are not the owner or a collaborator of any project yet.")
+        rows = []
+        for p in self.project_list:
+            role = "owner" if p.owner_name == self.account else f"collaborator (owner {p.owner_name})"
+            rows.append(
+                tags.tr(
+                    tags.td(p.title or "Untitled"),
+                    tags.td(tags.code(p.id)),
+                    tags.td(role),
+                    tags.td(tags.a("files", href=f"/{p.id}/raw/")),
+                )
+            )
+        return tags.table(
+            tags.thead(
+                tags.tr(
+                    tags.th("Title", scope="col"),
+                    tags.th("Id", scope="col"),
+                    tags.th("You are", scope="col"),
+                    tags.th("Raw files", scope="col"),
+                )
+            ),
+            tags.tbody(*rows),
+        )
+
+    @renderer
+    def patterns(self, request: IRequest | None, tag: Tag) -> Tag:
+        items = [
+            tags.li(tags.code("/<project id>/server/PORT/"), " (the server sees paths without "
+                    "this prefix)"),
+            tags.li(tags.code("/<project id>/port/PORT/"), " (the server sees the whole path)"),
+        ]
+        if self.project_domain:
+            items.append(
+                tags.li(tags.code(f"https://<project id>-PORT.{self.project_domain}/"))
+            )
+        return tag(*items)
+
+    @renderer
+    def logout(self, request: IRequest | None, tag: Tag) -> Tag | str:
+        if self.logout_csrf is None:
+            return ""
+        return tag.fillSlots(csrf=self.logout_csrf)
+
+
+def _send(request: Request, status: int, body: bytes, content_type: bytes) -> None:
+    if request._disconnected:
+        return
+    request.setResponseCode(status)
+    pages.set_own_page_headers(request)
+    request.setHeader(b"Content-Type", content_type)
+    request.setHeader(b"Content-Length", str(len(body)).encode())
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()
+
+
+def _redirect(request: Request, location: bytes, status: int = 303) -> None:
+    if request._disconnected:
+        return
+    request.setResponseCode(status)
+    request.setHeader(b"Location", location)
+    pages.set_own_page_headers(request)
+    request.setHeader(b"Content-Length", b"0")
+    request.finish()
+
+
+def _not_allowed(request: Request, allow: bytes) -> None:
+    request.setHeader(b"Allow", allow)
+    pages.write_error(request, 405, "Method not allowed", "This page does not take that method.")
+
+
+def _unavailable(request: Request) -> None:
+    if not request._disconnected and not request.finished:
+        pages.write_error(request, 503, "Service unavailable", "Please try again shortly.")
+
+
+def _query_next(request: Request) -> str:
+    query = urlsplit(request.uri.decode("latin-1")).query
+    try:
+        fields = parse_qsl(query, max_num_fields=20, errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        return "/"
+    values = [v for k, v in fields if k == "next"]
+    return policy.safe_next(values[0] if len(values) == 1 else None)
+
+
+class FormError(Exception):
+    def __init__(self, status: int, title: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+
+
+def read_form(request: Request) -> dict[str, str]:
+    """The urlencoded body as single-valued fields; 400/413/415 for anything else."""
+    content_type = (request.getHeader(b"content-type") or "").split(";")[0].strip().lower()
+    if content_type != "application/x-www-form-urlencoded":
+        raise FormError(415, "Unsupported form", "Send the form as a browser would.")
+    content = request.content
+    if content is None:
+        return {}
+    content.seek(0)
+    body = content.read(MAX_FORM_BYTES + 1)
+    if len(body) > MAX_FORM_BYTES:
+        raise FormError(413, "Form too large", "The form is larger than a sign-in needs.")
+    try:
+        fields = parse_qsl(
+            body.decode("ascii"), keep_blank_values=True, max_num_fields=20, errors="strict"
+        )
+    except (ValueError, UnicodeDecodeError):
+        raise FormError(400, "Bad form", "The form could not be read.") from None
+    form: dict[str, str] = {}
+    for key, value in fields:
+        if key in form:
+            raise FormError(400, "Bad form", "A field was sent twice.")
+        form[key] = value
+    return form
+
+
+class GuardPages:
+    def __init__(
+        self,
+        guard: Guard,
+        directory: IDirectory,
+        csrf: CsrfTokens,
+        clock: IReactorTime,
+        *,
+        session_lifetime: float,
+        project_domain: str | None = None,
+    ) -> None:
+        self.guard = guard
+        self.directory = directory
+        self.csrf = csrf
+        self.clock = clock
+        self.session_lifetime = session_lifetime
+        self.project_domain = project_domain
+
+    # -- /_/login -----------------------------------------------------------------------------
+
+    def login(self, request: Request) -> None:
+        if request.method in (b"GET", b"HEAD"):
+            self._login_form(request, 200, _query_next(request), "", None)
+        elif request.method == b"POST":
+            d = self._sign_in(request)
+            d.addErrback(self._failed, request)
+        else:
+            _not_allowed(request, b"GET, HEAD, POST")
+
+    def _presession(self, request: Request) -> str:
+        """The browser's pre-session value, or a new one set as the CSRF cookie."""
+        values = cookie_values(request.requestHeaders.getRawHeaders(b"cookie", []), CSRF_COOKIE)
+        if len(values) == 1 and well_formed_presession(values[0]):
+            return values[0]
+        value = new_presession()
+        request.addCookie(
+            CSRF_COOKIE.encode(), value.encode(), path=b"/", secure=True, httpOnly=True,
+            sameSite="strict",
+        )
+        return value
+
+    def _login_form(
+        self, request: Request, status: int, next_path: str, name: str, message: str | None
+    ) -> None:
+        presession = self._presession(request)
+        element = LoginPage(self.csrf.login_token(presession), next_path, name, message)
+        d = flattenString(None, element)
+        d.addCallback(
+            lambda html: _send(
+                request, status, b"<!DOCTYPE html>\n" + html, b"text/html; charset=utf-8"
+            )
+        )
+        d.addErrback(self._failed, request)
+
+    @inlineCallbacks
+    def _sign_in(self, request: Request):  # type: ignore[no-untyped-def]
+        try:
+            form = read_form(request)
+        except FormError as e:
+            pages.write_error(request, e.status, e.title, e.detail)
+            return
+        next_path = policy.safe_next(form.get("next"))
+        name = form.get("name", "")
+        password = form.get("password", "")
+        presessions = cookie_values(request.requestHeaders.getRawHeaders(b"cookie", []), CSRF_COOKIE)
+        presession = presessions[0] if len(presessions) == 1 else None
+        if not self._same_origin(request) or not self.csrf.check_login(
+            presession, form.get("csrf")
+        ):
+            self._login_form(request, 403, next_path, "", EXPIRED)
+            return
+        if not name or not password:
+            self._login_form(request, 400, next_path, name[:MAX_NAME_LENGTH], MISSING)
+            return
+        shown_name = name[:MAX_NAME_LENGTH]
+        address = client_address(request)
+        started = self.clock.seconds()
+        wait = self.guard.limits.begin(address, name, started)
+        if wait is not None:
+            request.setHeader(b"Retry-After", str(wait).encode())
+            minutes = max(1, (wait + 59) // 60)
+            self._login_form(
+                request,
+                429,
+                next_path,
+                shown_name,
+                f"Too many failed sign-ins. Try again in {minutes} minute"
+                + ("s." if minutes != 1 else "."),
+            )
+            return
+        identity = None
+        if len(name) <= MAX_NAME_LENGTH and len(password) <= MAX_SECRET_LENGTH:
+            identity = yield self.guard.check_password(name, password)
+        if identity is None:
+            self._login_form(request, 403, next_path, shown_name, FAILED)
+            return
+        self.guard.limits.succeeded(address, name, started)
+        old = session_cookie(request.requestHeaders.getRawHeaders(b"cookie", []))
+        if old is not None:
+            self.guard.forget_session(old)
+            try:
+                yield self.directory.delete_session(old)
+            except Exception:
+                log.failure("could not end the previous session")
+        token: str = yield self.directory.create_session(
+            identity.account.id, self.session_lifetime
+        )
+        self.guard.remember_session(
+            token,
+            Identity(identity.account, "session", self.clock.seconds() + self.session_lifetime),
+        )
+        if request._disconnected:
+            return
+        request.addCookie(
+            SESSION_COOKIE.encode(),
+            token.encode("ascii"),
+            path=b"/",
+            max_age=str(int(self.session_lifetime)).encode(),
+            secure=True,
+            httpOnly=True,
+            sameSite="lax",
+        )
+        expire_cookie(request, CSRF_COOKIE)
+        log.info("{name} signed in from {address}", name=identity.account.name, address=address)
+        _redirect(request, policy.location(next_path))
+
+    def _same_origin(self, request: Request) -> bool:
+        headers = request.requestHeaders
+        origins = headers.getRawHeaders(b"origin", [])
+        sites = headers.getRawHeaders(b"sec-fetch-site", [])
+        hosts = headers.getRawHeaders(b"host", [])
+        if len(origins) > 1 or len(sites) > 1 or len(hosts) != 1:
+            return False
+        return policy.same_origin_post(
+            origins[0] if origins else None, sites[0] if sites else None, hosts[0]
+        )
+
+    def _failed(self, failure: Any, request: Request) -> None:
+        log.failure("guard page {uri!r} failed", failure, uri=request.uri)
+        _unavailable(request)
+
+    # -- /_/logout ----------------------------------------------------------------------------
+
+    def logout(self, request: Request) -> None:
+        if request.method in (b"GET", b"HEAD"):
+            _redirect(request, b"/")
+        elif request.method == b"POST":
+            d = self._sign_out(request)
+            d.addErrback(self._failed, request)
+        else:
+            _not_allowed(request, b"GET, HEAD, POST")
+
+    @inlineCallbacks
+    def _sign_out(self, request: Request):  # type: ignore[no-untyped-def]
+        try:
+            form = read_form(request)
+        except FormError as e:
+            pages.write_error(request, e.status, e.title, e.detail)
+            return
+        session = session_cookie(request.requestHeaders.getRawHeaders(b"cookie", []))
+        if session is None:
+            _redirect(request, b"/_/login")
+            return
+        if not self._same_origin(request) or not self.csrf.check_logout(session, form.get("csrf")):
+            pages.write_error(
+                request, 403, "Not signed out", "The sign-out form had expired or came from "
+                "another site. Go back, reload the page and try again."
+            )
+            return
+        self.guard.forget_session(session)
+        yield self.directory.delete_session(session)
+        expire_cookie(request, SESSION_COOKIE)
+        _redirect(request, b"/_/login")
+
+    # -- / ------------------------------------------------------------------------------------
+
+    def index(self, request: Request) -> None:
+        if request.method not in (b"GET", b"HEAD"):
+            _not_allowed(request, b"GET, HEAD")
+            return
+        d = self._index(request)
+        d.addErrback(self._failed, request)
+
+    @inlineCallbacks
+    def _index(self, request: Request):  # type: ignore[no-untyped-def]
+        outcome = yield self.guard.authenticate(request)
+        if request._disconnected:
+            return
+        if not isinstance(outcome, Authenticated):
+            refuse(request, outcome)
+            return
+        account = outcome.identity.account
+        projects: list[Project] = yield self.directory.projects_for(account.id)
+        if request._disconnected:
+            return
+        if not pages.wants_html(request):
+            body = json.dumps(
+                {
+                    "account": account.name,
+                    "projects": [
+                        {
+                            "id": p.id,
+                            "title": p.title,
+                            "owner": p.owner_name,
+                            "raw": f"/{p.id}/raw/",
+                            "server": f"/{p.id}/server/{{port}}/",
+                            "port": f"/{p.id}/port/{{port}}/",
+                        }
+                        for p in projects
+                    ],
+                }
+            ).encode()
+            _send(request, 200, body + b"\n", b"application/json")
+            return
+        credentials = outcome.presented.credentials
+        logout_csrf = (
+            self.csrf.logout_token(credentials.token)
+            if isinstance(credentials, SessionToken)
+            else None
+        )
+        element = IndexPage(account.name, projects, logout_csrf, self.project_domain)
+        html = yield flattenString(None, element)
+        _send(request, 200, b"<!DOCTYPE html>\n" + html, b"text/html; charset=utf-8")
