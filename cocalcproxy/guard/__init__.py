@@ -14,10 +14,9 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 
 from cocalcproxy.directory import IDirectory
-from cocalcproxy.guard.core import Guard
+from cocalcproxy.guard.core import Clock, Guard
 from cocalcproxy.guard.csrf import CsrfTokens, load_or_create_key
 from cocalcproxy.guard.web import GuardPages
 
@@ -43,7 +42,7 @@ class GuardService(service.Service):
 
 def build_guard(
     directory: IDirectory,
-    clock: IReactorTime,
+    clock: Clock,
     *,
     state_dir: str,
     session_lifetime_days: float,

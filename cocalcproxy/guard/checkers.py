@@ -9,7 +9,7 @@ failures (database unreachable) propagate unchanged so the guard can answer 503,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -41,7 +41,7 @@ class Identity:
     expires_at: float | None = None
 
 
-class IAccountAvatar(Interface):
+class IAccountAvatar(Interface):  # type: ignore[misc]
     identity = Attribute("The Identity that signed in.")
 
 
@@ -131,7 +131,10 @@ def _plausible(name: str, secret: str) -> bool:
 @implementer(IRealm)
 class AccountRealm:
     def requestAvatar(  # noqa: N802
-        self, avatarId: Any, mind: object, *interfaces: Any  # noqa: N803
+        self,
+        avatarId: Any,
+        mind: object,
+        *interfaces: Any,  # noqa: N803
     ) -> tuple[Any, object, Any]:
         if IAccountAvatar in interfaces and isinstance(avatarId, Identity):
             return IAccountAvatar, SignedIn(avatarId), lambda: None
@@ -139,15 +142,13 @@ class AccountRealm:
 
 
 def make_portal(directory: IDirectory) -> Portal:
-    return Portal(
-        AccountRealm(),
-        [
-            SessionChecker(directory),
-            TokenChecker(directory),
-            PasswordChecker(directory),
-            NameAndSecretChecker(directory),
-        ],
-    )
+    checkers = [
+        SessionChecker(directory),
+        TokenChecker(directory),
+        PasswordChecker(directory),
+        NameAndSecretChecker(directory),
+    ]
+    return Portal(cast(IRealm, AccountRealm()), cast(list[ICredentialsChecker], checkers))
 
 
 def identity_of(login_result: tuple[Any, object, Any]) -> Identity:

@@ -19,7 +19,7 @@ import secrets
 import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
@@ -46,12 +46,18 @@ from cocalcproxy.guard.credentials import (
     extract,
 )
 from cocalcproxy.guard.ratelimit import SignInLimits
-from cocalcproxy.site import Access, ProxyRequest
+from cocalcproxy.site import Access, ProxyRequest, is_websocket_upgrade
 
 log = Logger()
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+
+class Clock(Protocol):
+    """What the guard needs of time: the reactor, or ``task.Clock`` in tests."""
+
+    def seconds(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,7 @@ class CachedLookups(Generic[K, V]):
 
     def __init__(
         self,
-        clock: IReactorTime,
+        clock: Clock,
         generation: Callable[[], int],
         ttl: Callable[[V], float],
         max_entries: int,
@@ -164,7 +170,12 @@ class Grant:
 
 
 def is_navigation(request: Request) -> bool:
-    return request.method in (b"GET", b"HEAD") and pages.wants_html(request)
+    """A browser loading a page (worth a redirect to sign in), not a script or a WebSocket."""
+    return (
+        request.method in (b"GET", b"HEAD")
+        and pages.wants_html(request)
+        and not is_websocket_upgrade(request)
+    )
 
 
 class Guard:
@@ -173,7 +184,7 @@ class Guard:
     def __init__(
         self,
         directory: IDirectory,
-        clock: IReactorTime,
+        clock: Clock,
         *,
         portal: Portal | None = None,
         limits: SignInLimits | None = None,
@@ -318,7 +329,7 @@ class Guard:
         if self._loop is not None:
             return
         self._loop = LoopingCall(self.poll)
-        self._loop.clock = self.clock
+        self._loop.clock = cast(IReactorTime, self.clock)
         self._loop_done = self._loop.start(self.poll_interval, now=True)
         self._loop_done.addErrback(lambda f: log.failure("guard polling stopped", f))
 
@@ -340,11 +351,11 @@ class Guard:
     def poll(self) -> Deferred[None]:
         """Read the change counter; on a change (or failure) drop caches; re-check watched grants.
         Never fails, so the LoopingCall keeps going."""
-        d = self.directory.change_counter()
+        d: Deferred[Any] = self.directory.change_counter()
         d.addCallbacks(self._counter_read, self._counter_failed)
         d.addCallback(lambda _: self.recheck_watched())
         d.addErrback(lambda f: log.failure("guard poll failed", f))
-        return d
+        return d.addCallback(lambda _: None)
 
     def _counter_read(self, counter: int) -> None:
         if self._directory_down:

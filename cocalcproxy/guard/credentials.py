@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from twisted.cred.credentials import ICredentials, IUsernamePassword, UsernamePassword
@@ -113,7 +114,7 @@ def password_pair(credentials: IUsernamePassword) -> tuple[str, str] | None:
         return None
 
 
-def parse_authorization(values: list[bytes]) -> APIToken | NameAndSecret | Malformed | None:
+def parse_authorization(values: Sequence[bytes]) -> APIToken | NameAndSecret | Malformed | None:
     """The proxy credential in the Authorization header(s), or None if they are not ours."""
     ours = [v for v in values if _scheme(v) in (b"basic", b"bearer")]
     if not ours:
@@ -148,7 +149,7 @@ def _scheme(value: bytes) -> bytes:
     return value.strip().partition(b" ")[0].lower()
 
 
-def cookie_values(cookie_headers: list[bytes], name: str) -> list[str]:
+def cookie_values(cookie_headers: Sequence[bytes], name: str) -> list[str]:
     """Every value of cookie ``name`` in the Cookie header(s), in order, quotes removed."""
     wanted = name.encode("ascii")
     found: list[str] = []
@@ -164,7 +165,7 @@ def cookie_values(cookie_headers: list[bytes], name: str) -> list[str]:
     return found
 
 
-def session_cookie(cookie_headers: list[bytes]) -> str | None:
+def session_cookie(cookie_headers: Sequence[bytes]) -> str | None:
     """The first non-empty ``cocalcproxy_session`` value (the most specific path comes first)."""
     for value in cookie_values(cookie_headers, SESSION_COOKIE):
         if value:
@@ -176,7 +177,9 @@ def well_formed_cookie_token(token: str) -> bool:
     return 0 < len(token) <= MAX_SECRET_LENGTH and _COOKIE_VALUE.fullmatch(token) is not None
 
 
-def extract(authorization: list[bytes], cookies: list[bytes]) -> Presented | Malformed | None:
+def extract(
+    authorization: Sequence[bytes], cookies: Sequence[bytes]
+) -> Presented | Malformed | None:
     """What the request presents: Authorization (ours) first, then the session cookie."""
     parsed = parse_authorization(authorization)
     if isinstance(parsed, Malformed):

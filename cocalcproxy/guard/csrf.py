@@ -55,7 +55,9 @@ def load_or_create_key(state_dir: str | os.PathLike[str]) -> bytes:
             raise OSError(f"{path} is too short to be a key")
         return data
     except OSError as e:
-        log.warn("cannot keep the CSRF key in {path} ({e}); using a per-process key", path=path, e=e)
+        log.warn(
+            "cannot keep the CSRF key in {path} ({e}); using a per-process key", path=path, e=e
+        )
         return secrets.token_bytes(KEY_BYTES)
 
 

@@ -45,9 +45,7 @@ def login_location(request_target: bytes) -> bytes:
     return b"/_/login?next=" + quote(encoded, safe="").encode("ascii")
 
 
-def same_origin_post(
-    origin: bytes | None, fetch_site: bytes | None, host: bytes | None
-) -> bool:
+def same_origin_post(origin: bytes | None, fetch_site: bytes | None, host: bytes | None) -> bool:
     """False when the browser tells us a form POST came from another site.
 
     ``Sec-Fetch-Site`` (sent by current browsers) must be ``same-origin`` (or ``none`` for a

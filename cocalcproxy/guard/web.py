@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlsplit
 
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest
+from twisted.web.iweb import IRenderable, IRequest, ITemplateLoader
 from twisted.web.server import Request
 from twisted.web.template import Element, Tag, XMLString, flattenString, renderer, tags
 
@@ -24,6 +23,7 @@ from cocalcproxy.guard import policy
 from cocalcproxy.guard.checkers import Identity
 from cocalcproxy.guard.core import (
     Authenticated,
+    Clock,
     Guard,
     client_address,
     expire_cookie,
@@ -47,8 +47,9 @@ EXPIRED = "The sign-in form had expired or came from another site. Please sign i
 MISSING = "Enter your name and password."
 
 
-def _template(name: str) -> XMLString:
-    return XMLString(resources.files("cocalcproxy.pages").joinpath(name).read_text("utf-8"))
+def _template(name: str) -> ITemplateLoader:
+    text = resources.files("cocalcproxy.pages").joinpath(name).read_text("utf-8")
+    return cast(ITemplateLoader, XMLString(text))
 
 
 _LOGIN = _template("login.html")
@@ -102,7 +103,9 @@ class IndexPage(Element):
             return tags.p("You are not the owner or a collaborator of any project yet.")
         rows = []
         for p in self.project_list:
-            role = "owner" if p.owner_name == self.account else f"collaborator (owner {p.owner_name})"
+            role = (
+                "owner" if p.owner_name == self.account else f"collaborator (owner {p.owner_name})"
+            )
             rows.append(
                 tags.tr(
                     tags.td(p.title or "Untitled"),
@@ -126,14 +129,14 @@ class IndexPage(Element):
     @renderer
     def patterns(self, request: IRequest | None, tag: Tag) -> Tag:
         items = [
-            tags.li(tags.code("/<project id>/server/PORT/"), " (the server sees paths without "
-                    "this prefix)"),
+            tags.li(
+                tags.code("/<project id>/server/PORT/"),
+                " (the server sees paths without this prefix)",
+            ),
             tags.li(tags.code("/<project id>/port/PORT/"), " (the server sees the whole path)"),
         ]
         if self.project_domain:
-            items.append(
-                tags.li(tags.code(f"https://<project id>-PORT.{self.project_domain}/"))
-            )
+            items.append(tags.li(tags.code(f"https://<project id>-PORT.{self.project_domain}/")))
         return tag(*items)
 
     @renderer
@@ -195,8 +198,9 @@ class FormError(Exception):
 
 def read_form(request: Request) -> dict[str, str]:
     """The urlencoded body as single-valued fields; 400/413/415 for anything else."""
-    content_type = (request.getHeader(b"content-type") or "").split(";")[0].strip().lower()
-    if content_type != "application/x-www-form-urlencoded":
+    content_types = request.requestHeaders.getRawHeaders(b"content-type", [])
+    content_type = content_types[0].split(b";")[0].strip().lower() if content_types else b""
+    if len(content_types) != 1 or content_type != b"application/x-www-form-urlencoded":
         raise FormError(415, "Unsupported form", "Send the form as a browser would.")
     content = request.content
     if content is None:
@@ -225,7 +229,7 @@ class GuardPages:
         guard: Guard,
         directory: IDirectory,
         csrf: CsrfTokens,
-        clock: IReactorTime,
+        clock: Clock,
         *,
         session_lifetime: float,
         project_domain: str | None = None,
@@ -255,7 +259,11 @@ class GuardPages:
             return values[0]
         value = new_presession()
         request.addCookie(
-            CSRF_COOKIE.encode(), value.encode(), path=b"/", secure=True, httpOnly=True,
+            CSRF_COOKIE.encode(),
+            value.encode(),
+            path=b"/",
+            secure=True,
+            httpOnly=True,
             sameSite="strict",
         )
         return value
@@ -265,7 +273,7 @@ class GuardPages:
     ) -> None:
         presession = self._presession(request)
         element = LoginPage(self.csrf.login_token(presession), next_path, name, message)
-        d = flattenString(None, element)
+        d = flattenString(None, cast(IRenderable, element))
         d.addCallback(
             lambda html: _send(
                 request, status, b"<!DOCTYPE html>\n" + html, b"text/html; charset=utf-8"
@@ -283,7 +291,8 @@ class GuardPages:
         next_path = policy.safe_next(form.get("next"))
         name = form.get("name", "")
         password = form.get("password", "")
-        presessions = cookie_values(request.requestHeaders.getRawHeaders(b"cookie", []), CSRF_COOKIE)
+        cookies = request.requestHeaders.getRawHeaders(b"cookie", [])
+        presessions = cookie_values(cookies, CSRF_COOKIE)
         presession = presessions[0] if len(presessions) == 1 else None
         if not self._same_origin(request) or not self.csrf.check_login(
             presession, form.get("csrf")
@@ -323,9 +332,7 @@ class GuardPages:
                 yield self.directory.delete_session(old)
             except Exception:
                 log.failure("could not end the previous session")
-        token: str = yield self.directory.create_session(
-            identity.account.id, self.session_lifetime
-        )
+        token: str = yield self.directory.create_session(identity.account.id, self.session_lifetime)
         self.guard.remember_session(
             token,
             Identity(identity.account, "session", self.clock.seconds() + self.session_lifetime),
@@ -384,8 +391,11 @@ class GuardPages:
             return
         if not self._same_origin(request) or not self.csrf.check_logout(session, form.get("csrf")):
             pages.write_error(
-                request, 403, "Not signed out", "The sign-out form had expired or came from "
-                "another site. Go back, reload the page and try again."
+                request,
+                403,
+                "Not signed out",
+                "The sign-out form had expired or came from "
+                "another site. Go back, reload the page and try again.",
             )
             return
         self.guard.forget_session(session)
@@ -440,5 +450,5 @@ class GuardPages:
             else None
         )
         element = IndexPage(account.name, projects, logout_csrf, self.project_domain)
-        html = yield flattenString(None, element)
+        html = yield flattenString(None, cast(IRenderable, element))
         _send(request, 200, b"<!DOCTYPE html>\n" + html, b"text/html; charset=utf-8")

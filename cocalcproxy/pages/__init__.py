@@ -30,8 +30,8 @@ def set_own_page_headers(request: Request) -> None:
 
 
 def wants_html(request: Request) -> bool:
-    accept = request.getHeader(b"accept") or ""
-    return "text/html" in accept
+    accept = b",".join(request.requestHeaders.getRawHeaders(b"accept", []))
+    return b"text/html" in accept.lower()
 
 
 def _page(title: str, body_html: str) -> bytes:

@@ -1,0 +1,282 @@
+"""The guard's pure rules: credential parsing, ``next`` safety, rate limits, cache, CSRF tokens."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from urllib.parse import parse_qs, urljoin, urlsplit
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial import unittest
+
+from cocalcproxy.guard import credentials as c
+from cocalcproxy.guard.cache import ExpiringCache
+from cocalcproxy.guard.csrf import CsrfTokens, load_or_create_key, new_presession
+from cocalcproxy.guard.policy import location, login_location, safe_next, same_origin_post
+from cocalcproxy.guard.ratelimit import SignInLimits, SlidingWindow, address_key
+
+
+def basic(text: str) -> bytes:
+    return b"Basic " + base64.b64encode(text.encode())
+
+
+class AuthorizationParsing(unittest.TestCase):
+    def test_bearer(self) -> None:
+        self.assertEqual(
+            c.parse_authorization([b"Bearer abc.DEF-1_~+/="]), c.APIToken("abc.DEF-1_~+/=")
+        )
+        self.assertEqual(c.parse_authorization([b"bearer  tok"]), c.APIToken("tok"))
+
+    def test_basic_password_or_token(self) -> None:
+        self.assertEqual(
+            c.parse_authorization([basic("alice:pa:ss")]), c.NameAndSecret("alice", "pa:ss")
+        )
+        self.assertEqual(
+            c.parse_authorization([basic("zoë:pässword")]), c.NameAndSecret("zoë", "pässword")
+        )
+
+    def test_not_ours_is_left_alone(self) -> None:
+        self.assertIsNone(c.parse_authorization([]))
+        self.assertIsNone(c.parse_authorization([b"token jupyter-token"]))
+        self.assertIsNone(c.parse_authorization([b"Digest username=x"]))
+
+    def test_malformed(self) -> None:
+        for value in [
+            b"Basic",
+            b"Basic !!!notbase64",
+            basic("no-colon"),
+            basic(":password"),
+            basic("alice:"),
+            b"Basic " + base64.b64encode(b"\xff\xfe:x"),
+            b"Bearer",
+            b"Bearer a b",
+            b"Bearer \xc3\xa9",
+            b"Bearer " + b"a" * 5000,
+            basic("a" * 300 + ":x"),
+        ]:
+            self.assertIsInstance(c.parse_authorization([value]), c.Malformed, value)
+
+    def test_two_headers_with_one_ours_is_malformed(self) -> None:
+        self.assertIsInstance(c.parse_authorization([b"Bearer x", b"token y"]), c.Malformed)
+        self.assertIsInstance(c.parse_authorization([b"Bearer x", b"Bearer x"]), c.Malformed)
+        self.assertIsNone(c.parse_authorization([b"token y", b"Digest z"]))
+
+    def test_cookie_values(self) -> None:
+        headers = [b"a=1; cocalcproxy_session=first; b=2", b'cocalcproxy_session="second"']
+        self.assertEqual(c.cookie_values(headers, "cocalcproxy_session"), ["first", "second"])
+        self.assertEqual(c.session_cookie(headers), "first")
+        self.assertEqual(c.session_cookie([b"cocalcproxy_session=; x=1"]), None)
+        self.assertEqual(c.session_cookie([b"xcocalcproxy_session=1"]), None)
+
+    def test_extract_precedence(self) -> None:
+        cookie = [b"cocalcproxy_session=s"]
+        got = c.extract([b"Bearer t"], cookie)
+        self.assertEqual(got, c.Presented(c.APIToken("t"), from_authorization=True))
+        got = c.extract([b"token jupyter"], cookie)
+        self.assertEqual(got, c.Presented(c.SessionToken("s"), from_authorization=False))
+        self.assertIsNone(c.extract([], [b"other=1"]))
+        self.assertIsInstance(c.extract([b"Basic ???"], cookie), c.Malformed)
+
+    def test_cache_key_is_keyed_and_distinct(self) -> None:
+        k1, k2 = b"1" * 32, b"2" * 32
+        token = "super-secret-token"
+        a = c.cache_key(k1, c.APIToken(token))
+        self.assertNotEqual(a, c.cache_key(k2, c.APIToken(token)))
+        self.assertNotEqual(a, c.cache_key(k1, c.SessionToken(token)))
+        self.assertNotIn(token.encode(), a)
+        self.assertNotEqual(
+            c.cache_key(k1, c.NameAndSecret("a:b", "c")),
+            c.cache_key(k1, c.NameAndSecret("a", "b:c")),
+        )
+
+    def test_repr_hides_secrets(self) -> None:
+        for cred in [
+            c.SessionToken("s3cret"),
+            c.APIToken("s3cret"),
+            c.NameAndSecret("n", "s3cret"),
+        ]:
+            self.assertNotIn("s3cret", repr(cred))
+
+    def test_cookie_token_shape(self) -> None:
+        self.assertTrue(c.well_formed_cookie_token("abc-DEF_123"))
+        for bad in ["", "a b", "a;b", 'a"b', "a\\b", "é", "x" * 2000]:
+            self.assertFalse(c.well_formed_cookie_token(bad), bad)
+
+
+OPEN_REDIRECTS = [
+    "//evil.example",
+    "//evil.example/path",
+    "/\\evil.example",
+    "\\\\evil.example",
+    "\\/evil.example",
+    "https://evil.example/",
+    "http:evil.example",
+    "javascript:alert(1)",
+    "evil.example",
+    "/\t/evil.example",
+    "/\n/evil.example",
+    "/\r\n/evil.example",
+    " //evil.example",
+    "/ /evil.example",
+    "/\x00/evil.example",
+    "/\u0085/evil.example",
+    "/\u2028/evil.example",
+    "",
+    "/_/login",
+    "/_/logout?x=1",
+    "/" + "a" * 5000,
+]
+
+
+class NextIsAPathOnThisHost(unittest.TestCase):
+    def test_open_redirect_attempts_refused(self) -> None:
+        for attempt in OPEN_REDIRECTS:
+            self.assertEqual(safe_next(attempt), "/", repr(attempt))
+        self.assertEqual(safe_next(None), "/")
+
+    def test_paths_kept(self) -> None:
+        for path in ["/", "/x/server/8000/", "/a?b=c&d=%2F%2Fe", "/%2F%2Fevil", "/ü"]:
+            self.assertEqual(safe_next(path), path)
+
+    @settings(max_examples=500)
+    @given(st.text())
+    def test_never_leaves_the_host(self, value: str) -> None:
+        result = safe_next(value)
+        url = urljoin("https://proxy.example/", location(result).decode("ascii"))
+        self.assertEqual(urlsplit(url).netloc, "proxy.example")
+        self.assertTrue(result.startswith("/") and not result.startswith("//"))
+        self.assertNotIn("\\", result)
+
+    @given(st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E)))
+    def test_login_location_round_trip(self, tail: str) -> None:
+        target = ("/" + tail.lstrip("/")).encode()
+        loc = login_location(target).decode()
+        self.assertTrue(loc.startswith("/_/login"))
+        query = parse_qs(urlsplit(loc).query)
+        if target != b"/":
+            (back,) = query["next"]
+            self.assertTrue(back.startswith("/"))
+            self.assertFalse(back.startswith("//"))
+
+    def test_login_location_of_absolute_form(self) -> None:
+        self.assertEqual(login_location(b"https://evil.example/x"), b"/_/login")
+        self.assertEqual(login_location(b"//evil.example/x"), b"/_/login")
+
+    def test_same_origin_post(self) -> None:
+        host = b"proxy.example:8443"
+        self.assertTrue(same_origin_post(None, None, host))
+        self.assertTrue(same_origin_post(b"https://proxy.example:8443", b"same-origin", host))
+        self.assertFalse(same_origin_post(b"https://evil.example", None, host))
+        self.assertFalse(same_origin_post(b"http://proxy.example:8443", None, host))
+        self.assertFalse(same_origin_post(b"null", None, host))
+        self.assertFalse(same_origin_post(None, b"cross-site", host))
+        self.assertFalse(same_origin_post(None, b"same-site", host))
+
+
+class Limits(unittest.TestCase):
+    def test_reached_and_released(self) -> None:
+        w = SlidingWindow(3, 60.0)
+        for t in (0.0, 10.0, 20.0):
+            self.assertIsNone(w.retry_after("k", t))
+            w.failed("k", t)
+        self.assertEqual(w.retry_after("k", 30.0), 30.0)
+        self.assertEqual(w.retry_after("k", 59.0), 1.0)
+        self.assertIsNone(w.retry_after("k", 60.0))
+        self.assertIsNone(w.retry_after("other", 30.0))
+
+    def test_forgive_and_reset(self) -> None:
+        w = SlidingWindow(2, 60.0)
+        w.failed("k", 1.0)
+        w.failed("k", 2.0)
+        self.assertIsNotNone(w.retry_after("k", 3.0))
+        w.forgive("k", 2.0)
+        self.assertIsNone(w.retry_after("k", 3.0))
+        w.reset("k")
+        self.assertIsNone(w.retry_after("k", 3.0))
+
+    def test_memory_bounded(self) -> None:
+        w = SlidingWindow(1, 60.0, max_keys=10)
+        for i in range(100):
+            w.failed(str(i), 0.0)
+        self.assertEqual(len(w._failures), 10)
+
+    def test_sign_in_limits_per_name_and_address(self) -> None:
+        limits = SignInLimits(per_address=SlidingWindow(5, 100.0), per_name=SlidingWindow(2, 100.0))
+        self.assertIsNone(limits.begin("10.0.0.1", "Alice", 0.0))
+        self.assertIsNone(limits.begin("10.0.0.2", "alice ", 1.0))
+        # the name is limited whatever the address and however it is spelt
+        self.assertEqual(limits.begin("10.0.0.3", "ALICE", 2.0), 98)
+        # a right password takes its own attempt back and clears the name
+        limits.succeeded("10.0.0.2", "alice", 1.0)
+        self.assertIsNone(limits.begin("10.0.0.3", "alice", 3.0))
+        # the address: one failure at 0.0, four more names, then it waits for the first to expire
+        for i, name in enumerate(["b", "c", "d", "e"]):
+            self.assertIsNone(limits.begin("10.0.0.1", name, 4.0 + i))
+        self.assertEqual(limits.begin("10.0.0.1", "f", 10.0), 90)
+        self.assertIsNone(limits.begin("10.0.0.1", "f", 100.0))
+
+    def test_address_keys(self) -> None:
+        self.assertEqual(address_key("2001:db8::1"), address_key("2001:db8::ffff:1"))
+        self.assertNotEqual(address_key("2001:db8::1"), address_key("2001:db8:0:1::1"))
+        self.assertEqual(address_key("::ffff:10.0.0.1"), "10.0.0.1")
+        self.assertEqual(address_key("10.0.0.1"), "10.0.0.1")
+        self.assertEqual(address_key("unix"), "unix")
+
+
+class Cache(unittest.TestCase):
+    def test_expiry_and_eviction(self) -> None:
+        cache: ExpiringCache[str, int] = ExpiringCache(2)
+        cache.put("a", 1, 10.0)
+        self.assertEqual(cache.get("a", 9.9).value, 1)  # type: ignore[union-attr]
+        self.assertIsNone(cache.get("a", 10.0))
+        cache.put("a", 1, 100.0)
+        cache.put("b", 2, 100.0)
+        cache.get("a", 0.0)
+        cache.put("c", 3, 100.0)
+        self.assertIsNone(cache.get("b", 0.0))
+        self.assertIsNotNone(cache.get("a", 0.0))
+        cache.clear()
+        self.assertEqual(len(cache), 0)
+
+
+class Csrf(unittest.TestCase):
+    def test_login_token_bound_to_presession(self) -> None:
+        tokens = CsrfTokens(b"k" * 32)
+        p1, p2 = new_presession(), new_presession()
+        t1 = tokens.login_token(p1)
+        self.assertTrue(tokens.check_login(p1, t1))
+        self.assertFalse(tokens.check_login(p2, t1))
+        self.assertFalse(tokens.check_login(None, t1))
+        self.assertFalse(tokens.check_login(p1, None))
+        self.assertFalse(tokens.check_login(p1, ""))
+        self.assertFalse(tokens.check_login(p1, t1 + "é"))
+        self.assertFalse(tokens.check_login("short", tokens.login_token("short")))
+        self.assertFalse(CsrfTokens(b"j" * 32).check_login(p1, t1))
+
+    def test_logout_token_bound_to_session(self) -> None:
+        tokens = CsrfTokens(b"k" * 32)
+        t = tokens.logout_token("session-a")
+        self.assertTrue(tokens.check_logout("session-a", t))
+        self.assertFalse(tokens.check_logout("session-b", t))
+        self.assertFalse(tokens.check_logout("session-a", tokens.login_token("x" * 43)))
+        self.assertNotIn("session-a", t)
+
+    def test_key_file(self) -> None:
+        state = self.mktemp()
+        key = load_or_create_key(state)
+        path = os.path.join(state, "secrets", "csrf.key")
+        self.assertEqual(len(key), 32)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode), 0o700)
+        self.assertEqual(load_or_create_key(state), key)
+        self.assertEqual(os.listdir(os.path.dirname(path)), ["csrf.key"])
+
+    def test_unwritable_state_gives_per_process_key(self) -> None:
+        blocker = self.mktemp()
+        with open(blocker, "w") as f:
+            f.write("a file where the state directory should be")
+        key = load_or_create_key(blocker)
+        self.assertEqual(len(key), 32)
+        self.assertNotEqual(key, load_or_create_key(blocker))
