@@ -105,6 +105,13 @@ class Options(usage.Options):
         ],
         ["metrics", None, None, "Plain-HTTP endpoint for Prometheus /metrics (bind to loopback)."],
         [
+            "access-log",
+            None,
+            "-",
+            "Where the JSON access log goes: - (standard output, for journald), a file path "
+            "(reopened on SIGHUP), or off.",
+        ],
+        [
             "max-body-size",
             None,
             1024**3,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import signal
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from twisted.application import service
 from twisted.internet import defer
@@ -12,10 +13,10 @@ from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
-from twisted.web import server
 
+from cocalcproxy import accesslog, forward, raw, relay, systemd, tls
 from cocalcproxy import directory as directory_module
-from cocalcproxy import forward, raw, relay, tls
+from cocalcproxy import metrics as metrics_module
 from cocalcproxy.guard import build_guard
 from cocalcproxy.ownpages import OwnPages
 from cocalcproxy.redirect import RedirectResource
@@ -75,38 +76,125 @@ class ListenerService(service.Service):
         return None
 
 
-class DrainService(service.Service):
-    """On stop (after the listeners stopped), waits for requests in flight, at most ``timeout``."""
+class TrackingTLSFactory(TLSMemoryBIOFactory):
+    """The TLS wrapper for one HTTPS listener, able to say when its last connection closed."""
 
-    def __init__(self, reactor: Any, site: ProxySite, timeout: float) -> None:
+    def __init__(self, creator: Any, site: ProxySite) -> None:
+        super().__init__(creator, False, site)  # type: ignore[arg-type]
+        self._closed_waiters: list[defer.Deferred[None]] = []
+
+    def unregisterProtocol(self, protocol: Any) -> None:  # noqa: N802
+        super().unregisterProtocol(protocol)
+        if not self.protocols:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def wait_closed(self) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        if not self.protocols:
+            d.callback(None)
+        else:
+            self._closed_waiters.append(d)
+        return d
+
+
+def _http_channel(tls_protocol: Any) -> Any:
+    wrapped = getattr(tls_protocol, "wrappedProtocol", None)
+    return getattr(wrapped, "_channel", wrapped)
+
+
+class DrainService(service.Service):
+    """Graceful end of the HTTPS side, run after the listeners stopped accepting.
+
+    1. ``on_shutdown`` hooks run (the relay closes its WebSockets with a close frame);
+    2. idle keep-alive connections are closed, busy ones are marked to close after their response
+       (``Connection: close`` when the response has not started);
+    3. waits until every HTTPS connection has closed, at most ``timeout`` seconds, then aborts
+       whatever is left. Waiting on connections rather than on requests also covers a request
+       whose body is still arriving.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        site: ProxySite,
+        timeout: float,
+        factories: list[TrackingTLSFactory] | None = None,
+        on_shutdown: list[Callable[[], object]] | None = None,
+    ) -> None:
         self.reactor = reactor
         self.site = site
         self.timeout = timeout
+        self.factories = factories if factories is not None else []
+        self.on_shutdown = on_shutdown if on_shutdown is not None else []
+
+    def connections(self) -> list[Any]:
+        return [p for factory in self.factories for p in list(factory.protocols)]
+
+    def close_idle(self) -> int:
+        """Close connections with no request; make busy ones non-persistent. Returns busy count."""
+        busy = 0
+        for protocol in self.connections():
+            channel = _http_channel(protocol)
+            requests = getattr(channel, "requests", None)
+            if requests:
+                busy += 1
+                channel.persistent = False
+                for request in requests:
+                    if not request.startedWriting:
+                        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            else:
+                protocol.loseConnection()
+        return busy
 
     def stopService(self) -> defer.Deferred[None]:  # noqa: N802
         super().stopService()
-        waiting = self.site.wait_idle()
-        if not waiting.called:
+        return defer.ensureDeferred(self._drain())
+
+    async def _drain(self) -> None:
+        hooks: list[defer.Deferred[object]] = []
+        for hook in self.on_shutdown:
+            try:
+                hooks.append(defer.maybeDeferred(hook))
+            except Exception:
+                log.failure("shutdown hook failed")
+        busy = self.close_idle()
+        if busy or self.site.in_flight:
             log.info(
                 "waiting up to {t}s for {n} request(s) in flight",
                 t=self.timeout,
                 n=len(self.site.in_flight),
             )
+        waits: list[defer.Deferred[Any]] = [*hooks, self.site.wait_idle()]
+        waits.extend(factory.wait_closed() for factory in self.factories)
+        waiting = defer.gatherResults(waits, consumeErrors=True)
         waiting.addTimeout(self.timeout, self.reactor)
-
-        def give_up(failure: Any) -> None:
-            failure.trap(defer.TimeoutError)
-            log.warn(
-                "shutdown timeout: closing {n} request(s) still in flight",
-                n=len(self.site.in_flight),
-            )
-            for request in list(self.site.in_flight):
-                transport = getattr(request.channel, "transport", None)
-                if transport is not None:
-                    transport.abortConnection()
-
-        waiting.addErrback(give_up)
-        return waiting
+        try:
+            await waiting
+            return
+        except defer.TimeoutError:
+            pass
+        except defer.FirstError as e:
+            log.error("shutdown hook failed: {why}", why=e.subFailure.getErrorMessage())
+        left = self.connections()
+        log.warn(
+            "shutdown timeout: closing {n} request(s) and {c} connection(s) still open",
+            n=len(self.site.in_flight),
+            c=len(left),
+        )
+        for request in list(self.site.in_flight):
+            transport = getattr(request.channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+        for protocol in left:
+            protocol.abortConnection()
+        closed = defer.gatherResults([f.wait_closed() for f in self.factories])
+        closed.addTimeout(1.0, self.reactor)
+        try:
+            await closed
+        except defer.TimeoutError:
+            log.warn("connections still open after abort; stopping anyway")
 
 
 class DirectoryService(service.Service):
@@ -119,7 +207,14 @@ class DirectoryService(service.Service):
 
 
 class ProxyService(service.MultiService):
-    """The whole proxy. Children stop in reverse order: listeners, then drain, then directory."""
+    """The whole proxy.
+
+    Stopping runs in phases, each waiting for the one before (MultiService alone would stop every
+    child at once and close the directory under requests still in flight): tell systemd
+    STOPPING=1; stop accepting (HTTPS and redirect listeners); drain (relays closed, requests in
+    flight finished, connections closed, bounded by --shutdown-timeout); stop every other child;
+    close the directory last.
+    """
 
     def __init__(self, reactor: Any, options: Any) -> None:
         super().__init__()
@@ -127,23 +222,59 @@ class ProxyService(service.MultiService):
         self.options = options
         self.listeners: list[ListenerService] = []
         self.redirect_listener: ListenerService | None = None
+        self.metrics_listener: ListenerService | None = None
         self.tls_creator: tls.ReloadableServerCreator | None = None
         self.site: ProxySite | None = None
+        self.metrics: metrics_module.Metrics = metrics_module.Metrics()
+        self.access_log: accesslog.AccessLog | None = None
+        self.systemd: systemd.SystemdService | None = None
+        # Called (no arguments, may return a Deferred) when draining starts: close relays etc.
+        self.on_shutdown: list[Callable[[], object]] = []
         self._previous_hup: Any = None
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
-        if self.tls_creator is not None and hasattr(signal, "SIGHUP"):
+        if hasattr(signal, "SIGHUP"):
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
 
     def stopService(self) -> defer.Deferred[None]:  # noqa: N802
         if self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
             self._previous_hup = None
-        return super().stopService()  # type: ignore[no-any-return]
+        if self.systemd is not None:
+            self.systemd.notify_stopping()
+        service.Service.stopService(self)
+        return defer.ensureDeferred(self._stop_in_phases())
+
+    async def _stop_in_phases(self) -> None:
+        children = list(self)
+        accepting = [*self.listeners, self.redirect_listener]
+        last = [c for c in children if isinstance(c, DirectoryService)]
+        phases: list[list[Any]] = [
+            [c for c in children if c in accepting],
+            [c for c in children if isinstance(c, DrainService)],
+        ]
+        taken = {id(c) for phase in phases for c in phase} | {id(c) for c in last}
+        phases.append([c for c in reversed(children) if id(c) not in taken])
+        phases.append(last)
+        for phase in phases:
+            results = await defer.DeferredList(
+                [defer.maybeDeferred(child.stopService) for child in phase if child.running],
+                consumeErrors=True,
+            )
+            for ok, result in results:
+                if not ok:
+                    log.failure("error while stopping", result)
 
     def _on_sighup(self, signum: int, frame: object) -> None:
-        self.reactor.callFromThread(self.reload_tls)
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the certificate and reopen the access-log file."""
+        if self.tls_creator is not None:
+            self.reload_tls()
+        if self.access_log is not None:
+            self.access_log.reopen()
 
     def reload_tls(self) -> bool:
         assert self.tls_creator is not None
@@ -151,9 +282,17 @@ class ProxyService(service.MultiService):
 
     def all_listening(self) -> defer.Deferred[list[Any]]:
         waits = [listener.listening for listener in self.listeners]
-        if self.redirect_listener is not None:
-            waits.append(self.redirect_listener.listening)
+        for extra in (self.redirect_listener, self.metrics_listener):
+            if extra is not None:
+                waits.append(extra.listening)
         return defer.gatherResults(waits, consumeErrors=True)
+
+    def request_done(self, request: Any) -> None:
+        """The site's hook: one access-log line and the request metrics, from the same facts."""
+        facts = accesslog.facts_of(request, self.reactor.seconds())
+        self.metrics.observe_request(facts)
+        if self.access_log is not None:
+            self.access_log.write(facts)
 
 
 def build_service(options: Any, reactor: Any = None) -> ProxyService:
@@ -179,9 +318,13 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     proxy.tls_creator = creator
 
     try:
-        directory = directory_module.open_directory(options["database"], reactor)
+        opened = directory_module.open_directory(options["database"], reactor)
     except directory_module.DirectoryError as e:
         raise usage.UsageError(f"cannot open the directory: {e}") from None
+    # Everything but DirectoryService sees the timed wrapper (directory query latency metric).
+    directory = cast(
+        directory_module.IDirectory, metrics_module.TimedDirectory(opened, proxy.metrics)
+    )
 
     guard, guard_pages, guard_service = build_guard(
         directory,
@@ -201,17 +344,35 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     site = ProxySite(root, reactor=reactor)
     site.hsts_max_age = options["hsts-max-age"]
     proxy.site = site
+    site.metrics = proxy.metrics
+    site.on_request_done.append(proxy.request_done)
+    if options["access-log"] != "off":
+        try:
+            proxy.access_log = accesslog.AccessLog(options["access-log"])
+        except OSError as e:
+            raise usage.UsageError(f"cannot open the access log: {e}") from None
+    proxy.metrics.set_in_flight(lambda: len(site.in_flight))
+    proxy.metrics.set_certificate_expiry(lambda: creator.material.not_after.timestamp())
+    relay_handler = root.relay
+    if callable(getattr(relay_handler, "close_all", None)):
+        proxy.on_shutdown.append(relay_handler.close_all)  # type: ignore[attr-defined]
+    if callable(getattr(relay_handler, "open_count", None)):
+        proxy.metrics.set_websocket_relays(relay_handler.open_count)  # type: ignore[attr-defined]
 
-    DirectoryService(directory).setServiceParent(proxy)
+    DirectoryService(opened).setServiceParent(proxy)
     guard_service.setServiceParent(proxy)
-    DrainService(reactor, site, options["shutdown-timeout"]).setServiceParent(proxy)
+    factories: list[TrackingTLSFactory] = []
+    DrainService(
+        reactor, site, options["shutdown-timeout"], factories, proxy.on_shutdown
+    ).setServiceParent(proxy)
     for description in options["listen"]:
-        factory = TLSMemoryBIOFactory(creator, False, site)  # type: ignore[arg-type]
+        factory = TrackingTLSFactory(creator, site)
+        factories.append(factory)
         listener = ListenerService(reactor, description, factory, "HTTPS")
         listener.setServiceParent(proxy)
         proxy.listeners.append(listener)
     if options["redirect-http"]:
-        redirect_site = server.Site(
+        redirect_site = accesslog.QuietSite(
             RedirectResource(options["hostname"], _https_port(options)), reactor=reactor
         )
         redirect_site.displayTracebacks = False
@@ -219,6 +380,16 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
             reactor, options["redirect-http"], redirect_site, "HTTP redirect"
         )
         proxy.redirect_listener.setServiceParent(proxy)
+    if options["metrics"]:
+        proxy.metrics_listener = ListenerService(
+            reactor,
+            options["metrics"],
+            metrics_module.metrics_site(proxy.metrics, reactor),
+            "Prometheus metrics",
+        )
+        proxy.metrics_listener.setServiceParent(proxy)
+    proxy.systemd = systemd.SystemdService(reactor, proxy.all_listening)
+    proxy.systemd.setServiceParent(proxy)
     return proxy
 
 

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 from twisted.web.http import HTTPChannel
 
 from cocalcproxy import pages, routing
@@ -90,6 +90,11 @@ class LogInfo:
     form: str | None = None
     port: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Set when the site starts handling the request (reactor.seconds()).
+    started: float | None = None
+    # Body bytes received; a relay adds what it splices outside request.write to both counts.
+    bytes_in: int = 0
+    bytes_out: int = 0
 
 
 class ProxyRequest(server.Request):
@@ -117,6 +122,10 @@ class ProxyRequest(server.Request):
             self.responseHeaders.setRawHeaders(
                 b"Strict-Transport-Security", [b"max-age=%d" % (max_age,)]
             )
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802
+        self.log_info.bytes_in += len(data)
+        super().handleContentChunk(data)
 
 
 class Root(resource.Resource):
@@ -219,9 +228,14 @@ class ProxySite(server.Site):
         self.in_flight: set[server.Request] = set()
         self._idle_waiters: list[Deferred[None]] = []
         self.on_request_done: list[Callable[[server.Request], None]] = []
+        # The proxy's Metrics (cocalcproxy.metrics), set by build_service.
+        self.metrics: Any = None
 
     def request_started(self, request: server.Request) -> None:
         self.in_flight.add(request)
+        if isinstance(request, ProxyRequest) and request.log_info.started is None:
+            clock: Any = self.reactor
+            request.log_info.started = clock.seconds()
 
         def done(_: object) -> None:
             self.in_flight.discard(request)
@@ -246,3 +260,7 @@ class ProxySite(server.Site):
         self.request_started(request)
         found: resource.IResource = super().getResourceFor(request)
         return found
+
+    def log(self, request: http.Request) -> None:
+        """Twisted's combined log line would carry the query string and Referer (tokens); the
+        JSON access log is written from ``on_request_done`` instead (cocalcproxy.accesslog)."""

@@ -1,0 +1,212 @@
+"""Prometheus metrics: one ``Metrics`` object per proxy, on a private registry.
+
+Other parts of the proxy report through small methods, so none of them imports prometheus_client:
+
+* ``backend_failure(reason)``: a backend connection could not be made or broke (forwarder, relay).
+  Use a fixed vocabulary for ``reason``: "refused", "timeout", "reset", "other".
+* ``signin_failure()``: a wrong name, password, token or session at sign-in (guard).
+* ``cache_hit(cache)`` / ``cache_miss(cache)``: decision caches (guard); ``cache`` is a fixed
+  name such as "account" or "project".
+* ``observe_directory_query(operation, seconds)``: or wrap the directory in ``TimedDirectory``.
+* ``set_websocket_relays(count)``: a function returning the number of open relays (relay).
+* ``set_certificate_expiry(when)``: a function returning the expiry as a Unix timestamp.
+
+Requests themselves are counted by ``observe_request``, fed from the site's request-done hook
+with the same facts the access log writes. Label values come from small fixed sets (URL form,
+status code), never from paths, names or ids, so the number of series stays bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet import defer
+from twisted.web import resource, server
+
+from cocalcproxy.accesslog import QuietSite, RequestFacts
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+DIRECTORY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+FORMS = frozenset({"server", "port", "raw", "own"})
+
+
+def form_label(form: str | None) -> str:
+    return form if form in FORMS else "none"
+
+
+def status_label(facts: RequestFacts) -> str:
+    return str(facts.status) if facts.completed else "disconnected"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "cocalcproxy_requests",
+            "Requests answered, by URL form and status (or 'disconnected').",
+            ["form", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "cocalcproxy_request_duration_seconds",
+            "Time from the request reaching the proxy to its end, by URL form.",
+            ["form"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.bytes_in = Counter(
+            "cocalcproxy_request_body_bytes",
+            "Request body bytes received from clients (and relayed upstream), by URL form.",
+            ["form"],
+            registry=r,
+        )
+        self.bytes_out = Counter(
+            "cocalcproxy_response_body_bytes",
+            "Response body bytes sent to clients (and relayed downstream), by URL form.",
+            ["form"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "cocalcproxy_requests_in_flight", "Requests being handled now.", registry=r
+        )
+        self.websocket_relays = Gauge(
+            "cocalcproxy_websocket_relays_open", "Open WebSocket relays.", registry=r
+        )
+        self.websocket_relays.set_function(lambda: 0.0)
+        self.backend_failures = Counter(
+            "cocalcproxy_backend_connection_failures",
+            "Backend connections that could not be made or broke, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.signin_failures = Counter(
+            "cocalcproxy_signin_failures",
+            "Failed sign-ins and rejected credentials.",
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "cocalcproxy_cache_hits", "Decision cache hits, by cache.", ["cache"], registry=r
+        )
+        self.cache_misses = Counter(
+            "cocalcproxy_cache_misses", "Decision cache misses, by cache.", ["cache"], registry=r
+        )
+        self.directory_query = Histogram(
+            "cocalcproxy_directory_query_seconds",
+            "Directory call latency, by operation.",
+            ["operation"],
+            buckets=DIRECTORY_BUCKETS,
+            registry=r,
+        )
+        self.certificate_expiry = Gauge(
+            "cocalcproxy_tls_certificate_expiry_timestamp_seconds",
+            "When the served TLS certificate expires (Unix time).",
+            registry=r,
+        )
+
+    # reporting API for the other parts of the proxy
+
+    def observe_request(self, facts: RequestFacts) -> None:
+        form = form_label(facts.form)
+        self.requests.labels(form=form, status=status_label(facts)).inc()
+        self.request_duration.labels(form=form).observe(facts.duration)
+        if facts.bytes_in:
+            self.bytes_in.labels(form=form).inc(facts.bytes_in)
+        if facts.bytes_out:
+            self.bytes_out.labels(form=form).inc(facts.bytes_out)
+
+    def backend_failure(self, reason: str = "other") -> None:
+        self.backend_failures.labels(reason=reason).inc()
+
+    def signin_failure(self) -> None:
+        self.signin_failures.inc()
+
+    def cache_hit(self, cache: str) -> None:
+        self.cache_hits.labels(cache=cache).inc()
+
+    def cache_miss(self, cache: str) -> None:
+        self.cache_misses.labels(cache=cache).inc()
+
+    def observe_directory_query(self, operation: str, seconds: float) -> None:
+        self.directory_query.labels(operation=operation).observe(seconds)
+
+    def set_websocket_relays(self, count: Callable[[], int]) -> None:
+        self.websocket_relays.set_function(lambda: float(count()))
+
+    def set_in_flight(self, count: Callable[[], int]) -> None:
+        self.in_flight.set_function(lambda: float(count()))
+
+    def set_certificate_expiry(self, when: Callable[[], float]) -> None:
+        self.certificate_expiry.set_function(when)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class TimedDirectory:
+    """Wraps a directory so that every Deferred-returning call feeds ``directory_query``.
+
+    Attribute access passes through, so callers see the same interface; the operation label is
+    the method name (a fixed set).
+    """
+
+    def __init__(
+        self, directory: Any, metrics: Metrics, now: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._directory = directory
+        self._metrics = metrics
+        self._now = now
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._directory, name)
+        if name.startswith("_") or not callable(attribute):
+            return attribute
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = self._now()
+            result = attribute(*args, **kwargs)
+            if isinstance(result, defer.Deferred):
+
+                def observe(outcome: object) -> object:
+                    self._metrics.observe_directory_query(name, self._now() - started)
+                    return outcome
+
+                result.addBoth(observe)
+            return result
+
+        return timed
+
+
+class MetricsResource(resource.Resource):
+    """``/metrics`` in the Prometheus text format; everything else is 404."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def render(self, request: server.Request) -> bytes:
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        if request.path != b"/metrics":
+            request.setResponseCode(404)
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"Not found: metrics are at /metrics\n"
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"Allow", b"GET, HEAD")
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"Use GET.\n"
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
+        return self.metrics.exposition()
+
+
+def metrics_site(metrics: Metrics, reactor: Any) -> server.Site:
+    site = QuietSite(MetricsResource(metrics), reactor=reactor)
+    site.displayTracebacks = False
+    return site
