@@ -144,6 +144,10 @@ class DrainService(service.Service):
                 for request in requests:
                     if not request.startedWriting:
                         request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            elif channel is not None and callable(getattr(channel, "loseConnection", None)):
+                # HTTPChannel.loseConnection unregisters itself as the transport's producer
+                # first; TLS would otherwise wait for that producer before closing.
+                channel.loseConnection()
             else:
                 protocol.loseConnection()
         return busy
@@ -289,10 +293,13 @@ class ProxyService(service.MultiService):
 
     def request_done(self, request: Any) -> None:
         """The site's hook: one access-log line and the request metrics, from the same facts."""
-        facts = accesslog.facts_of(request, self.reactor.seconds())
-        self.metrics.observe_request(facts)
-        if self.access_log is not None:
-            self.access_log.write(facts)
+        try:
+            facts = accesslog.facts_of(request, self.reactor.seconds())
+            self.metrics.observe_request(facts)
+            if self.access_log is not None:
+                self.access_log.write(facts)
+        except Exception:
+            log.failure("access log / metrics failed for a request")
 
 
 def build_service(options: Any, reactor: Any = None) -> ProxyService:

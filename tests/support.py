@@ -36,8 +36,10 @@ class RunningProxy:
 
 def options_for(state_dir: str, *extra: str) -> Options:
     options = Options()
+    # The access log goes to a file in the state directory, not the test runner's terminal.
+    log = [] if "--access-log" in extra else ["--access-log", os.path.join(state_dir, "access.log")]
     options.parseOptions(
-        ["--state-dir", state_dir, "--listen", "tcp:0:interface=127.0.0.1", *extra]
+        ["--state-dir", state_dir, "--listen", "tcp:0:interface=127.0.0.1", *log, *extra]
     )
     return options
 

@@ -1,0 +1,183 @@
+"""The JSON access log: its line format, and real requests through a real proxy on loopback TLS."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import formatEventAsClassicLogText, globalLogPublisher
+from twisted.trial import unittest
+
+from cocalcproxy import accesslog
+from cocalcproxy import directory as directory_module
+from tests.support import https_client, start_proxy
+
+
+class QuietDirectory:
+    """Just enough directory for the proxy's own pages (health); every lookup finds nobody."""
+
+    def ping(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def close(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def change_counter(self) -> defer.Deferred[int]:
+        return defer.succeed(0)
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: defer.succeed(None)
+
+
+def use_quiet_directory(case: unittest.TestCase) -> None:
+    case.patch(directory_module, "open_directory", lambda url, reactor: QuietDirectory())
+
+
+def sample(**changes: Any) -> accesslog.RequestFacts:
+    fields: dict[str, Any] = dict(
+        time=1_700_000_000.25,
+        client="192.0.2.7",
+        method="GET",
+        host="proxy.example",
+        path="/8c0e3a35-7a4b-4d5f-9c1e-2f3a4b5c6d7e/server/8000/",
+        has_query=True,
+        status=200,
+        completed=True,
+        bytes_in=0,
+        bytes_out=1234,
+        duration=0.0125,
+        account="alice",
+        project="8c0e3a35-7a4b-4d5f-9c1e-2f3a4b5c6d7e",
+        form="server",
+        port=8000,
+    )
+    fields.update(changes)
+    return accesslog.RequestFacts(**fields)
+
+
+class FormatTests(unittest.TestCase):
+    def test_one_json_object_per_line(self) -> None:
+        line = accesslog.format_line(sample())
+        self.assertTrue(line.endswith("\n"))
+        self.assertEqual(line.count("\n"), 1)
+        record = json.loads(line)
+        self.assertEqual(record["time"], "2023-11-14T22:13:20.250Z")
+        self.assertEqual(record["client"], "192.0.2.7")
+        self.assertEqual(record["status"], 200)
+        self.assertEqual(record["bytes_out"], 1234)
+        self.assertEqual(record["duration_ms"], 12.5)
+        self.assertEqual(record["account"], "alice")
+        self.assertEqual(record["form"], "server")
+        self.assertEqual(record["port"], 8000)
+        self.assertIs(record["query"], True)
+
+    def test_hostile_text_cannot_forge_a_line(self) -> None:
+        line = accesslog.format_line(
+            sample(path='/x\n{"status":200}\u2028', method="G\rET", host="a\x00b")
+        )
+        self.assertEqual(line.count("\n"), 1)
+        self.assertTrue(line.isascii())
+        self.assertEqual(json.loads(line)["path"], '/x\n{"status":200}\u2028')
+
+    def test_stream_gets_flushed_lines(self) -> None:
+        stream = io.StringIO()
+        log = accesslog.AccessLog(stream=stream)
+        log.write(sample())
+        log.write(sample(status=404))
+        lines = stream.getvalue().splitlines()
+        self.assertEqual([json.loads(x)["status"] for x in lines], [200, 404])
+
+    def test_file_is_reopened(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        log = accesslog.AccessLog(path)
+        self.addCleanup(log.close)
+        log.write(sample())
+        os.rename(path, path + ".1")
+        log.reopen()
+        log.write(sample(status=500))
+        with open(path + ".1") as f:
+            self.assertEqual(json.loads(f.read())["status"], 200)
+        with open(path) as f:
+            self.assertEqual(json.loads(f.read())["status"], 500)
+
+
+class EndToEndTests(unittest.TestCase):
+    """Real TLS requests to a real proxy in this process; the log goes to a file we read."""
+
+    def setUp(self) -> None:
+        use_quiet_directory(self)
+        self.log_path = os.path.abspath(self.mktemp())
+
+    def records(self) -> list[dict[str, Any]]:
+        with open(self.log_path) as f:
+            return [json.loads(line) for line in f]
+
+    @defer.inlineCallbacks
+    def test_each_request_one_line_without_secrets(self):  # type: ignore[no-untyped-def]
+        proxy = yield start_proxy(self, "--access-log", self.log_path)
+        client = https_client(self, proxy.cert_path)
+        secret = "s3cr3t-token-value-0123456789"
+        events: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            events.append(formatEventAsClassicLogText(event) or "")
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        response = yield client.get(
+            proxy.url + "/_/health?token=" + secret,
+            headers={
+                "Cookie": "cocalcproxy_session=" + secret,
+                "Authorization": "Bearer " + secret,
+                "Referer": "https://x.example/?token=" + secret,
+            },
+        )
+        yield response.content()
+        self.assertEqual(response.code, 200)
+        missing = yield client.get(proxy.url + "/no/such/thing?token=" + secret)
+        yield missing.content()
+        self.assertEqual(missing.code, 404)
+
+        with open(self.log_path) as f:
+            text = f.read()
+        self.assertNotIn(secret, text)
+        # Nor in anything else the process logged (Twisted's own combined log would have it).
+        self.assertNotIn(secret, "".join(events))
+        self.assertNotIn("token", text)
+        records = self.records()
+        self.assertEqual(len(records), 2)
+        health, not_found = records
+        self.assertEqual(health["path"], "/_/health")
+        self.assertEqual(health["status"], 200)
+        self.assertEqual(health["form"], "own")
+        self.assertEqual(health["method"], "GET")
+        self.assertEqual(health["client"], "127.0.0.1")
+        self.assertIs(health["query"], True)
+        self.assertIs(health["completed"], True)
+        self.assertGreater(health["bytes_out"], 0)
+        self.assertGreaterEqual(health["duration_ms"], 0)
+        self.assertEqual(not_found["status"], 404)
+        self.assertEqual(not_found["path"], "/no/such/thing")
+
+    @defer.inlineCallbacks
+    def test_request_body_counted(self):  # type: ignore[no-untyped-def]
+        proxy = yield start_proxy(self, "--access-log", self.log_path)
+        client = https_client(self, proxy.cert_path)
+        response = yield client.post(proxy.url + "/_/health", data=b"x" * 5000)
+        yield response.content()
+        self.assertEqual(response.code, 405)
+        (record,) = self.records()
+        self.assertEqual(record["bytes_in"], 5000)
+        self.assertEqual(record["method"], "POST")
+
+    @defer.inlineCallbacks
+    def test_off_writes_nothing(self):  # type: ignore[no-untyped-def]
+        proxy = yield start_proxy(self, "--access-log", "off")
+        self.assertIsNone(proxy.service.access_log)
+        client = https_client(self, proxy.cert_path)
+        response = yield client.get(proxy.url + "/_/health")
+        yield response.content()
+        self.assertFalse(os.path.exists(self.log_path))

@@ -1,0 +1,171 @@
+"""Prometheus metrics: the reporting API, the directory timer, and a real scrape of /metrics."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import defer, task
+from twisted.trial import unittest
+
+from cocalcproxy import metrics
+from tests.support import https_client, plain_client, start_proxy
+from tests.test_accesslog import sample, use_quiet_directory
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(m: metrics.Metrics, name: str, **labels: str) -> float:
+    return samples(m.exposition().decode()).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+class MetricsTests(unittest.TestCase):
+    def test_private_registries_do_not_collide(self) -> None:
+        a, b = metrics.Metrics(), metrics.Metrics()
+        a.signin_failure()
+        self.assertEqual(value(a, "cocalcproxy_signin_failures_total"), 1)
+        self.assertEqual(value(b, "cocalcproxy_signin_failures_total"), 0)
+
+    def test_request_facts(self) -> None:
+        m = metrics.Metrics()
+        m.observe_request(sample(status=200, bytes_in=10, bytes_out=1234, duration=0.02))
+        m.observe_request(sample(status=502, form="port", duration=3))
+        m.observe_request(sample(completed=False, form=None))
+        self.assertEqual(value(m, "cocalcproxy_requests_total", form="server", status="200"), 1)
+        self.assertEqual(value(m, "cocalcproxy_requests_total", form="port", status="502"), 1)
+        self.assertEqual(
+            value(m, "cocalcproxy_requests_total", form="none", status="disconnected"), 1
+        )
+        self.assertEqual(value(m, "cocalcproxy_request_body_bytes_total", form="server"), 10)
+        self.assertEqual(value(m, "cocalcproxy_response_body_bytes_total", form="server"), 1234)
+        self.assertEqual(
+            value(m, "cocalcproxy_request_duration_seconds_bucket", form="server", le="0.025"), 1
+        )
+        self.assertEqual(
+            value(m, "cocalcproxy_request_duration_seconds_bucket", form="port", le="2.5"), 0
+        )
+        self.assertEqual(
+            value(m, "cocalcproxy_request_duration_seconds_bucket", form="port", le="5.0"), 1
+        )
+
+    def test_unknown_form_does_not_create_series(self) -> None:
+        m = metrics.Metrics()
+        m.observe_request(sample(form="/etc/passwd"))
+        self.assertEqual(value(m, "cocalcproxy_requests_total", form="none", status="200"), 1)
+
+    def test_component_api(self) -> None:
+        m = metrics.Metrics()
+        m.backend_failure("refused")
+        m.backend_failure("refused")
+        m.cache_hit("project")
+        m.cache_miss("project")
+        m.cache_miss("project")
+        m.observe_directory_query("project_for", 0.003)
+        relays = [3]
+        m.set_websocket_relays(lambda: relays[0])
+        m.set_certificate_expiry(lambda: 1_900_000_000.0)
+        self.assertEqual(
+            value(m, "cocalcproxy_backend_connection_failures_total", reason="refused"), 2
+        )
+        self.assertEqual(value(m, "cocalcproxy_cache_hits_total", cache="project"), 1)
+        self.assertEqual(value(m, "cocalcproxy_cache_misses_total", cache="project"), 2)
+        self.assertEqual(
+            value(m, "cocalcproxy_directory_query_seconds_count", operation="project_for"), 1
+        )
+        self.assertEqual(value(m, "cocalcproxy_websocket_relays_open"), 3)
+        relays[0] = 0
+        self.assertEqual(value(m, "cocalcproxy_websocket_relays_open"), 0)
+        self.assertEqual(
+            value(m, "cocalcproxy_tls_certificate_expiry_timestamp_seconds"), 1_900_000_000
+        )
+
+    def test_timed_directory(self) -> None:
+        clock = task.Clock()
+        m = metrics.Metrics()
+        pending: defer.Deferred[str] = defer.Deferred()
+
+        class Directory:
+            flavour = "sqlite"
+
+            def get_project(self, pid: str) -> defer.Deferred[str]:
+                return pending
+
+            def plain(self) -> int:
+                return 7
+
+        timed: Any = metrics.TimedDirectory(Directory(), m, clock.seconds)
+        self.assertEqual(timed.flavour, "sqlite")
+        self.assertEqual(timed.plain(), 7)
+        d = timed.get_project("x")
+        clock.advance(0.2)
+        pending.callback("found")
+        self.assertEqual(self.successResultOf(d), "found")
+        self.assertEqual(
+            value(
+                m, "cocalcproxy_directory_query_seconds_bucket", operation="get_project", le="0.25"
+            ),
+            1,
+        )
+        self.assertEqual(
+            value(
+                m, "cocalcproxy_directory_query_seconds_bucket", operation="get_project", le="0.1"
+            ),
+            0,
+        )
+
+    def test_timed_directory_times_failures_too(self) -> None:
+        m = metrics.Metrics()
+
+        class Directory:
+            def ping(self) -> defer.Deferred[None]:
+                return defer.fail(RuntimeError("database is locked"))
+
+        timed: Any = metrics.TimedDirectory(Directory(), m)
+        self.failureResultOf(timed.ping(), RuntimeError)
+        self.assertEqual(value(m, "cocalcproxy_directory_query_seconds_count", operation="ping"), 1)
+
+
+class ScrapeTests(unittest.TestCase):
+    """A real proxy with --metrics: HTTPS requests, then a plain-HTTP scrape of /metrics."""
+
+    @defer.inlineCallbacks
+    def test_scrape(self):  # type: ignore[no-untyped-def]
+        use_quiet_directory(self)
+        proxy = yield start_proxy(self, "--metrics", "tcp:0:interface=127.0.0.1")
+        client = https_client(self, proxy.cert_path)
+        for path in ("/_/health", "/_/health", "/nothing-here"):
+            response = yield client.get(proxy.url + path)
+            yield response.content()
+        port = proxy.service.metrics_listener.port.getHost().port
+        scraper = plain_client(self)
+        response = yield scraper.get(f"http://127.0.0.1:{port}/metrics")
+        text = yield response.text()
+        self.assertEqual(response.code, 200)
+        self.assertTrue(response.headers.getRawHeaders("content-type")[0].startswith("text/plain"))
+        found = samples(text)
+        self.assertEqual(
+            found[("cocalcproxy_requests_total", (("form", "own"), ("status", "200")))], 2
+        )
+        self.assertEqual(
+            found[("cocalcproxy_requests_total", (("form", "none"), ("status", "404")))], 1
+        )
+        self.assertGreater(found[("cocalcproxy_response_body_bytes_total", (("form", "own"),))], 0)
+        expiry = found[("cocalcproxy_tls_certificate_expiry_timestamp_seconds", ())]
+        now = datetime.datetime.now(datetime.timezone.utc).timestamp()
+        self.assertGreater(expiry, now + 86400 * 365)
+        self.assertIn(("cocalcproxy_websocket_relays_open", ()), found)
+        self.assertEqual(found[("cocalcproxy_requests_in_flight", ())], 0)
+
+        other = yield scraper.get(f"http://127.0.0.1:{port}/metrics/../secret")
+        yield other.content()
+        self.assertEqual(other.code, 404)
+        post = yield scraper.post(f"http://127.0.0.1:{port}/metrics", data=b"")
+        yield post.content()
+        self.assertEqual(post.code, 405)
