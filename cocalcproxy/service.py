@@ -269,6 +269,11 @@ class ProxyService(service.MultiService):
             for ok, result in results:
                 if not ok:
                     log.failure("error while stopping", result)
+        # twistd re-raises the signal that stopped the reactor once it has shut down (exit status
+        # -15); after a complete graceful stop we exit 0 instead, as the operations contract says.
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.reactor._exitSignal = None
+        log.info("stopped cleanly")
 
     def _on_sighup(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self.reload)
