@@ -23,7 +23,8 @@ setup(
     },
     include_package_data=True,
     install_requires=[
-        "Twisted[tls]>=26.4,<27",
+        "Twisted[tls]>=26.10,<26.11",
+        "h11>=0.14",
         "pyOpenSSL>=24",
         "service-identity>=24",
         "cryptography>=42",

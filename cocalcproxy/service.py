@@ -234,6 +234,8 @@ class ProxyService(service.MultiService):
         self.systemd: systemd.SystemdService | None = None
         # Called (no arguments, may return a Deferred) when draining starts: close relays etc.
         self.on_shutdown: list[Callable[[], object]] = []
+        # The WebSocket relay: close_all() at shutdown, open_count() for metrics.
+        self.relay: relay.Relay | None = None
         self._previous_hup: Any = None
 
     def startService(self) -> None:  # noqa: N802
@@ -345,10 +347,18 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         session_lifetime_days=options["session-lifetime"],
         project_domain=options["project-domain"],
     )
+    websocket_relay = relay.Relay(
+        reactor,
+        connect_timeout=options["backend-connect-timeout"],
+        response_timeout=options["backend-response-timeout"],
+        idle_timeout=options["websocket-idle-timeout"],
+        public_hostname=options["hostname"],
+    )
+    proxy.relay = websocket_relay
     root = Root(
         guard=guard,
         forwarder=forward.Placeholder(),
-        relay=relay.Placeholder(),
+        relay=websocket_relay,
         raw=raw.Placeholder(),
         own_pages=OwnPages(directory, guard_pages),
         project_domain=options["project-domain"],
