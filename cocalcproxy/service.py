@@ -359,7 +359,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         guard=guard,
         forwarder=forward.Placeholder(),
         relay=websocket_relay,
-        raw=raw.Placeholder(),
+        raw=raw.RawHandler(reactor),
         own_pages=OwnPages(directory, guard_pages),
         project_domain=options["project-domain"],
     )
