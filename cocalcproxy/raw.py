@@ -61,9 +61,7 @@ def set_page_headers(request: ProxyRequest, route: routing.Route) -> None:
         request.setHeader(b"Content-Security-Policy", csp + b"; sandbox")
 
 
-def fail(
-    request: ProxyRequest, route: routing.Route, status: int, title: str, detail: str
-) -> None:
+def fail(request: ProxyRequest, route: routing.Route, status: int, title: str, detail: str) -> None:
     """An error page (HTML or JSON, escaped by pages) with the raw server's headers."""
     if request._disconnected or request.finished:
         return
@@ -98,6 +96,7 @@ class RawHandler:
         self.threadpool = threadpool
         self.chunk_size = chunk_size
         self.listing_limit = listing_limit
+        self.sender_factory: Callable[..., FileSender] = FileSender
 
     def run_blocking(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
         pool = self.threadpool if self.threadpool is not None else self.reactor.getThreadPool()
@@ -168,7 +167,11 @@ class RawHandler:
             self._listing(request, route, outcome, as_json)
 
     def _redirect(
-        self, request: ProxyRequest, route: routing.Route, path: bytes, has_query: bytes,
+        self,
+        request: ProxyRequest,
+        route: routing.Route,
+        path: bytes,
+        has_query: bytes,
         query: bytes,
     ) -> None:
         """A folder without its trailing slash: 301 to the slash form, query kept.
@@ -270,7 +273,10 @@ class RawHandler:
             opened.close()
             request.finish()
             return
-        FileSender(request, opened, parts, closing, self.run_blocking, self.chunk_size).start()
+        sender = self.sender_factory(
+            request, opened, parts, closing, self.run_blocking, self.chunk_size
+        )
+        sender.start()
 
 
 def _resolve_and_render(
@@ -278,8 +284,9 @@ def _resolve_and_render(
 ) -> rawfs.Outcome | bytes:
     """Worker-thread half of a request: resolve, and render a listing here rather than on the
     reactor (a large folder's page takes a while to build)."""
-    outcome = rawfs.resolve(home, parsed.segments, listing=parsed.directory_form,
-                            listing_limit=limit)
+    outcome = rawfs.resolve(
+        home, parsed.segments, listing=parsed.directory_form, listing_limit=limit
+    )
     if isinstance(outcome, rawfs.Directory) and outcome.listing is not None:
         render = rawlisting.render_json if as_json else rawlisting.render_html
         return render(parsed.segments, outcome.listing)

@@ -100,8 +100,13 @@ def _problem_for(error: OSError) -> Problem:
     return MISSING
 
 
-def resolve(home: bytes, segments: tuple[bytes, ...], *, listing: bool = False,
-            listing_limit: int = LISTING_LIMIT) -> Outcome:
+def resolve(
+    home: bytes,
+    segments: tuple[bytes, ...],
+    *,
+    listing: bool = False,
+    listing_limit: int = LISTING_LIMIT,
+) -> Outcome:
     """Find ``segments`` below ``home``; open a regular file or (optionally) list a folder."""
     try:
         root = os.open(home, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
@@ -117,8 +122,9 @@ def resolve(home: bytes, segments: tuple[bytes, ...], *, listing: bool = False,
             os.close(fd)
 
 
-def _walk(home: bytes, stack: list[int], pending: deque[bytes], listing: bool,
-          limit: int) -> Outcome:
+def _walk(
+    home: bytes, stack: list[int], pending: deque[bytes], listing: bool, limit: int
+) -> Outcome:
     links = 0
     home_real: bytes | None = None
     while pending:
@@ -171,7 +177,7 @@ def _below(target: bytes, home_real: bytes) -> bytes | None:
     prefix = home_real.rstrip(b"/") + b"/"
     if normal.startswith(prefix):
         # Resolve the original (un-normalised) remainder: its ".." must be walked, not folded.
-        return target[len(prefix):] if target.startswith(prefix) else normal[len(prefix):]
+        return target[len(prefix) :] if target.startswith(prefix) else normal[len(prefix) :]
     return None
 
 

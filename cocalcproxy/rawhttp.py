@@ -41,8 +41,14 @@ _COMPRESSED = {
     "compress": "application/x-compress",
 }
 
-_TEXTUAL = ("application/json", "application/javascript", "application/xml", "application/yaml",
-            "application/toml", "application/x-ipynb+json")
+_TEXTUAL = (
+    "application/json",
+    "application/javascript",
+    "application/xml",
+    "application/yaml",
+    "application/toml",
+    "application/x-ipynb+json",
+)
 
 
 def content_type(name: bytes) -> bytes:
@@ -61,9 +67,7 @@ def content_type(name: bytes) -> bytes:
 def content_disposition(name: bytes) -> bytes:
     """``attachment`` with an ASCII fallback ``filename`` and an exact UTF-8 ``filename*``."""
     text = name.decode("utf-8", "replace")
-    fallback = "".join(
-        c if 0x20 <= ord(c) < 0x7F and c not in '"\\%' else "_" for c in text
-    )
+    fallback = "".join(c if 0x20 <= ord(c) < 0x7F and c not in '"\\%' else "_" for c in text)
     exact = quote(text.encode("utf-8"), safe="!#$&+-.^_`|~")
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{exact}".encode("ascii")
 
@@ -248,8 +252,13 @@ def multipart_layout(
     total = 0
     for first, last in ranges:
         head = (
-            b"\r\n--" + boundary + b"\r\nContent-Type: " + ctype
-            + b"\r\nContent-Range: " + content_range(first, last, size) + b"\r\n\r\n"
+            b"\r\n--"
+            + boundary
+            + b"\r\nContent-Type: "
+            + ctype
+            + b"\r\nContent-Range: "
+            + content_range(first, last, size)
+            + b"\r\n\r\n"
         )
         parts.append(Part(head, first, last - first + 1))
         total += len(head) + last - first + 1

@@ -72,16 +72,11 @@ def render_html(segments: tuple[bytes, ...], listing: Listing) -> bytes:
         )
     more = ""
     if listing.total > len(listing.entries):
-        more = (
-            f"<p>Showing the first {len(listing.entries)} of {listing.total} entries.</p>"
-        )
+        more = f"<p>Showing the first {len(listing.entries)} of {listing.total} entries.</p>"
     body = (
         f'<nav class="crumbs">{" / ".join(crumbs)}</nav>'
         '<table class="listing"><thead><tr><th>Name</th><th>Size</th>'
-        "<th>Modified (UTC)</th></tr></thead><tbody>"
-        + "".join(rows)
-        + "</tbody></table>"
-        + more
+        "<th>Modified (UTC)</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>" + more
     )
     return pages.page("Files " + title_for(segments), body)
 
