@@ -9,13 +9,18 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import socket
 import ssl
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from twisted.trial import unittest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
-from tests.processes import ProxyProcess, admin, wait_for
+from tests.processes import ProxyProcess, admin, free_port, wait_for
 
 DEADLINE = 2.0
 
@@ -39,6 +44,19 @@ class Client:
             return response.status
         finally:
             conn.close()
+
+
+ECHO_BACKEND = """
+import sys
+from websockets.sync.server import serve
+
+def echo(ws):
+    for message in ws:
+        ws.send(message)
+
+with serve(echo, "127.0.0.1", int(sys.argv[1])) as server:
+    server.serve_forever()
+"""
 
 
 class RevocationSeenByARunningProxy(unittest.TestCase):
@@ -104,6 +122,41 @@ class RevocationSeenByARunningProxy(unittest.TestCase):
         self.assertEqual(self.client.status(self.path, headers), 401)
         basic_headers = {"Authorization": basic("alice", created["token"])}
         self.assertEqual(self.client.status(self.path, basic_headers), 401)
+
+    def start_echo_backend(self) -> int:
+        port = free_port()
+        backend = subprocess.Popen([sys.executable, "-c", ECHO_BACKEND, str(port)])
+
+        def stop() -> None:
+            backend.terminate()
+            backend.wait(timeout=30)
+
+        self.addCleanup(stop)
+
+        def listening() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+
+        wait_for(listening, 30, "the WebSocket echo backend")
+        return port
+
+    def test_open_websocket_cut_when_collaborator_removed(self) -> None:
+        backend_port = self.start_echo_backend()
+        assert self.client.context is not None
+        with connect(
+            f"wss://localhost:{self.proxy.port}/{self.pid}/port/{backend_port}/",
+            ssl=self.client.context,
+            additional_headers={"Authorization": basic("bob", "bob-password")},
+            open_timeout=10,
+        ) as ws:
+            ws.send("hello")
+            self.assertEqual(ws.recv(timeout=10), "hello")
+            self.admin_json("project", "collaborator", "remove", self.pid, "bob")
+            changed = time.monotonic()
+            with self.assertRaises(ConnectionClosed):
+                while True:
+                    ws.recv(timeout=10)
+            self.assertLess(time.monotonic() - changed, DEADLINE)
 
     def test_changed_password_ends_sessions_and_old_password(self) -> None:
         headers = {"Authorization": basic("alice", "alice-password")}
