@@ -361,11 +361,11 @@ class EndingTests(unittest.TestCase):
         port = WSBackend(echo).start(self)
         url = self.proxy.url(port)
 
-        async def scenario() -> tuple[str, int | None]:
+        async def scenario() -> tuple[str, int | None, Any]:
             async with client(url) as ws:
                 await ws.send("x")
                 await ws.recv()
-                on_reactor(lambda: self.proxy.relay.close_all())
+                closing = on_reactor(lambda: [self.proxy.relay.close_all()])[0]
                 try:
                     await asyncio.wait_for(ws.recv(), 5)
                     first = "still open"
@@ -373,10 +373,11 @@ class EndingTests(unittest.TestCase):
                     first = "closed"
             try:
                 async with client(url):
-                    return first, None
+                    return first, None, closing
             except InvalidStatus as e:
-                return first, e.response.status_code
+                return first, e.response.status_code, closing
 
-        got = yield in_thread(scenario)
-        self.assertEqual(got, ("closed", 503))
+        first, status, closing = yield in_thread(scenario)
+        self.assertEqual((first, status), ("closed", 503))
+        yield closing
         self.assertEqual(self.proxy.relay.open_count(), 0)
