@@ -38,8 +38,11 @@ Header = tuple[bytes, bytes]
 
 #: The proxy's own session cookie (the guard sets it; the forwarder never passes it on).
 SESSION_COOKIE = b"cocalcproxy_session"
-#: Cookie names that belong to the proxy: stripped from requests, refused from backends.
-PROXY_COOKIE_NAMES: frozenset[bytes] = frozenset({SESSION_COOKIE})
+#: The sign-in form's pre-session cookie (login CSRF protection, see guard/csrf.py).
+CSRF_COOKIE = b"__Host-cocalcproxy_csrf"
+#: Cookie names that belong to the proxy, lower-cased: stripped from requests, refused from
+#: backends.
+PROXY_COOKIE_NAMES: frozenset[bytes] = frozenset({SESSION_COOKIE, CSRF_COOKIE.lower()})
 
 #: RFC 9110 section 7.6.1 connection-specific fields, plus the legacy ones still seen in the wild.
 HOP_BY_HOP: frozenset[bytes] = frozenset(

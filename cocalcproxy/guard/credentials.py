@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from twisted.cred.credentials import ICredentials, IUsernamePassword, UsernamePassword
 from zope.interface import Attribute, implementer
 
-SESSION_COOKIE = "cocalcproxy_session"
+from cocalcproxy import headers
+
+SESSION_COOKIE = headers.SESSION_COOKIE.decode("ascii")
 
 # Longer values are refused without asking the directory.
 MAX_SECRET_LENGTH = 1024

@@ -23,7 +23,9 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-CSRF_COOKIE = "__Host-cocalcproxy_csrf"
+from cocalcproxy import headers
+
+CSRF_COOKIE = headers.CSRF_COOKIE.decode("ascii")
 KEY_BYTES = 32
 
 log = Logger()
