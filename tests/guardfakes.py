@@ -296,6 +296,7 @@ class World:
         body: bytes = b"",
         secure: bool = True,
         peer: str = "10.0.0.1",
+        host: bytes = b"proxy.example",
     ) -> StringTransport:
         """Send one request on a fresh connection; the answer may still be in progress."""
         address = IPv6Address("TCP", peer, 4321) if ":" in peer else IPv4Address("TCP", peer, 4321)
@@ -305,7 +306,7 @@ class World:
         channel = self.site.buildProtocol(address)
         assert channel is not None
         channel.makeConnection(transport)
-        lines = [method + b" " + target + b" HTTP/1.1", b"Host: proxy.example"]
+        lines = [method + b" " + target + b" HTTP/1.1", b"Host: " + host]
         for name, value in (headers or {}).items():
             for v in value if isinstance(value, list) else [value]:
                 lines.append(name + b": " + v)
@@ -323,7 +324,9 @@ class World:
 HTML = {b"Accept": b"text/html,application/xhtml+xml"}
 
 
-def make_world(hsts_max_age: int = 0, **guard_options: Any) -> World:
+def make_world(
+    hsts_max_age: int = 0, project_domain: str | None = None, **guard_options: Any
+) -> World:
     clock = Clock()
     clock.advance(1_800_000_000)
     directory = FakeDirectory(clock)
@@ -342,6 +345,7 @@ def make_world(hsts_max_age: int = 0, **guard_options: Any) -> World:
         relay=handler,
         raw=handler,
         own_pages=OwnPages(directory, guard_pages),  # type: ignore[arg-type]
+        project_domain=project_domain,
     )
     site = ProxySite(root, reactor=clock)
     site.hsts_max_age = hsts_max_age

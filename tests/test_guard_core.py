@@ -344,6 +344,20 @@ class Revocation(GuardTestCase):
         self.flushLoggedErrors()
 
 
+class Subdomains(unittest.TestCase):
+    def test_no_sign_in_redirect_loop_on_a_project_subdomain(self) -> None:
+        world = make_world(project_domain="projects.example")
+        world.directory.add_user("alice", "pw")
+        world.directory.add_project("alice", PID)
+        host = f"{PID}-8000.projects.example".encode()
+        response = world.request(b"GET", b"/notebook", headers=HTML, host=host)
+        self.assertEqual(response.status, 401)
+        self.assertIn(b"Basic", response.header(b"www-authenticate") or b"")
+        passed = world.request(b"GET", b"/notebook", headers=basic("alice", "pw"), host=host)
+        self.assertEqual(passed.status, 200)
+        self.assertTrue(world.handler.seen[-1][0].authorization_is_proxy_credential)
+
+
 class TransportSecurity(unittest.TestCase):
     def test_hsts_on_every_https_answer(self) -> None:
         world = make_world(hsts_max_age=31536000)

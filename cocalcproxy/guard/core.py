@@ -297,7 +297,9 @@ class Guard:
         if request._disconnected:
             return None
         if not isinstance(outcome, Authenticated):
-            refuse(request, outcome)
+            # A project subdomain has no sign-in page of its own (its paths are the backend's):
+            # browsers get the Basic challenge there instead of a redirect.
+            refuse(request, outcome, may_redirect=not route.subdomain)
             return None
         if outcome.presented.from_authorization:
             request.authorization_is_proxy_credential = True
@@ -416,7 +418,9 @@ def client_address(request: Request) -> str:
     return str(getattr(address, "host", "") or "unknown")
 
 
-def refuse(request: Request, outcome: SignedOut | Rejected | Limited) -> None:
+def refuse(
+    request: Request, outcome: SignedOut | Rejected | Limited, may_redirect: bool = True
+) -> None:
     """Answer a request that did not authenticate, as the contract says."""
     if isinstance(outcome, Limited):
         request.setHeader(b"Retry-After", str(outcome.retry_after).encode())
@@ -430,7 +434,7 @@ def refuse(request: Request, outcome: SignedOut | Rejected | Limited) -> None:
         return
     if isinstance(outcome, SignedOut) and outcome.stale_session:
         expire_cookie(request, SESSION_COOKIE)
-    if isinstance(outcome, SignedOut) and is_navigation(request):
+    if isinstance(outcome, SignedOut) and may_redirect and is_navigation(request):
         request.setResponseCode(302)
         request.setHeader(b"Location", policy.login_location(request.uri))
         pages.set_own_page_headers(request)
