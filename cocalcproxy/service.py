@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -13,6 +15,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from cocalcproxy import accesslog, forward, raw, relay, systemd, tls
 from cocalcproxy import directory as directory_module
@@ -34,12 +37,41 @@ class ListenerService(service.Service):
         self.factory = factory
         self.label = label
         self.port: IListeningPort | None = None
+        # Fires once with the port or the failure; when_listening() hands out copies so that
+        # every waiter sees the outcome (a consumed failure must not look like success).
         self.listening: defer.Deferred[IListeningPort] = defer.Deferred()
+        self._outcome: Any = None
+        self._waiters: list[defer.Deferred[IListeningPort]] = []
+        self.listening.addBoth(self._settle)
+
+    def _settle(self, outcome: Any) -> None:
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            self._fire(waiter)
+
+    def _fire(self, waiter: defer.Deferred[IListeningPort]) -> None:
+        if isinstance(self._outcome, Failure):
+            waiter.errback(self._outcome)
+        else:
+            waiter.callback(self._outcome)
+
+    def when_listening(self) -> defer.Deferred[IListeningPort]:
+        waiter: defer.Deferred[IListeningPort] = defer.Deferred()
+        if self.listening.called:
+            self._fire(waiter)
+        else:
+            self._waiters.append(waiter)
+        return waiter
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
-        endpoint = serverFromString(self.reactor, self.description)
-        d = endpoint.listen(self.factory)
+        try:
+            endpoint = serverFromString(self.reactor, self.description)
+            d = endpoint.listen(self.factory)
+        except Exception:
+            # e.g. systemd:...:name=https when no such descriptor was passed (KeyError)
+            d = defer.fail()
 
         def listening(port: Any) -> Any:
             self.port = port
@@ -59,12 +91,14 @@ class ListenerService(service.Service):
                 why=failure.getErrorMessage(),
             )
             self.listening.errback(failure)
-            if IReactorCore.providedBy(self.reactor) and self.reactor.running:
-                self.reactor.stop()
+            if IReactorCore.providedBy(self.reactor):
+                # Before reactor.run (twistd starts services first), stop as soon as it runs.
+                if self.reactor.running:
+                    self.reactor.stop()
+                else:
+                    self.reactor.callWhenRunning(self.reactor.stop)
 
         d.addCallbacks(listening, failed)
-        if d.called and not self.listening.called:
-            pass
 
     def stopService(self) -> defer.Deferred[None] | None:  # noqa: N802
         super().stopService()
@@ -236,10 +270,15 @@ class ProxyService(service.MultiService):
         self.on_shutdown: list[Callable[[], object]] = []
         # The WebSocket relay: close_all() at shutdown, open_count() for metrics.
         self.relay: relay.Relay | None = None
+        # Set by the twistd plugin: a listener that cannot listen makes the process exit 1 (so
+        # systemd's Restart=on-failure and the operator see a failure), not 0.
+        self.exit_on_listen_failure = False
         self._previous_hup: Any = None
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
+        if self.exit_on_listen_failure:
+            self.all_listening().addErrback(self._listen_failed)
         if hasattr(signal, "SIGHUP"):
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
 
@@ -277,6 +316,15 @@ class ProxyService(service.MultiService):
             self.reactor._exitSignal = None
         log.info("stopped cleanly")
 
+    def _listen_failed(self, failure: Any) -> None:
+        log.critical("not serving: a listener failed; exiting with status 1")
+
+        def exit_1() -> None:
+            sys.stdout.flush()
+            os._exit(1)
+
+        self.reactor.addSystemEventTrigger("after", "shutdown", exit_1)
+
     def _on_sighup(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self.reload)
 
@@ -292,10 +340,10 @@ class ProxyService(service.MultiService):
         return self.tls_creator.reload()
 
     def all_listening(self) -> defer.Deferred[list[Any]]:
-        waits = [listener.listening for listener in self.listeners]
+        waits = [listener.when_listening() for listener in self.listeners]
         for extra in (self.redirect_listener, self.metrics_listener):
             if extra is not None:
-                waits.append(extra.listening)
+                waits.append(extra.when_listening())
         return defer.gatherResults(waits, consumeErrors=True)
 
     def request_done(self, request: Any) -> None:

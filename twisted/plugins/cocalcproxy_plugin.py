@@ -23,7 +23,9 @@ class CocalcProxyServiceMaker:
         from cocalcproxy.service import build_service
 
         try:
-            return build_service(options)
+            proxy = build_service(options)
+            proxy.exit_on_listen_failure = True
+            return proxy
         except UsageError as e:
             # twistd would print a traceback; an operator needs one clear line and status 1.
             raise SystemExit(f"cocalcproxy: {e}") from None
