@@ -128,7 +128,7 @@ class RawHandler:
             as_json,
             self.listing_limit,
         )
-        d.addCallback(self._answer, request, route, parsed, path, has_query, query, as_json)
+        d.addCallback(self._answer, request, route, access, parsed, path, has_query, query, as_json)
         d.addErrback(self._failed, request, route)
 
     def _failed(self, failure: Failure, request: ProxyRequest, route: routing.Route) -> None:
@@ -140,6 +140,7 @@ class RawHandler:
         outcome: rawfs.Outcome | bytes,
         request: ProxyRequest,
         route: routing.Route,
+        access: Access,
         parsed: rawpath.RawPath,
         path: bytes,
         has_query: bytes,
@@ -153,7 +154,7 @@ class RawHandler:
                     return
                 name = parsed.segments[-1] if parsed.segments else b""
                 download = rawpath.has_query_flag(query, b"download")
-                self._serve_file(request, route, outcome, name, download)
+                self._serve_file(request, route, access, outcome, name, download)
             except BaseException:
                 outcome.close()
                 raise
@@ -207,6 +208,7 @@ class RawHandler:
         self,
         request: ProxyRequest,
         route: routing.Route,
+        access: Access,
         opened: rawfs.OpenFile,
         name: bytes,
         download: bool,
@@ -276,7 +278,7 @@ class RawHandler:
         sender = self.sender_factory(
             request, opened, parts, closing, self.run_blocking, self.chunk_size
         )
-        sender.start()
+        sender.start(access)
 
 
 def _resolve_and_render(
@@ -328,11 +330,20 @@ class FileSender:
         self.stopped = False
         self.reading = False
         self.done = False
+        self._forget_access: Callable[[], None] = lambda: None
 
-    def start(self) -> None:
+    def start(self, access: Access | None = None) -> None:
+        """Start sending; a download still running when ``access`` is revoked is cut off."""
         self.request.registerProducer(self, True)
         self.request.notifyFinish().addErrback(self._lost)
+        if access is not None:
+            self._forget_access = access.on_revoked(self.revoked)
         self._pump()
+
+    def revoked(self) -> None:
+        if not (self.stopped or self.done):
+            log.info("raw download cut: access withdrawn")
+            self._abort()
 
     def _pump(self) -> None:
         while not (self.paused or self.stopped or self.reading or self.done):
@@ -383,6 +394,7 @@ class FileSender:
 
     def _complete(self) -> None:
         self.done = True
+        self._forget_access()
         self.opened.close()
         if self.closing:
             self.request.write(self.closing)
@@ -392,7 +404,9 @@ class FileSender:
     def _abort(self) -> None:
         """The promised Content-Length cannot be kept: cut the connection, never send less."""
         self.stopped = True
-        self.opened.close()
+        self._forget_access()
+        if not self.reading:
+            self.opened.close()
         channel = self.request.channel
         transport = getattr(channel, "transport", None)
         if channel is not None:
@@ -415,5 +429,6 @@ class FileSender:
         if self.stopped or self.done:
             return
         self.stopped = True
+        self._forget_access()
         if not self.reading:
             self.opened.close()

@@ -36,6 +36,7 @@ class OneProject(resource.Resource):
         self.handler = handler
         self.home = home
         self.subdomain = subdomain
+        self.accesses: list[Access] = []
 
     def render(self, request: server.Request) -> Any:
         assert isinstance(request, ProxyRequest)
@@ -45,7 +46,9 @@ class OneProject(resource.Resource):
             assert request.uri.startswith(PREFIX)
             route = Route(PID, "raw", None, PREFIX, request.uri[len(PREFIX) :])
         project = Project(PID, 1, "alice", "127.0.0.1", self.home, "")
-        self.handler.handle(request, route, Access(Account(1, "alice"), project))
+        access = Access(Account(1, "alice"), project)
+        self.accesses.append(access)
+        self.handler.handle(request, route, access)
         return server.NOT_DONE_YET
 
 
@@ -117,7 +120,8 @@ class RawSiteCase(unittest.TestCase):
 
     def start(self, handler: RawHandler | None = None) -> RawHandler:
         self.handler = handler or RawHandler(reactor)
-        site = ProxySite(OneProject(self.handler, self.home, self.subdomain))
+        self.root = OneProject(self.handler, self.home, self.subdomain)
+        site = ProxySite(self.root)
         port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(port.stopListening)
         self.port = port.getHost().port

@@ -553,6 +553,24 @@ class Backpressure(Tree):
         self.assertLess(sender.read_bytes, 64 * 1024 * 1024)
 
     @defer.inlineCallbacks
+    def test_revoked_access_cuts_a_running_download(self):  # type: ignore[no-untyped-def]
+        exchange, sender = yield self.paused_download()
+        access = self.root.accesses[-1]
+        self.assertTrue(access.watched)
+        access.revoke()
+        exchange.transport.resumeProducing()
+        raw = yield exchange.closed
+        self.assertLess(len(parse_response(raw).body), self.size)
+        yield poll(lambda: sender.opened.closed, "the file to be closed")
+        self.assertFalse(access.watched)
+
+    @defer.inlineCallbacks
+    def test_finished_download_stops_watching_access(self):  # type: ignore[no-untyped-def]
+        r = yield self.fetch(b"/hello.txt")
+        self.assertEqual(r.body, HELLO)
+        self.assertFalse(self.root.accesses[-1].watched)
+
+    @defer.inlineCallbacks
     def test_file_shrinking_mid_transfer_cuts_the_connection(self):  # type: ignore[no-untyped-def]
         exchange, sender = yield self.paused_download()
         os.truncate(self.path, 1024)
