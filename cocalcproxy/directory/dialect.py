@@ -61,11 +61,22 @@ class SQLiteDialect(Dialect):
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._prepared = False
 
     def describe(self) -> str:
         return f"sqlite:///{self.path.lstrip('/')}"
 
     def _prepare_file(self) -> None:
+        """Create the parent directory (0700) and an empty database file (0600) if missing.
+
+        Runs once, before this process has any connection to the file: an existing database
+        file is only stat()ed, never opened and closed behind SQLite's back, because closing
+        any descriptor of a file drops every POSIX lock this process holds on it, including
+        the locks of SQLite's open connections (which then lets other processes reset the WAL
+        under them).
+        """
+        if self._prepared:
+            return
         parent = os.path.dirname(self.path) or "/"
         try:
             os.makedirs(parent, mode=0o700, exist_ok=True)
@@ -74,16 +85,26 @@ class SQLiteDialect(Dialect):
                 f"cannot create the directory {parent!r} for the database: {e.strerror}"
             ) from None
         try:
-            # Created 0600 before SQLite sees it; SQLite gives the -wal and -shm files the same
-            # mode, so password hashes are never world-readable.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            try:
+                # 0600 before SQLite sees it; SQLite gives the -wal and -shm files the same
+                # mode, so password hashes are never world-readable.
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise Unavailable(
+                    f"cannot create the database {self.path!r}: {e.strerror}"
+                ) from None
         except OSError as e:
             raise Unavailable(f"cannot open the database {self.path!r}: {e.strerror}") from None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+        else:
+            if stat.S_ISDIR(info.st_mode):
+                raise Unavailable(f"cannot open the database {self.path!r}: Is a directory")
+            if not stat.S_ISREG(info.st_mode):
                 raise Unavailable(f"the database {self.path!r} is not a regular file")
-        finally:
-            os.close(fd)
+        self._prepared = True
 
     def connect(self) -> Any:
         self._prepare_file()

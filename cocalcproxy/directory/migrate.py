@@ -46,8 +46,10 @@ def current_version(cursor: Any, dialect: Dialect) -> int:
     return int(row[0]) if row else 0
 
 
-def migrate(conn: Any, dialect: Dialect, target: int = LATEST) -> tuple[int, int]:
-    """Bring the database to ``target``; returns (version before, version after)."""
+def migrate(conn: Any, dialect: Dialect, target: int | None = None) -> tuple[int, int]:
+    """Bring the database to ``target`` (default: the latest); returns (before, after)."""
+    latest = STEPS[-1][0]
+    target = latest if target is None else target
     cursor = conn.cursor()
     before: int | None = None
     while True:
@@ -56,10 +58,10 @@ def migrate(conn: Any, dialect: Dialect, target: int = LATEST) -> tuple[int, int
             version = current_version(cursor, dialect)
             if before is None:
                 before = version
-            if version > LATEST:
+            if version > latest:
                 raise Unavailable(
                     f"the database {dialect.describe()} has schema version {version}, newer "
-                    f"than this cocalcproxy understands ({LATEST}); upgrade cocalcproxy"
+                    f"than this cocalcproxy understands ({latest}); upgrade cocalcproxy"
                 )
             if version >= target:
                 cursor.execute("COMMIT")

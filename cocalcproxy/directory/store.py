@@ -39,7 +39,7 @@ from cocalcproxy.directory.hashing import (
     new_token_id,
     token_hash,
 )
-from cocalcproxy.directory.migrate import LATEST, migrate
+from cocalcproxy.directory.migrate import migrate
 from cocalcproxy.directory.model import (
     Account,
     Conflict,
@@ -178,7 +178,7 @@ class SyncDirectory:
     def _write(self, work: Callable[[Tx], T], bump: bool = True) -> T:
         return self._transaction(True, work, bump)
 
-    def migrate(self, target: int = LATEST) -> tuple[int, int]:
+    def migrate(self, target: int | None = None) -> tuple[int, int]:
         conn = self._connection()
         try:
             return migrate(conn, self.dialect, target)
@@ -656,6 +656,9 @@ class Directory:
         if self._closed or self.pool.started:
             return
         self.pool.start()
+        # The dummy hash for unknown names is made now, so the first failed sign-in with an
+        # unknown name does not take visibly longer than one with a known name.
+        self.pool.callInThread(self.sync.passwords.dummy_hash)
         if hasattr(self.reactor, "addSystemEventTrigger"):
             self._shutdown_trigger = self.reactor.addSystemEventTrigger(
                 "during", "shutdown", self._stop
@@ -776,7 +779,7 @@ def open_sync_directory(
     url: str,
     hasher: PasswordHasher | None = None,
     clock: Callable[[], float] = time.time,
-    migrate_to: int = LATEST,
+    migrate_to: int | None = None,
 ) -> SyncDirectory:
     """Open the database at ``url`` and bring its schema up to date (blocking).
 
