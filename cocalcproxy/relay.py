@@ -323,7 +323,12 @@ class _Handshake:
         if self.phase != "connecting":
             return
         port = self.route.port
-        if failure.check(defer.TimeoutError, error.TimeoutError, defer.CancelledError):
+        if failure.check(
+            defer.TimeoutError,
+            error.TimeoutError,
+            defer.CancelledError,
+            error.ConnectingCancelledError,
+        ):
             self._fail(
                 504,
                 "Gateway timeout",

@@ -38,6 +38,8 @@ class GrantGuard:
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="test"')
             pages.write_error(request, 401, "Sign-in required", "No credentials.")
             return succeed(None)
+        # As the real guard does: these credentials are the proxy's, so they must not pass on.
+        request.authorization_is_proxy_credential = True
         project = Project(route.project_id, 1, "alice", self.host, None, "")
         access = Access(Account(1, "alice"), project)
         self.accesses.append(access)
