@@ -11,7 +11,9 @@ websocket`` requests here after the guard). The relay
    client's key turns into a relay; anything else is passed back as an ordinary HTTP response and
    the client connection stays HTTP;
 4. after the 101, takes the client connection over from Twisted (takeover.py) and copies bytes,
-   not frames, both ways with flow control, an idle timeout, and a cut on revocation.
+   not frames, both ways with flow control, an idle timeout, and a cut on revocation. When the
+   proxy itself ends a relay (shutdown, idle, revocation) it sends each side a Close frame
+   (1001 going away, 1008 revoked) if that side's stream is between frames (FrameBoundary).
 
 Open relays are registered so shutdown can close them (:meth:`Relay.close_all`) and metrics can
 count them (:meth:`Relay.open_count`).
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -157,6 +160,72 @@ def handshake_refusal(request: ProxyRequest) -> tuple[int, str, str] | None:
     if len(h.getRawHeaders(b"sec-websocket-key", [])) != 1:
         return 400, "Bad request", "A WebSocket handshake needs one Sec-WebSocket-Key header."
     return None
+
+
+class FrameBoundary:
+    """Follows one direction of a WebSocket byte stream just far enough to know where frames end.
+
+    The relay copies bytes, not frames; this only lets it add a Close frame of its own when it
+    ends a relay (shutdown, revocation, idle) without cutting into a frame in flight. Payloads
+    are skipped, never looked at, so permessage-deflate and fragmentation make no difference.
+    """
+
+    def __init__(self) -> None:
+        self._header = bytearray()
+        self._remaining = 0
+
+    @property
+    def at_boundary(self) -> bool:
+        return not self._header and self._remaining == 0
+
+    def _header_size(self) -> int | None:
+        if len(self._header) < 2:
+            return None
+        second = self._header[1]
+        length = second & 0x7F
+        extended = 2 if length == 126 else 8 if length == 127 else 0
+        return 2 + extended + (4 if second & 0x80 else 0)
+
+    def feed(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n:
+            if self._remaining:
+                step = min(self._remaining, n - i)
+                self._remaining -= step
+                i += step
+                continue
+            size = self._header_size()
+            want = (size if size is not None else 2) - len(self._header)
+            self._header += data[i : i + want]
+            i += min(want, n - i)
+            size = self._header_size()
+            if size is None or len(self._header) < size:
+                continue
+            length = self._header[1] & 0x7F
+            if length == 126:
+                length = int.from_bytes(self._header[2:4], "big")
+            elif length == 127:
+                length = int.from_bytes(self._header[2:10], "big")
+            self._header.clear()
+            self._remaining = length
+
+
+def close_frame(code: int, reason: str, masked: bool) -> bytes:
+    """A Close frame (RFC 6455 section 5.5.1); ``masked`` for frames sent to a server."""
+    payload = code.to_bytes(2, "big") + reason.encode()[:120]
+    if not masked:
+        return bytes([0x88, len(payload)]) + payload
+    key = os.urandom(4)
+    return (
+        bytes([0x88, 0x80 | len(payload)])
+        + key
+        + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    )
+
+
+#: Close codes the proxy sends when it ends a relay itself.
+GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
 
 
 # --- the relay --------------------------------------------------------------------------------
@@ -499,7 +568,7 @@ class _Handshake:
             head.append(name + b": " + value + b"\r\n")
         head.append(b"\r\n")
         self.backend.splice = splice
-        splice.start(taken, b"".join(head) + trailing, closed)
+        splice.start(taken, b"".join(head), trailing, closed)
 
     # -- endings
 
@@ -597,9 +666,15 @@ class Splice:
         self._abort_call: Any = None
         self._cancel_revocation: Any = None
         self._finished: list[defer.Deferred[None]] = []
+        self.up_frames = FrameBoundary()
+        self.down_frames = FrameBoundary()
 
     def start(
-        self, taken: takeover.TakenConnection, to_client: bytes, backend_closed: bool
+        self,
+        taken: takeover.TakenConnection,
+        head: bytes,
+        backend_bytes: bytes,
+        backend_closed: bool,
     ) -> None:
         client: Any = taken.transport
         self.client = client
@@ -611,12 +686,16 @@ class Splice:
         self.relay._open.add(self)
         self.relay.opened_total += 1
         self._idle_call = self.reactor.callLater(self.relay.idle_timeout, self._check_idle)
-        client.write(to_client)
+        client.write(head)
+        if backend_bytes:
+            self.backend_data(backend_bytes)
         if taken.buffered:
             self.client_data(taken.buffered)
         if backend_closed:
             self._end("backend closed")
-        self._cancel_revocation = self.access.on_revoked(lambda: self._end("access revoked"))
+        self._cancel_revocation = self.access.on_revoked(
+            lambda: self._end("access revoked", POLICY_VIOLATION)
+        )
 
     @property
     def client_paused(self) -> bool:
@@ -635,6 +714,7 @@ class Splice:
             return
         self.last_activity = self.reactor.seconds()
         self.bytes_up += len(data)
+        self.up_frames.feed(data)
         self.backend.wire.write(data)
 
     def backend_data(self, data: bytes) -> None:
@@ -642,6 +722,7 @@ class Splice:
             return
         self.last_activity = self.reactor.seconds()
         self.bytes_down += len(data)
+        self.down_frames.feed(data)
         self.client.write(data)
 
     def _check_idle(self) -> None:
@@ -650,7 +731,7 @@ class Splice:
             return
         quiet = self.reactor.seconds() - self.last_activity
         if quiet >= self.relay.idle_timeout:
-            self._end("idle timeout")
+            self._end("idle timeout", GOING_AWAY)
         else:
             self._idle_call = self.reactor.callLater(
                 self.relay.idle_timeout - quiet, self._check_idle
@@ -671,17 +752,22 @@ class Splice:
         self._end("client closed")
         self._maybe_finished()
 
-    def close(self, why: str = "closed by the proxy") -> defer.Deferred[None]:
-        """End both sides cleanly; fires when both connections are gone."""
+    def close(
+        self, why: str = "closed by the proxy", code: int = GOING_AWAY
+    ) -> defer.Deferred[None]:
+        """End both sides cleanly (a Close frame with ``code`` to each side between frames);
+        fires when both connections are gone."""
         d: defer.Deferred[None] = defer.Deferred()
         if self.client_done and self.backend_done:
             d.callback(None)
             return d
         self._finished.append(d)
-        self._end(why)
+        self._end(why, code)
         return d
 
-    def _end(self, why: str) -> None:
+    def _end(self, why: str, code: int | None = None) -> None:
+        """End both sides. With ``code`` the proxy itself ends the relay and tells each side
+        with a Close frame, where that side's stream is between frames."""
         if self.ending is not None:
             return
         self.ending = why
@@ -698,6 +784,11 @@ class Splice:
             client.unregisterProducer()
         if backend is not None:
             backend.unregisterProducer()
+        if code is not None:
+            if not self.backend_done and backend is not None and self.up_frames.at_boundary:
+                backend.write(close_frame(code, why, masked=True))
+            if not self.client_done and client is not None and self.down_frames.at_boundary:
+                client.write(close_frame(code, why, masked=False))
         if not self.backend_done and backend is not None:
             backend.loseConnection()
         if not self.client_done and client is not None:

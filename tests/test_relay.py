@@ -281,19 +281,19 @@ class EndingTests(unittest.TestCase):
         self.proxy = MiniProxy(self)
 
     @defer.inlineCallbacks
-    def test_revocation_closes_an_open_relay(self):  # type: ignore[no-untyped-def]
-        backend_closed = asyncio.Event()
-        closed_at: list[float] = []
+    def test_revocation_closes_an_open_relay_with_a_close_frame(self):  # type: ignore[no-untyped-def]
+        backend_codes: list[int | None] = []
 
         async def hold(ws: Any) -> None:
             try:
                 await echo(ws)
-            finally:
-                closed_at.append(1)
+            except ConnectionClosed:
+                pass
+            backend_codes.append(ws.close_code)
 
         port = WSBackend(hold).start(self)
 
-        async def scenario() -> str:
+        async def scenario() -> tuple[float, int | None, str | None]:
             async with client(self.proxy.url(port)) as ws:
                 await ws.send("before")
                 assert await ws.recv() == "before"
@@ -302,15 +302,20 @@ class EndingTests(unittest.TestCase):
                 on_reactor(lambda: self.proxy.guard.accesses[-1].revoke())
                 try:
                     await asyncio.wait_for(ws.recv(), 5)
-                except ConnectionClosed:
-                    elapsed = loop.time() - started
-                    return f"closed after {elapsed:.1f}s" if elapsed < 2 else "too slow"
-                return "still open"
+                except ConnectionClosed as e:
+                    rcvd = e.rcvd
+                    return (
+                        loop.time() - started,
+                        rcvd.code if rcvd else None,
+                        rcvd.reason if rcvd else None,
+                    )
+                return -1.0, None, "still open"
 
-        del backend_closed
-        got = yield in_thread(scenario)
-        self.assertTrue(got.startswith("closed after"), got)
-        yield wait_for(lambda: closed_at == [1] and self.proxy.relay.open_count() == 0)
+        elapsed, code, reason = yield in_thread(scenario)
+        self.assertEqual((code, reason), (1008, "access revoked"))
+        self.assertGreaterEqual(elapsed, 0)
+        self.assertLess(elapsed, 2)
+        yield wait_for(lambda: backend_codes == [1008] and self.proxy.relay.open_count() == 0)
 
     @defer.inlineCallbacks
     def test_client_close_reaches_the_backend(self):  # type: ignore[no-untyped-def]
@@ -369,8 +374,8 @@ class EndingTests(unittest.TestCase):
                 try:
                     await asyncio.wait_for(ws.recv(), 5)
                     first = "still open"
-                except ConnectionClosed:
-                    first = "closed"
+                except ConnectionClosed as e:
+                    first = f"closed {e.rcvd.code if e.rcvd else None}"
             try:
                 async with client(url):
                     return first, None, closing
@@ -378,6 +383,6 @@ class EndingTests(unittest.TestCase):
                 return first, e.response.status_code, closing
 
         first, status, closing = yield in_thread(scenario)
-        self.assertEqual((first, status), ("closed", 503))
+        self.assertEqual((first, status), ("closed 1001", 503))
         yield closing
         self.assertEqual(self.proxy.relay.open_count(), 0)

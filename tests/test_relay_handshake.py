@@ -56,6 +56,55 @@ class AcceptTests(unittest.TestCase):
         self.assertFalse(relay.switch_is_valid(101, good, b"another key"))
 
 
+def frame(payload_length: int, masked: bool, opcode: int = 0x2) -> bytes:
+    """A frame built independently of the proxy's code (RFC 6455 section 5.2)."""
+    second = 0x80 if masked else 0
+    if payload_length < 126:
+        header = bytes([0x80 | opcode, second | payload_length])
+    elif payload_length < 65536:
+        header = bytes([0x80 | opcode, second | 126]) + payload_length.to_bytes(2, "big")
+    else:
+        header = bytes([0x80 | opcode, second | 127]) + payload_length.to_bytes(8, "big")
+    return header + (b"MASK" if masked else b"") + b"\xab" * payload_length
+
+
+class FrameBoundaryTests(unittest.TestCase):
+    @given(
+        lengths=st.lists(
+            st.one_of(st.integers(0, 130), st.sampled_from([125, 126, 127, 65535, 65536, 70000])),
+            min_size=1,
+            max_size=6,
+        ),
+        masked=st.booleans(),
+        cuts=st.lists(st.integers(0, 200_000), max_size=8),
+    )
+    def test_boundaries_found_however_the_stream_is_split(
+        self, lengths: list[int], masked: bool, cuts: list[int]
+    ) -> None:
+        frames = [frame(n, masked) for n in lengths]
+        stream = b"".join(frames)
+        ends = set()
+        total = 0
+        for f in frames:
+            total += len(f)
+            ends.add(total)
+        points = sorted({c % (len(stream) + 1) for c in cuts} | {len(stream)})
+        tracker = relay.FrameBoundary()
+        previous = 0
+        for point in points:
+            tracker.feed(stream[previous:point])
+            previous = point
+            self.assertEqual(tracker.at_boundary, point == 0 or point in ends, point)
+
+    def test_close_frames(self) -> None:
+        self.assertEqual(relay.close_frame(1001, "bye", masked=False), b"\x88\x05\x03\xe9bye")
+        masked = relay.close_frame(1008, "access revoked", masked=True)
+        self.assertEqual(masked[:2], bytes([0x88, 0x80 | 16]))
+        key = masked[2:6]
+        payload = bytes(b ^ key[i % 4] for i, b in enumerate(masked[6:]))
+        self.assertEqual(payload, b"\x03\xf0access revoked")
+
+
 class OriginTests(unittest.TestCase):
     def test_parse(self) -> None:
         self.assertEqual(relay.parse_origin(b"https://Example.COM"), ("https", "example.com", 443))
@@ -480,6 +529,27 @@ class RawTests(unittest.TestCase):
         client.transport.loseConnection()
         yield wait_for(lambda: factory.protocols[0].lost)
         self.assertEqual(self.proxy.relay._pending, set())
+
+    @defer.inlineCallbacks
+    def test_no_close_frame_is_cut_into_a_frame_in_flight(self):  # type: ignore[no-untyped-def]
+        # The backend is in the middle of a 1000-byte frame when the relay is revoked.
+        partial = frame(1000, masked=False)[:300]
+        factory, port = self.backend(lambda b, h: switch(b, h, partial))
+        client = yield self.connect()
+        client.transport.write(upgrade(self.proxy.path(port)) + frame(3, masked=True))
+        yield wait_for(lambda: client.data.endswith(partial))
+        yield wait_for(lambda: len(factory.protocols[0].after) == len(frame(3, masked=True)))
+        self.proxy.guard.accesses[-1].revoke()
+        yield client.lost
+        yield wait_for(lambda: factory.protocols[0].lost)
+        # The client got the partial frame and nothing after it; the backend, whose stream was
+        # between frames, got a masked Close frame after the client's complete frame.
+        self.assertTrue(client.data.endswith(partial))
+        after = factory.protocols[0].after
+        self.assertEqual(after[: len(frame(3, masked=True))], frame(3, masked=True))
+        self.assertEqual(
+            after[len(frame(3, masked=True)) : len(frame(3, masked=True)) + 2], b"\x88\x90"
+        )
 
     @defer.inlineCallbacks
     def test_revocation_cuts_the_relay(self):  # type: ignore[no-untyped-def]

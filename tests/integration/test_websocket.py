@@ -143,7 +143,7 @@ class WebSocketEndToEndTests(unittest.TestCase):
         port = WSBackend(echo).start(self)
         directory = self.proxy.directory
 
-        async def scenario() -> tuple[float, str]:
+        async def scenario() -> tuple[float, str, int | None]:
             async with (
                 self.client(self.url(port)) as bobs,
                 self.client(self.url(port), user="alice") as alices,
@@ -155,14 +155,16 @@ class WebSocketEndToEndTests(unittest.TestCase):
                 on_reactor(lambda: directory.remove_collaborator(self.pid, "bob"))
                 try:
                     await asyncio.wait_for(bobs.recv(), 10)
-                    return -1.0, "still open"
-                except ConnectionClosed:
+                    return -1.0, "still open", None
+                except ConnectionClosed as e:
                     elapsed = loop.time() - started
+                    code = e.rcvd.code if e.rcvd else None
                 # The owner's relay to the same project is untouched.
                 await alices.send("still here")
-                return elapsed, await alices.recv()
+                return elapsed, await alices.recv(), code
 
-        elapsed, alice_got = yield in_thread(scenario)
+        elapsed, alice_got, code = yield in_thread(scenario)
+        self.assertEqual(code, 1008)  # policy violation: the proxy says why it closed
         self.assertEqual(alice_got, "still here")
         self.assertGreaterEqual(elapsed, 0)
         self.assertLess(elapsed, 2.0)
@@ -311,12 +313,12 @@ class WebSocketEndToEndTests(unittest.TestCase):
                 stopped = on_reactor(lambda: [self.proxy.service.stopService()])[0]
                 try:
                     await asyncio.wait_for(ws.recv(), 10)
-                except ConnectionClosed:
-                    return "closed", stopped
+                except ConnectionClosed as e:
+                    return f"closed {e.rcvd.code if e.rcvd else None}", stopped
                 return "open", stopped
 
         outcome, stopped = yield in_thread(scenario)
-        self.assertEqual(outcome, "closed")
+        self.assertEqual(outcome, "closed 1001")  # going away
         yield stopped
         self.assertEqual(self.relay.open_count(), 0)
 
