@@ -38,6 +38,14 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+def child_env() -> dict[str, str]:
+    """The environment for the proxy and admin processes: this checkout first on sys.path, so
+    its package and twistd plugin are used even when it is not installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
 # -- helpers -------------------------------------------------------------------------------------
 
 
@@ -172,6 +180,7 @@ def admin(state_dir: str, *args: str, stdin: str | None = None) -> str:
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env=child_env(),
         timeout=120,
     )
     if result.returncode != 0:
@@ -209,6 +218,7 @@ def start_proxy(
             *extra,
         ],
         cwd=ROOT,
+        env=child_env(),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -342,8 +352,12 @@ def load(
     client: str, url: str, headers: list[str], connections: int, duration: float, cert: str | None
 ) -> Load:
     if client == "wrk":
-        return wrk_load(url, headers, connections, duration)
-    return asyncio.run(_python_load(url, headers, connections, duration, cert))
+        result = wrk_load(url, headers, connections, duration)
+    else:
+        result = asyncio.run(_python_load(url, headers, connections, duration, cert))
+    if result.errors * 10 > result.requests:
+        raise SystemExit(f"{url}: {result.errors} of {result.requests} requests failed")
+    return result
 
 
 @dataclass
