@@ -1,13 +1,401 @@
-"""PLACEHOLDER: answered 501 until its issue lands."""
+"""The HTTP forwarder: one authorised request to a project's server, streamed both ways.
+
+It is given ``(request, route, access)`` by the root after the guard said yes, and never parses
+URLs or looks at credentials itself: the backend is always ``access.project.host`` and
+``route.port``, and the backend sees ``route.backend_target`` byte for byte.
+
+* Requests go through a Twisted Agent over one persistent :class:`HTTPConnectionPool`, so a
+  browser's keep-alive requests reuse backend connections.
+* The request body goes from what Twisted spooled (memory under 100 KB, a temporary file above)
+  to the backend through a :class:`FileBodyProducer`: read in chunks, never whole.
+* The response body is delivered with backpressure: :class:`_Delivery` is registered as the
+  streaming producer of the client's request, so when the client's transport is full the
+  backend connection is paused, and resumed when the client reads again.
+* A client that goes away cancels the backend request (or closes the backend connection
+  mid-body). A backend that fails mid-body makes the proxy abort the client's connection, so a
+  short body can never look complete.
+* Failures become clear pages (:mod:`cocalcproxy.pages`): 502 when nothing answers on the port or
+  the server closes without answering, 504 when connecting or waiting for the response headers
+  takes too long.
+"""
 
 from __future__ import annotations
 
-from cocalcproxy import pages, routing
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import error
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    URI,
+    Agent,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IResponse
+from zope.interface import implementer
+
+from cocalcproxy import headers, pages, routing
 from cocalcproxy.site import Access, ProxyRequest
 
+log = Logger()
 
-class Placeholder:
+#: Idle backend connections are dropped after this many seconds (servers close them anyway).
+CACHED_CONNECTION_TIMEOUT = 60.0
+#: Bytes read from the spooled request body per write to the backend.
+BODY_CHUNK = 64 * 1024
+
+
+def make_pool(reactor: Any, pool_size: int) -> HTTPConnectionPool:
+    """The shared backend pool: persistent, up to ``pool_size`` idle connections per host:port."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = pool_size
+    pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT  # type: ignore[assignment]
+    return pool
+
+
+class Forwarder:
+    """The handler for ``server`` and ``port`` routes (HTTP; WebSocket upgrades go to the relay)."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        pool: HTTPConnectionPool,
+        connect_timeout: float = 10.0,
+        response_timeout: float = 300.0,
+        public_hosts: Sequence[bytes] = (),
+    ) -> None:
+        self.reactor = reactor
+        self.pool = pool
+        self.connect_timeout = connect_timeout
+        self.response_timeout = response_timeout
+        self.public_hosts = tuple(public_hosts)
+        self._agent = Agent(reactor, pool=pool)
+
     def handle(self, request: ProxyRequest, route: routing.Route, access: Access) -> None:
-        pages.write_error(
-            request, 501, "Not implemented", "This part of the proxy is not built yet."
+        assert route.port is not None and route.kind != "raw"
+        _Exchange(self, request, route, access).start()
+
+    def backend_request(
+        self,
+        method: bytes,
+        host: str,
+        port: int,
+        target: bytes,
+        request_headers: Headers,
+        body: IBodyProducer | None,
+    ) -> Deferred[IResponse]:
+        """Send ``method target`` to ``host:port`` over the pool, with ``target`` byte for byte.
+
+        ``Agent.request`` would reparse a URL and may re-serialise the path (an empty ``?``
+        vanishes), so the request goes through the Agent's endpoint-level entry point with the
+        routing layer's exact origin-form target.
+        """
+        endpoint: Any = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
+        host_b = host.encode("idna") if not _is_ipv6(host) else host.encode()
+        uri = URI(b"http", b"%s:%d" % (host_b, port), host_b, port, target, b"", b"", b"")
+        return self._agent._requestWithEndpoint(
+            (b"http", host_b, port), endpoint, method, uri, request_headers, body, target
         )
+
+
+def _is_ipv6(host: str) -> bool:
+    return ":" in host
+
+
+class _WatchedConsumer:
+    """Passes body chunks to the real consumer and tells the exchange that the upload moves."""
+
+    def __init__(self, consumer: Any, progress: Any) -> None:
+        self._consumer = consumer
+        self._progress = progress
+
+    def write(self, data: bytes) -> None:
+        self._progress()
+        self._consumer.write(data)
+
+
+class _SpooledBody(FileBodyProducer):
+    """The client's spooled body as a producer; each chunk written counts as upload progress."""
+
+    def __init__(self, content: Any, progress: Any, reactor: Any) -> None:
+        from twisted.internet.task import Cooperator
+
+        super().__init__(
+            content, cooperator=Cooperator(scheduler=_soon(reactor)), readSize=BODY_CHUNK
+        )
+        self._progress = progress
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:  # noqa: N802
+        self._progress()
+        started: Deferred[None] = super().startProducing(_WatchedConsumer(consumer, self._progress))
+        return started
+
+
+def _soon(reactor: Any) -> Any:
+    def schedule(f: Any) -> IDelayedCall:
+        return reactor.callLater(0, f)  # type: ignore[no-any-return]
+
+    return schedule
+
+
+class _Exchange:
+    """One request's journey to the backend and the answer's journey back."""
+
+    def __init__(
+        self, forwarder: Forwarder, request: ProxyRequest, route: routing.Route, access: Access
+    ) -> None:
+        self.forwarder = forwarder
+        self.reactor = forwarder.reactor
+        self.request = request
+        self.route = route
+        self.project = access.project
+        self.port: int = route.port or 0
+        self.pending: Deferred[IResponse] | None = None
+        self.delivery: _Delivery | None = None
+        self.watchdog: Any = None
+        self.timed_out = False
+        self.client_gone = False
+
+    # --- request ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        request = self.request
+        request.notifyFinish().addErrback(self._client_lost)
+        client_headers = [
+            (name, value)
+            for name, values in request.requestHeaders.getAllRawHeaders()
+            for value in values
+        ]
+        hosts = request.requestHeaders.getRawHeaders(b"host")
+        peer = request.getClientAddress()
+        outgoing = headers.backend_request_headers(
+            client_headers,
+            route=self.route,
+            client_ip=str(getattr(peer, "host", "")),
+            proto=b"https" if request.isSecure() else b"http",
+            host=hosts[0] if hosts else None,
+            strip_authorization=request.authorization_is_proxy_credential,
+        )
+        backend_headers = Headers()
+        for name, value in outgoing:
+            if name.lower() != b"content-length":  # the Agent frames the body itself
+                backend_headers.addRawHeader(name, value)
+        body: Any = None
+        if request.requestHeaders.hasHeader(b"content-length") or request.requestHeaders.hasHeader(
+            b"transfer-encoding"
+        ):
+            assert request.content is not None
+            request.content.seek(0)
+            body = _SpooledBody(request.content, self._progress, self.reactor)
+        self._progress()
+        method = request.method
+        self.pending = self.forwarder.backend_request(
+            method, self.project.host, self.port, self.route.backend_target, backend_headers, body
+        )
+        self.pending.addCallbacks(self._got_response, self._failed)
+
+    def _progress(self) -> None:
+        """(Re)arm the response-header timeout: it counts from the last upload progress."""
+        if self.pending is not None and self.pending.called:
+            return
+        if self.watchdog is not None and self.watchdog.active():
+            self.watchdog.reset(self.forwarder.response_timeout)
+        else:
+            self.watchdog = self.reactor.callLater(self.forwarder.response_timeout, self._timeout)
+
+    def _disarm(self) -> None:
+        if self.watchdog is not None and self.watchdog.active():
+            self.watchdog.cancel()
+        self.watchdog = None
+
+    def _timeout(self) -> None:
+        self.watchdog = None
+        if self.pending is not None and not self.pending.called:
+            self.timed_out = True
+            self.pending.cancel()
+
+    def _client_lost(self, reason: Failure) -> None:
+        self.client_gone = True
+        self._disarm()
+        if self.pending is not None and not self.pending.called:
+            self.pending.cancel()
+        if self.delivery is not None:
+            self.delivery.stopProducing()
+
+    # --- response -----------------------------------------------------------------------
+
+    def _got_response(self, response: Any) -> None:
+        self._disarm()
+        request = self.request
+        if self.client_gone or request._disconnected:
+            response.deliverBody(_Discard())
+            return
+        backend_headers = [
+            (name, value)
+            for name, values in response.headers.getAllRawHeaders()
+            for value in values
+        ]
+        proxy_hosts = list(self.forwarder.public_hosts)
+        proxy_hosts.extend(request.requestHeaders.getRawHeaders(b"host", []))
+        outgoing = headers.client_response_headers(
+            backend_headers,
+            route=self.route,
+            project_host=self.project.host,
+            proxy_hosts=proxy_hosts,
+        )
+        date = request.responseHeaders.getRawHeaders(b"date")
+        request.responseHeaders = Headers()
+        for name, value in outgoing:
+            request.responseHeaders.addRawHeader(name, value)
+        if date and not request.responseHeaders.hasHeader(b"date"):
+            request.responseHeaders.setRawHeaders(b"Date", date)
+        request.defaultContentType = None
+        request.setResponseCode(response.code, response.phrase or None)
+        self.delivery = _Delivery(self)
+        response.deliverBody(self.delivery)
+
+    def _failed(self, failure: Failure) -> None:
+        self._disarm()
+        request = self.request
+        if self.client_gone or request._disconnected or request.finished:
+            return
+        port = self.port
+        facts: dict[str, object] = {"project": self.project.id, "port": port}
+        if self.timed_out:
+            self.request.log_info.extra["backend"] = "response-timeout"
+            pages.write_error(
+                request,
+                504,
+                "The project's server did not answer in time",
+                f"The server on port {port} of this project accepted the request but sent no "
+                f"answer within {self.forwarder.response_timeout:g} seconds.",
+                **facts,
+            )
+        elif failure.check(error.TimeoutError, CancelledError):
+            self.request.log_info.extra["backend"] = "connect-timeout"
+            pages.write_error(
+                request,
+                504,
+                "The project's server did not answer in time",
+                f"Connecting to port {port} of this project took longer than "
+                f"{self.forwarder.connect_timeout:g} seconds.",
+                **facts,
+            )
+        elif failure.check(error.ConnectError, error.DNSLookupError):
+            self.request.log_info.extra["backend"] = "refused"
+            pages.write_error(
+                request,
+                502,
+                "Nothing is answering",
+                f"Nothing answered on port {port} of this project. Start the server in the "
+                "project and make it listen on all addresses, not only on localhost: for "
+                "example --bind 0.0.0.0 or --ip=0.0.0.0.",
+                **facts,
+            )
+        elif failure.check(
+            ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed, error.ConnectionLost
+        ):
+            self.request.log_info.extra["backend"] = "no-response"
+            pages.write_error(
+                request,
+                502,
+                "The project's server closed the connection",
+                f"The server on port {port} of this project closed the connection without a "
+                "valid answer.",
+                **facts,
+            )
+        else:
+            log.failure("forwarding to port {port} failed", failure, port=port)
+            self.request.log_info.extra["backend"] = "error"
+            pages.write_error(
+                request,
+                502,
+                "Bad gateway",
+                f"The request could not be passed to port {port} of this project.",
+                **facts,
+            )
+
+    def _body_done(self, reason: Failure) -> None:
+        request = self.request
+        self.delivery = None
+        if self.client_gone or request._disconnected:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            request.unregisterProducer()
+            request.finish()
+            return
+        # The backend failed mid-body: never let a short body look complete.
+        log.info(
+            "backend on port {port} failed mid-body: {why}",
+            port=self.port,
+            why=reason.getErrorMessage(),
+        )
+        request.log_info.extra["backend"] = "failed-mid-body"
+        request.unregisterProducer()
+        transport = getattr(request.channel, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+
+
+@implementer(IPushProducer)
+class _Delivery(Protocol):
+    """Writes the backend's body to the client, pausing the backend while the client is full.
+
+    ``self.transport`` is the backend response's producer (a TransportProxyProducer around the
+    backend connection): pausing it stops reading from the backend socket, so TCP flow control
+    pushes back on the backend.
+    """
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self.exchange = exchange
+        self.stopped = False
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.exchange.request.registerProducer(self, True)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if not self.stopped:
+            self.exchange.request.write(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        self.exchange._body_done(reason)
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        if self.transport is not None and not self.stopped:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        """The client went away: close the backend connection mid-body."""
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+
+class _Discard(Protocol):
+    """For an answer nobody wants any more: closes the backend connection at once."""
+
+    def connectionMade(self) -> None:  # noqa: N802
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        pass

@@ -244,6 +244,17 @@ class DirectoryService(service.Service):
         return defer.maybeDeferred(self.directory.close)
 
 
+class BackendPoolService(service.Service):
+    """Closes the forwarder's idle backend connections on stop (after requests have drained)."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def stopService(self) -> defer.Deferred[None]:  # noqa: N802
+        super().stopService()
+        return defer.maybeDeferred(self.pool.closeCachedConnections)
+
+
 class ProxyService(service.MultiService):
     """The whole proxy.
 
@@ -395,6 +406,14 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         session_lifetime_days=options["session-lifetime"],
         project_domain=options["project-domain"],
     )
+    backend_pool = forward.make_pool(reactor, options["backend-pool-size"])
+    forwarder = forward.Forwarder(
+        reactor,
+        pool=backend_pool,
+        connect_timeout=options["backend-connect-timeout"],
+        response_timeout=options["backend-response-timeout"],
+        public_hosts=[options["hostname"].encode("idna")],
+    )
     websocket_relay = relay.Relay(
         reactor,
         connect_timeout=options["backend-connect-timeout"],
@@ -405,7 +424,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     proxy.relay = websocket_relay
     root = Root(
         guard=guard,
-        forwarder=forward.Placeholder(),
+        forwarder=forwarder,
         relay=websocket_relay,
         raw=raw.RawHandler(reactor),
         own_pages=OwnPages(directory, guard_pages),
@@ -413,6 +432,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     )
     site = ProxySite(root, reactor=reactor)
     site.hsts_max_age = options["hsts-max-age"]
+    site.max_body_size = options["max-body-size"]
     proxy.site = site
     site.metrics = proxy.metrics
     site.on_request_done.append(proxy.request_done)
@@ -431,6 +451,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
 
     DirectoryService(opened).setServiceParent(proxy)
     guard_service.setServiceParent(proxy)
+    BackendPoolService(backend_pool).setServiceParent(proxy)
     factories: list[TrackingTLSFactory] = []
     DrainService(
         reactor, site, options["shutdown-timeout"], factories, proxy.on_shutdown

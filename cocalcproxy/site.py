@@ -6,6 +6,7 @@ already-authorised Route, Project and Account and never parses URLs or looks at 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -123,9 +124,56 @@ class ProxyRequest(server.Request):
                 b"Strict-Transport-Security", [b"max-age=%d" % (max_age,)]
             )
 
+    # --- request body limit (--max-body-size): 413 before anything is forwarded -----------
+
+    body_refused = False
+    _body_limit: int | None = None
+    _body_received = 0
+
+    def gotLength(self, length: int | None) -> None:  # noqa: N802
+        self._body_limit = getattr(getattr(self.channel, "site", None), "max_body_size", None)
+        if self._body_limit is not None and length is not None and length > self._body_limit:
+            self.content = io.BytesIO()
+            self._refuse_body()
+            return
+        super().gotLength(length)
+
     def handleContentChunk(self, data: bytes) -> None:  # noqa: N802
+        if self.body_refused:
+            return
+        self._body_received += len(data)
         self.log_info.bytes_in += len(data)
+        if self._body_limit is not None and self._body_received > self._body_limit:
+            self._refuse_body()
+            return
         super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:  # noqa: N802
+        if self.body_refused:
+            return
+        super().requestReceived(command, path, version)
+
+    def _refuse_body(self) -> None:
+        """Answer 413 at once (headers only seen so far) and close: nothing is forwarded."""
+        self.body_refused = True
+        self.requestHeaders.removeHeader(b"expect")  # no 100-continue for a refused body
+        limit = self._body_limit
+        body = pages.error_body(
+            self,
+            413,
+            "Request body too large",
+            f"The proxy accepts request bodies of at most {limit} bytes.",
+            limit=limit,
+        )
+        self._set_transport_security()
+        lines = [b"HTTP/1.1 413 Content Too Large"]
+        for name, values in self.responseHeaders.getAllRawHeaders():
+            lines.extend(name + b": " + value for value in values)
+        lines += [b"Content-Length: %d" % len(body), b"Connection: close", b"", body]
+        transport: Any = self.channel.transport
+        if transport is not None:
+            transport.write(b"\r\n".join(lines))
+        self.channel.loseConnection()
 
 
 class Root(resource.Resource):
@@ -222,6 +270,9 @@ class ProxySite(server.Site):
     displayTracebacks = False
     # Strict-Transport-Security max-age for HTTPS answers; 0 sends none (--hsts-max-age).
     hsts_max_age = 0
+
+    #: Largest request body accepted (--max-body-size); None for no limit.
+    max_body_size: int | None = None
 
     def __init__(self, root: resource.Resource, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
