@@ -168,6 +168,9 @@ class _Exchange:
         self.watchdog: Any = None
         self.timed_out = False
         self.client_gone = False
+        # True once the backend's response headers (or a failure) arrived. ``pending.called``
+        # cannot tell: it is already True while the Deferred waits on the Agent's inner one.
+        self.settled = False
 
     # --- request ------------------------------------------------------------------------
 
@@ -209,7 +212,7 @@ class _Exchange:
 
     def _progress(self) -> None:
         """(Re)arm the response-header timeout: it counts from the last upload progress."""
-        if self.pending is not None and self.pending.called:
+        if self.settled:
             return
         if self.watchdog is not None and self.watchdog.active():
             self.watchdog.reset(self.forwarder.response_timeout)
@@ -223,14 +226,14 @@ class _Exchange:
 
     def _timeout(self) -> None:
         self.watchdog = None
-        if self.pending is not None and not self.pending.called:
+        if self.pending is not None and not self.settled:
             self.timed_out = True
             self.pending.cancel()
 
     def _client_lost(self, reason: Failure) -> None:
         self.client_gone = True
         self._disarm()
-        if self.pending is not None and not self.pending.called:
+        if self.pending is not None and not self.settled:
             self.pending.cancel()
         if self.delivery is not None:
             self.delivery.stopProducing()
@@ -238,6 +241,7 @@ class _Exchange:
     # --- response -----------------------------------------------------------------------
 
     def _got_response(self, response: Any) -> None:
+        self.settled = True
         self._disarm()
         request = self.request
         if self.client_gone or request._disconnected:
@@ -268,6 +272,7 @@ class _Exchange:
         response.deliverBody(self.delivery)
 
     def _failed(self, failure: Failure) -> None:
+        self.settled = True
         self._disarm()
         request = self.request
         if self.client_gone or request._disconnected or request.finished:
