@@ -31,6 +31,7 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
     URI,
     Agent,
@@ -40,10 +41,11 @@ from twisted.web.client import (
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
+    _HTTP11ClientFactory,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from cocalcproxy import headers, pages, routing
@@ -57,9 +59,34 @@ CACHED_CONNECTION_TIMEOUT = 60.0
 BODY_CHUNK = 64 * 1024
 
 
+class _BackendProtocol(HTTP11ClientProtocol):
+    """Keeps the response's connection-control headers (Connection, Keep-Alive, ...).
+
+    Twisted's parser files them away from ``response.headers``; the header policy needs them to
+    drop every header a backend names in ``Connection``. They are attached to the response as
+    ``connection_headers``.
+    """
+
+    def request(self, request: Any) -> Deferred[IResponse]:
+        d = super().request(request)
+        parser = getattr(self, "_parser", None)
+
+        def keep(response: Any) -> Any:
+            response.connection_headers = getattr(parser, "connHeaders", None)
+            return response
+
+        return d.addCallback(keep)
+
+
+class _BackendProtocolFactory(_HTTP11ClientFactory):  # type: ignore[misc]
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:  # noqa: N802
+        return _BackendProtocol(self._quiescentCallback)
+
+
 def make_pool(reactor: Any, pool_size: int) -> HTTPConnectionPool:
     """The shared backend pool: persistent, up to ``pool_size`` idle connections per host:port."""
     pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _BackendProtocolFactory
     pool.maxPersistentPerHost = pool_size
     pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT  # type: ignore[assignment]
     return pool
@@ -113,6 +140,10 @@ class Forwarder:
 
 def _is_ipv6(host: str) -> bool:
     return ":" in host
+
+
+def _raw_headers(h: Headers) -> list[tuple[bytes, bytes]]:
+    return [(name, value) for name, values in h.getAllRawHeaders() for value in values]
 
 
 class _WatchedConsumer:
@@ -247,11 +278,14 @@ class _Exchange:
         if self.client_gone or request._disconnected:
             response.deliverBody(_Discard())
             return
-        backend_headers = [
-            (name, value)
-            for name, values in response.headers.getAllRawHeaders()
-            for value in values
-        ]
+        backend_headers = _raw_headers(response.headers)
+        connection_headers = getattr(response, "connection_headers", None)
+        if connection_headers is not None:
+            backend_headers += [
+                (name, value)
+                for name, value in _raw_headers(connection_headers)
+                if name.lower() not in (b"content-length", b"transfer-encoding")
+            ]
         proxy_hosts = list(self.forwarder.public_hosts)
         proxy_hosts.extend(request.requestHeaders.getRawHeaders(b"host", []))
         outgoing = headers.client_response_headers(
@@ -267,6 +301,12 @@ class _Exchange:
         if date and not request.responseHeaders.hasHeader(b"date"):
             request.responseHeaders.setRawHeaders(b"Date", date)
         request.defaultContentType = None
+        if (
+            response.length is not UNKNOWN_LENGTH
+            and response.code not in (204, 304)
+            and request.method != b"HEAD"
+        ):
+            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])
         request.setResponseCode(response.code, response.phrase or None)
         self.delivery = _Delivery(self)
         response.deliverBody(self.delivery)

@@ -95,6 +95,7 @@ class BackendStats:
     client_ports: list[int] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
     paused: int = 0
+    is_paused: bool = False
     produced: int = 0
     pump_paused: Deferred[None] = field(default_factory=Deferred)
 
@@ -138,11 +139,13 @@ class Pump:
     def pauseProducing(self) -> None:  # noqa: N802
         self.paused = True
         self.stats.paused += 1
+        self.stats.is_paused = True
         if not self.stats.pump_paused.called:
             self.stats.pump_paused.callback(None)
 
     def resumeProducing(self) -> None:  # noqa: N802
         self.paused = False
+        self.stats.is_paused = False
         self._schedule()
 
     def stopProducing(self) -> None:  # noqa: N802
@@ -165,6 +168,10 @@ class EchoBackend(resource.Resource):
         stats = self.stats
         uri = request.uri
         path = uri.split(b"?", 1)[0]
+        # Like an app configured with a base URL: the port form's prefix is ours to ignore.
+        parts = path.split(b"/", 4)
+        if len(parts) == 5 and parts[1] == PID.encode() and parts[2] == b"port":
+            path = b"/" + parts[4]
         stats.client_ports.append(request.getClientAddress().port)  # type: ignore[attr-defined]
         request.notifyFinish().addErrback(lambda f: stats.lost.append(path.decode()))
         if path == b"/hang":
@@ -355,10 +362,11 @@ class RawClient(Protocol):
     def connectionMade(self) -> None:  # noqa: N802
         assert self.transport is not None
         self.transport.write(self.request)
-        if self.pause:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.pause and self.count == 0 and self.transport is not None:
+            # Stop reading once the answer starts (not before: TLS must finish its handshake).
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
         self.count += len(data)
         if len(self.received) < 64:
             self.received.append(data)
@@ -440,5 +448,3 @@ def curl(*args: str) -> Deferred[tuple[bytes, bytes, int]]:
         "curl", ["--silent", "--show-error", *args], env=dict(os.environ)
     )
     return d
-
-
