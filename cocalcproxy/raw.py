@@ -39,7 +39,7 @@ log = Logger()
 
 T = TypeVar("T")
 
-CHUNK_SIZE = 128 * 1024
+CHUNK_SIZE = 256 * 1024
 ALLOWED_METHODS = b"GET, HEAD"
 FILE_CACHE_CONTROL = b"private, no-cache"
 _LOCATION_SAFE = "/%!$&'()*+,;=:@-._~"

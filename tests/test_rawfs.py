@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
+import shutil
 import socket
 import stat
 import time
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from cocalcproxy import rawfs
@@ -280,3 +284,87 @@ class Listings(Tree):
         self.assertEqual(len(listing.entries), 10)
         self.assertEqual(listing.total, 32)
         self.assertEqual(listing.entries[0].name, b"docs")
+
+
+# Names a generated tree may use; link targets also climb and jump out.
+NAMES = ["a", "b", "f.txt"]
+TARGETS = st.sampled_from(
+    ["a", "b", "f.txt", "a/f.txt", "../a", "..", "../..", "../../outside", ".", "./b",
+     "a/../b", "a/../../outside/s.txt", "/", "@home", "@home/a", "@home/..", "@home/../outside",
+     "@outside", "@outside/s.txt", "../outside/s.txt"]
+)  # fmt: skip
+TREES = st.lists(
+    st.tuples(
+        st.lists(st.sampled_from(NAMES), min_size=1, max_size=2),
+        st.sampled_from(["dir", "file", "link", "link"]),
+        TARGETS,
+    ),
+    max_size=10,
+)
+# Every request path up to three names deep is tried against every generated tree.
+REQUESTS = [()] + [tuple(p) for n in (1, 2, 3) for p in itertools.product(NAMES, repeat=n)]
+
+
+def make_entry(home: str, parts: list[str], kind: str, target: str) -> None:
+    """Create one generated entry without ever following a symlink: the generated links point
+    outside, so building the tree through them would write outside the test's directory."""
+    fds = [os.open(home, os.O_RDONLY | os.O_DIRECTORY)]
+    try:
+        for name in parts[:-1]:
+            try:
+                os.mkdir(name, dir_fd=fds[-1])
+            except FileExistsError:
+                pass
+            fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
+        last = parts[-1]
+        if kind == "dir":
+            os.mkdir(last, dir_fd=fds[-1])
+        elif kind == "file":
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            fd = os.open(last, flags, 0o644, dir_fd=fds[-1])
+            os.write(fd, b"ok")
+            os.close(fd)
+        else:
+            os.symlink(target, last, dir_fd=fds[-1])
+    except OSError:
+        pass  # the generated tree collides with itself (a name already taken, a link as folder)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+class Property(unittest.TestCase):
+    """Whatever the tree and the links, an opened file is inside the home's real path."""
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(TREES)
+    def test_opened_files_are_inside_the_home(self, tree) -> None:  # type: ignore[no-untyped-def]
+        base = os.path.abspath(self.mktemp())
+        self.addCleanup(shutil.rmtree, base, True)
+        home = os.path.join(base, "home")
+        outside = os.path.join(base, "outside")
+        os.makedirs(home)
+        os.makedirs(outside)
+        with open(os.path.join(outside, "s.txt"), "w") as f:
+            f.write("secret")
+        with open(os.path.join(home, "f.txt"), "w") as f:
+            f.write("ok")
+        for parts, kind, target in tree:
+            target = target.replace("@home", home).replace("@outside", outside)
+            make_entry(home, parts, kind, target)
+        home_real = os.path.realpath(home)
+        for request in REQUESTS:
+            outcome = resolve(os.fsencode(home), tuple(n.encode() for n in request), listing=True)
+            if isinstance(outcome, OpenFile):
+                try:
+                    real = os.readlink(f"/proc/self/fd/{outcome.fd}")
+                    self.assertTrue(real.startswith(home_real + os.sep), (tree, request, real))
+                    self.assertEqual(os.pread(outcome.fd, 100, 0), b"ok")
+                finally:
+                    outcome.close()
+            elif isinstance(outcome, Directory):
+                assert outcome.listing is not None
+                names = {e.name for e in outcome.listing.entries}
+                self.assertNotIn(b"s.txt", names, (tree, request))
+            else:
+                self.assertIsInstance(outcome, rawfs.Problem)
