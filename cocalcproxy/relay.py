@@ -544,7 +544,7 @@ class _Handshake:
         self.relay._pending.discard(self)
         event: h11.InformationalResponse = self._switch_event
         trailing, closed = self.conn.trailing_data
-        splice = Splice(self.relay, self.access, self.backend)
+        splice = Splice(self.relay, self.access, self.backend, self.request)
         try:
             taken = takeover.take_over(self.request, splice.client_data, splice.client_lost)
         except takeover.ConnectionGone:
@@ -648,8 +648,15 @@ class _Valve:
 class Splice:
     """A relay after the 101: bytes both ways until either side ends, idles or is revoked."""
 
-    def __init__(self, relay: Relay, access: Access, backend: _BackendProtocol) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        access: Access,
+        backend: _BackendProtocol,
+        request: ProxyRequest | None = None,
+    ) -> None:
         self.relay = relay
+        self.request = request
         self.reactor = relay.clock
         self.access = access
         self.backend = backend
@@ -748,6 +755,11 @@ class Splice:
         self._maybe_finished()
 
     def client_lost(self, reason: Failure) -> None:
+        # The request ends right after this (takeover.py): give the access log the byte counts.
+        if self.request is not None:
+            self.request.log_info.bytes_in += self.bytes_up
+            self.request.log_info.bytes_out += self.bytes_down
+            self.request.log_info.extra["websocket_end"] = self.ending or "client closed"
         self.client_done = True
         self._end("client closed")
         self._maybe_finished()

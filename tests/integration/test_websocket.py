@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import os
 import socket
 import ssl
@@ -107,6 +108,19 @@ class WebSocketEndToEndTests(unittest.TestCase):
         self.assertIsNone(authorization)
         headers = backend.request_headers[0]
         self.assertEqual(headers["Host"], f"localhost:{self.proxy.port}")
+        # The access log has the relay: status 101 and the bytes spliced both ways.
+        log_path = os.path.join(self.proxy.state_dir, "access.log")
+
+        def relay_lines() -> list[dict[str, Any]]:
+            with open(log_path, encoding="utf-8") as f:
+                lines = [json.loads(line) for line in f if line.strip()]
+            return [line for line in lines if line["status"] == 101]
+
+        yield wait_for(lambda: bool(relay_lines()))
+        [line] = relay_lines()
+        self.assertEqual(line["account"], "bob")
+        self.assertGreater(line["bytes_in"], 70_000 * 0.9)
+        self.assertGreater(line["bytes_out"], 70_000 * 0.9)
         self.assertEqual(headers["X-Forwarded-Proto"], "https")
         self.assertEqual(headers["X-Forwarded-For"], "127.0.0.1")
 
