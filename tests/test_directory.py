@@ -21,7 +21,13 @@ from cocalcproxy.directory.store import (
     open_directory,
     open_sync_directory,
 )
-from tests.directory_support import FAST_HASHER, FakeClock, PostgresBackend, SQLiteBackend
+from tests.directory_support import (
+    FAST_HASHER,
+    FakeClock,
+    PostgresBackend,
+    SQLiteBackend,
+    _postgres_admin,
+)
 
 PID = "0b9d1c56-3f4a-4e6b-9a51-2c7d8e9f0a1b"
 OTHER_PID = "11111111-2222-4333-8444-555555555555"
@@ -673,3 +679,41 @@ class SQLiteAsyncTests(SQLiteBackend, AsyncTests, unittest.TestCase):
 
 class PostgresAsyncTests(PostgresBackend, AsyncTests, unittest.TestCase):
     pass
+
+
+class PostgresConnectionLossTests(PostgresBackend, unittest.TestCase):
+    """Connections cut by the server are replaced; a database that is gone is reported."""
+
+    def setUp(self) -> None:
+        self.url = self.new_database_url()
+        self.directory = open_directory(self.url, reactor, hasher=FAST_HASHER)
+        self.addCleanup(self.directory.close)
+        self.dbname = self.url.rsplit("/", 1)[1]
+
+    def kill_connections(self) -> int:
+        with _postgres_admin() as conn:
+            rows = conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (self.dbname,),
+            ).fetchall()
+        return len(rows)
+
+    @defer.inlineCallbacks
+    def test_reads_and_writes_survive_a_server_side_disconnect(self):  # type: ignore[no-untyped-def]
+        yield self.directory.add_user("alice", "pw")
+        self.assertGreater(self.kill_connections(), 0)
+        yield self.directory.ping()
+        self.assertEqual([a.name for a in (yield self.directory.list_users())], ["alice"])
+        self.kill_connections()
+        yield self.directory.add_user("bob", "pw")
+        self.assertEqual((yield self.directory.change_counter()), 2)
+
+    @defer.inlineCallbacks
+    def test_a_vanished_database_is_unavailable(self):  # type: ignore[no-untyped-def]
+        yield self.directory.ping()
+        with _postgres_admin() as conn:
+            conn.execute(f'DROP DATABASE "{self.dbname}" WITH (FORCE)')
+        with self.assertRaisesRegex(Unavailable, "does not exist"):
+            yield self.directory.ping()
+        with self.assertRaises(Unavailable):
+            yield self.directory.add_user("carol", "pw")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -53,6 +54,10 @@ class Dialect:
     def translate_error(self, error: BaseException) -> DirectoryError | None:
         """A DirectoryError for a database exception, or None when it is not a database one."""
         raise NotImplementedError
+
+    def is_disconnect(self, error: BaseException) -> bool:
+        """True when the connection itself was lost (worth one retry on a new connection)."""
+        return False
 
 
 class SQLiteDialect(Dialect):
@@ -117,20 +122,34 @@ class SQLiteDialect(Dialect):
             )
         except sqlite3.Error as e:
             raise Unavailable(f"cannot open the database {self.path!r}: {e}") from None
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA foreign_keys = ON")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise Unavailable(f"the database {self.path!r} cannot use WAL mode ({mode})")
-            conn.execute("PRAGMA synchronous = NORMAL")
-        except sqlite3.Error as e:
-            conn.close()
-            raise Unavailable(f"cannot read the database {self.path!r}: {e}") from None
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                self._configure(conn)
+                return conn
+            except sqlite3.OperationalError as e:
+                # Switching a new database to WAL needs an exclusive lock and does not wait
+                # through the busy handler, so a second process opening the same new file at
+                # that moment is told "locked"; it simply tries again.
+                if "locked" in str(e) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                conn.close()
+                raise Unavailable(f"cannot read the database {self.path!r}: {e}") from None
+            except sqlite3.Error as e:
+                conn.close()
+                raise Unavailable(f"cannot read the database {self.path!r}: {e}") from None
+            except BaseException:
+                conn.close()
+                raise
+
+    def _configure(self, conn: Any) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise Unavailable(f"the database {self.path!r} cannot use WAL mode ({mode})")
+        conn.execute("PRAGMA synchronous = NORMAL")
 
     def begin_write(self, cursor: Any) -> None:
         # IMMEDIATE takes the write lock up front (waiting up to busy_timeout), so a transaction
@@ -208,6 +227,11 @@ class PostgresDialect(Dialect):
         cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
         row = cursor.fetchone()
         return bool(row and row[0])
+
+    def is_disconnect(self, error: BaseException) -> bool:
+        import psycopg
+
+        return isinstance(error, psycopg.OperationalError)
 
     def translate_error(self, error: BaseException) -> DirectoryError | None:
         import psycopg

@@ -61,6 +61,12 @@ _PROJECT_COLUMNS = (
 )
 
 
+class _Retryable(Exception):
+    def __init__(self, error: DirectoryError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class Tx:
     """A cursor inside one transaction, speaking ``?`` placeholders on every backend."""
 
@@ -142,17 +148,32 @@ class SyncDirectory:
                 pass
 
     def _transaction(self, write: bool, work: Callable[[Tx], T], bump: bool = True) -> T:
+        """Run ``work`` in one transaction. A connection that has sat idle may have been cut
+        (a PostgreSQL restart, an idle timeout): when it fails before anything was done, or
+        during a read, the call is tried once more on a new connection."""
+        for attempt in (1, 2):
+            reused = getattr(self._local, "conn", None) is not None
+            try:
+                return self._transaction_once(write, work, bump)
+            except _Retryable as e:
+                if not reused or attempt == 2:
+                    raise e.error from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _transaction_once(self, write: bool, work: Callable[[Tx], T], bump: bool) -> T:
         conn = self._connection()
+        started = False
         try:
             cursor = conn.cursor()
             tx = Tx(cursor, self.dialect)
             if write:
                 self.dialect.begin_write(cursor)
-                if bump:
-                    tx.run("UPDATE change_counter SET value = value + 1 WHERE id = 1")
             else:
                 self.dialect.begin_read(cursor)
+            started = True
             try:
+                if write and bump:
+                    tx.run("UPDATE change_counter SET value = value + 1 WHERE id = 1")
                 result = work(tx)
                 cursor.execute("COMMIT")
             except BaseException:
@@ -168,8 +189,11 @@ class SyncDirectory:
             translated = self.dialect.translate_error(e)
             if translated is None:
                 raise
-            if not isinstance(translated, Conflict):
-                self._drop_connection()
+            if isinstance(translated, Conflict):
+                raise translated from None
+            self._drop_connection()
+            if self.dialect.is_disconnect(e) and (not started or not write):
+                raise _Retryable(translated) from None
             raise translated from None
 
     def _read(self, work: Callable[[Tx], T]) -> T:
