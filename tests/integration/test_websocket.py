@@ -374,3 +374,67 @@ def read_frame(s: Any, buffered: bytes) -> tuple[int, bytes, bytes]:
     length = data[1] & 0x7F
     assert length < 126 and not data[1] & 0x80
     return data[0] & 0x0F, data[2 : 2 + length], data[2 + length :]
+
+
+class SubdomainWebSocketTests(unittest.TestCase):
+    """``https://<pid>-<port>.<domain>/``: the project's own subdomain is the allowed origin."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.proxy = yield start_proxy(self, "--project-domain", "projects.test")
+        yield self.proxy.directory.add_user("bob", "bob-password")
+        project = yield self.proxy.directory.add_project("bob", host="127.0.0.1")
+        self.pid = project.id
+        # The generated certificate names localhost only; these tests are about origins.
+        self.tls = ssl.create_default_context(cafile=self.proxy.cert_path)
+        self.tls.check_hostname = False
+
+    def host(self, port: int) -> str:
+        return f"{self.pid}-{port}.projects.test:{self.proxy.port}"
+
+    def connect_to(self, port: int, path: str, **options: Any) -> Any:
+        sock = socket.create_connection(("127.0.0.1", self.proxy.port), timeout=20)
+        return connect(
+            f"wss://{self.host(port)}{path}",
+            sock=sock,
+            ssl=self.tls,
+            server_hostname=f"{self.pid}-{port}.projects.test",
+            additional_headers=basic("bob", "bob-password"),
+            proxy=None,
+            open_timeout=20,
+            **options,
+        )
+
+    @defer.inlineCallbacks
+    def test_own_subdomain_origin_only(self):  # type: ignore[no-untyped-def]
+        paths: list[str] = []
+
+        async def handler(ws: Any) -> None:
+            paths.append(ws.request.path)
+            await echo(ws)
+
+        port = WSBackend(handler).start(self)
+
+        async def scenario() -> list[Any]:
+            results: list[Any] = []
+            async with self.connect_to(
+                port, "/live?x=1", origin=f"https://{self.host(port)}"
+            ) as ws:
+                await ws.send("on my own subdomain")
+                results.append(await ws.recv())
+            for origin in (
+                f"https://localhost:{self.proxy.port}",  # the main host is another site here
+                f"https://{self.host(port + 1)}",  # a neighbouring port's subdomain
+            ):
+                try:
+                    async with self.connect_to(port, "/", origin=origin):
+                        results.append(101)
+                except InvalidStatus as e:
+                    results.append(e.response.status_code)
+            return results
+
+        got = yield in_thread(scenario)
+        self.assertEqual(got, ["on my own subdomain", 403, 403])
+        self.assertEqual(paths, ["/live?x=1"])
