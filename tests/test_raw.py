@@ -271,6 +271,7 @@ class Ranges(Tree):
     def test_two_gigabyte_sparse_file(self):  # type: ignore[no-untyped-def]
         size = 2**31 + 5
         path = os.path.join(self.home or "", "sparse.img")
+        self.addCleanup(os.remove, path)
         with open(path, "wb") as f:
             os.truncate(f.fileno(), size)
             os.pwrite(f.fileno(), b"START", 0)
@@ -526,6 +527,7 @@ class Backpressure(Tree):
         self.handler.sender_factory = RecordingSender
         self.size = 256 * 1024 * 1024
         self.path = os.path.join(self.home or "", "huge.bin")
+        self.addCleanup(os.remove, self.path)
         with open(self.path, "wb") as f:
             os.truncate(f.fileno(), self.size)
 

@@ -227,6 +227,7 @@ class RawOverTLS(unittest.TestCase):
     @defer.inlineCallbacks
     def test_curl_ranges_on_a_two_gigabyte_sparse_file(self):  # type: ignore[no-untyped-def]
         size = 2 * 1024**3 + 3
+        self.addCleanup(os.remove, os.path.join(self.home, "disk.img"))
         with open(os.path.join(self.home, "disk.img"), "wb") as f:
             os.truncate(f.fileno(), size)
             os.pwrite(f.fileno(), b"HEAD", 0)
