@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.logger import Logger
@@ -142,12 +142,16 @@ class DrainService(service.Service):
     """Graceful end of the HTTPS side, run after the listeners stopped accepting.
 
     1. ``on_shutdown`` hooks run (the relay closes its WebSockets with a close frame);
-    2. idle keep-alive connections are closed, busy ones are marked to close after their response
-       (``Connection: close`` when the response has not started);
-    3. waits until every HTTPS connection has closed, at most ``timeout`` seconds, then aborts
-       whatever is left. Waiting on connections rather than on requests also covers a request
-       whose body is still arriving.
+    2. every ``SWEEP_INTERVAL`` seconds, connections without a request are closed (TLS
+       close_notify, then TCP close without waiting for the peer's close_notify, as nginx does,
+       so a silent client cannot hold the process), and busy ones are marked to close after
+       their response (``Connection: close`` when the response has not started);
+    3. all this until every HTTPS connection has closed and every hook has finished, at most
+       ``timeout`` seconds; then whatever is left is aborted. Waiting on connections rather than
+       on requests also covers a request whose body is still arriving.
     """
+
+    SWEEP_INTERVAL = 0.1
 
     def __init__(
         self,
@@ -162,11 +166,12 @@ class DrainService(service.Service):
         self.timeout = timeout
         self.factories = factories if factories is not None else []
         self.on_shutdown = on_shutdown if on_shutdown is not None else []
+        self._closing: set[Any] = set()
 
     def connections(self) -> list[Any]:
         return [p for factory in self.factories for p in list(factory.protocols)]
 
-    def close_idle(self) -> int:
+    def sweep(self) -> int:
         """Close connections with no request; make busy ones non-persistent. Returns busy count."""
         busy = 0
         for protocol in self.connections():
@@ -178,43 +183,57 @@ class DrainService(service.Service):
                 for request in requests:
                     if not request.startedWriting:
                         request.responseHeaders.setRawHeaders(b"connection", [b"close"])
-            elif channel is not None and callable(getattr(channel, "loseConnection", None)):
-                # HTTPChannel.loseConnection unregisters itself as the transport's producer
-                # first; TLS would otherwise wait for that producer before closing.
-                channel.loseConnection()
-            else:
-                protocol.loseConnection()
+            elif protocol not in self._closing:
+                self._closing.add(protocol)
+                if channel is not None and callable(getattr(channel, "loseConnection", None)):
+                    # HTTPChannel.loseConnection unregisters itself as the transport's producer
+                    # first; TLS would otherwise wait for that producer before closing.
+                    channel.loseConnection()
+                else:
+                    protocol.loseConnection()
+                wire = getattr(protocol, "transport", None)
+                if wire is not None:
+                    wire.loseConnection()
         return busy
 
     def stopService(self) -> defer.Deferred[None]:  # noqa: N802
         super().stopService()
         return defer.ensureDeferred(self._drain())
 
+    def _run_hook(self, hook: Callable[[], object]) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.maybeDeferred(hook)
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(defer.CancelledError):
+                log.failure("shutdown hook failed", failure)
+
+        return d.addErrback(failed)
+
     async def _drain(self) -> None:
-        hooks: list[defer.Deferred[object]] = []
-        for hook in self.on_shutdown:
-            try:
-                hooks.append(defer.maybeDeferred(hook))
-            except Exception:
-                log.failure("shutdown hook failed")
-        busy = self.close_idle()
+        waits: list[defer.Deferred[Any]] = [self._run_hook(hook) for hook in self.on_shutdown]
+        busy = self.sweep()
         if busy or self.site.in_flight:
             log.info(
                 "waiting up to {t}s for {n} request(s) in flight",
                 t=self.timeout,
                 n=len(self.site.in_flight),
             )
-        waits: list[defer.Deferred[Any]] = [*hooks, self.site.wait_idle()]
+        sweeper = task.LoopingCall(self.sweep)
+        sweeper.clock = self.reactor
+        sweeper.start(self.SWEEP_INTERVAL, now=False)
+        waits.append(self.site.wait_idle())
         waits.extend(factory.wait_closed() for factory in self.factories)
-        waiting = defer.gatherResults(waits, consumeErrors=True)
-        waiting.addTimeout(self.timeout, self.reactor)
+        everything = defer.gatherResults(waits, consumeErrors=True)
+        deadline = self.reactor.callLater(self.timeout, everything.cancel)
         try:
-            await waiting
-            return
-        except defer.TimeoutError:
+            await everything
+        except (defer.CancelledError, defer.FirstError):
             pass
-        except defer.FirstError as e:
-            log.error("shutdown hook failed: {why}", why=e.subFailure.getErrorMessage())
+        finally:
+            sweeper.stop()
+        if deadline.active():
+            deadline.cancel()
+            return
         left = self.connections()
         log.warn(
             "shutdown timeout: closing {n} request(s) and {c} connection(s) still open",
