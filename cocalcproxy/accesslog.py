@@ -47,6 +47,10 @@ class RequestFacts:
     project: str | None
     form: str | None
     port: int | None
+    # Why a backend could not serve ("refused", "connect-timeout", ...: the forwarder's words).
+    backend_error: str | None = None
+    # How a WebSocket relay ended ("client closed", "idle timeout", ...).
+    websocket_end: str | None = None
 
 
 def _text(raw: bytes | None, limit: int = 512) -> str | None:
@@ -70,6 +74,7 @@ def facts_of(request: server.Request, now: float) -> RequestFacts:
     """Everything the access log and the metrics need about a request that has ended."""
     info = getattr(request, "log_info", None)
     started = getattr(info, "started", None)
+    extra = getattr(info, "extra", None) or {}
     uri = request.uri or b""
     path, question, _ = uri.partition(b"?")
     hosts = request.requestHeaders.getRawHeaders(b"host", [])
@@ -81,7 +86,8 @@ def facts_of(request: server.Request, now: float) -> RequestFacts:
         path=_text(path, MAX_PATH) or "",
         has_query=bool(question),
         status=int(request.code),
-        completed=bool(request.finished) and not request._disconnected,
+        # A relayed WebSocket is never "finished": its answer was the 101, then the splice.
+        completed=(bool(request.finished) and not request._disconnected) or request.code == 101,
         bytes_in=int(getattr(info, "bytes_in", 0)),
         bytes_out=int(request.sentLength) + int(getattr(info, "bytes_out", 0)),
         duration=max(0.0, now - started) if started is not None else 0.0,
@@ -89,7 +95,13 @@ def facts_of(request: server.Request, now: float) -> RequestFacts:
         project=getattr(info, "project", None),
         form=getattr(info, "form", None),
         port=getattr(info, "port", None),
+        backend_error=_word(extra.get("backend")),
+        websocket_end=_word(extra.get("websocket_end")),
     )
+
+
+def _word(value: object) -> str | None:
+    return value[:64] if isinstance(value, str) else None
 
 
 def format_line(facts: RequestFacts) -> str:
@@ -111,6 +123,10 @@ def format_line(facts: RequestFacts) -> str:
         "form": facts.form,
         "port": facts.port,
     }
+    if facts.backend_error is not None:
+        record["backend"] = facts.backend_error
+    if facts.websocket_end is not None:
+        record["websocket_end"] = facts.websocket_end
     return json.dumps(record, separators=(",", ":"), ensure_ascii=True) + "\n"
 
 

@@ -2,8 +2,10 @@
 
 Other parts of the proxy report through small methods, so none of them imports prometheus_client:
 
-* ``backend_failure(reason)``: a backend connection could not be made or broke (forwarder, relay).
-  Use a fixed vocabulary for ``reason``: "refused", "timeout", "reset", "other".
+* ``backend_failure(reason)``: a backend connection could not be made or broke. Handlers need
+  not call it: a request whose ``log_info.extra["backend"]`` names a reason (the forwarder sets
+  "refused", "connect-timeout", "response-timeout", "no-response", "error", "failed-mid-body")
+  is counted from the request-done hook. Reasons must come from a fixed vocabulary.
 * ``signin_failure()``: a wrong name, password, token or session at sign-in (guard).
 * ``cache_hit(cache)`` / ``cache_miss(cache)``: decision caches (guard); ``cache`` is a fixed
   name such as "account" or "project".
@@ -118,6 +120,8 @@ class Metrics:
             self.bytes_in.labels(form=form).inc(facts.bytes_in)
         if facts.bytes_out:
             self.bytes_out.labels(form=form).inc(facts.bytes_out)
+        if facts.backend_error is not None:
+            self.backend_failure(facts.backend_error)
 
     def backend_failure(self, reason: str = "other") -> None:
         self.backend_failures.labels(reason=reason).inc()

@@ -82,6 +82,16 @@ class FormatTests(unittest.TestCase):
         self.assertTrue(line.isascii())
         self.assertEqual(json.loads(line)["path"], '/x\n{"status":200}\u2028')
 
+    def test_backend_and_websocket_words_only_when_present(self) -> None:
+        plain = json.loads(accesslog.format_line(sample()))
+        self.assertNotIn("backend", plain)
+        self.assertNotIn("websocket_end", plain)
+        record = json.loads(
+            accesslog.format_line(sample(backend_error="refused", websocket_end="idle timeout"))
+        )
+        self.assertEqual(record["backend"], "refused")
+        self.assertEqual(record["websocket_end"], "idle timeout")
+
     def test_stream_gets_flushed_lines(self) -> None:
         stream = io.StringIO()
         log = accesslog.AccessLog(stream=stream)

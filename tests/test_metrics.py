@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import json
+import os
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -10,6 +12,7 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from cocalcproxy import metrics
+from tests.processes import free_port
 from tests.support import https_client, plain_client, start_proxy
 from tests.test_accesslog import sample, use_quiet_directory
 
@@ -53,6 +56,14 @@ class MetricsTests(unittest.TestCase):
         )
         self.assertEqual(
             value(m, "cocalcproxy_request_duration_seconds_bucket", form="port", le="5.0"), 1
+        )
+
+    def test_backend_error_counted_from_request_facts(self) -> None:
+        m = metrics.Metrics()
+        m.observe_request(sample(status=502, backend_error="refused"))
+        m.observe_request(sample(status=200))
+        self.assertEqual(
+            value(m, "cocalcproxy_backend_connection_failures_total", reason="refused"), 1
         )
 
     def test_unknown_form_does_not_create_series(self) -> None:
@@ -169,3 +180,54 @@ class ScrapeTests(unittest.TestCase):
         post = yield scraper.post(f"http://127.0.0.1:{port}/metrics", data=b"")
         yield post.content()
         self.assertEqual(post.code, 405)
+
+
+class BackendFailureTests(unittest.TestCase):
+    """The real forwarder, directory and guard: a backend that refuses shows in log and metrics."""
+
+    @defer.inlineCallbacks
+    def test_refused_backend(self):  # type: ignore[no-untyped-def]
+        log_path = os.path.abspath(self.mktemp())
+        proxy = yield start_proxy(
+            self, "--metrics", "tcp:0:interface=127.0.0.1", "--access-log", log_path
+        )
+        yield proxy.directory.add_user("carol", "a long enough password")
+        project = yield proxy.directory.add_project("carol")
+        _, token = yield proxy.directory.create_token("carol")
+        closed = free_port()
+        client = https_client(self, proxy.cert_path)
+        response = yield client.get(
+            f"{proxy.url}/{project.id}/server/{closed}/?token=hidden",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        yield response.content()
+        self.assertEqual(response.code, 502)
+
+        port = proxy.service.metrics_listener.port.getHost().port
+        scraped = yield plain_client(self).get(f"http://127.0.0.1:{port}/metrics")
+        found = samples((yield scraped.text()))
+        self.assertEqual(
+            found[("cocalcproxy_backend_connection_failures_total", (("reason", "refused"),))], 1
+        )
+        self.assertEqual(
+            found[("cocalcproxy_requests_total", (("form", "server"), ("status", "502")))], 1
+        )
+        self.assertGreater(
+            found[("cocalcproxy_directory_query_seconds_count", (("operation", "project_for"),))]
+            + found.get(
+                (
+                    "cocalcproxy_directory_query_seconds_count",
+                    (("operation", "account_for_token"),),
+                ),
+                0,
+            ),
+            0,
+        )
+        with open(log_path) as f:
+            (line,) = [json.loads(x) for x in f]
+        self.assertEqual(line["backend"], "refused")
+        self.assertEqual(line["account"], "carol")
+        self.assertEqual(line["project"], project.id)
+        self.assertEqual(line["form"], "server")
+        self.assertEqual(line["port"], closed)
+        self.assertNotIn(token, json.dumps(line))
