@@ -55,6 +55,8 @@ log = Logger()
 
 #: Idle backend connections are dropped after this many seconds (servers close them anyway).
 CACHED_CONNECTION_TIMEOUT = 60.0
+#: Backends whose endpoint is kept for reuse (the cache is simply emptied when full).
+ENDPOINT_CACHE_SIZE = 4096
 #: Bytes read from the spooled request body per write to the backend.
 BODY_CHUNK = 64 * 1024
 
@@ -110,6 +112,7 @@ class Forwarder:
         self.response_timeout = response_timeout
         self.public_hosts = tuple(public_hosts)
         self._agent = Agent(reactor, pool=pool)
+        self._endpoints: dict[tuple[str, int], tuple[Any, bytes]] = {}
 
     def handle(self, request: ProxyRequest, route: routing.Route, access: Access) -> None:
         assert route.port is not None and route.kind != "raw"
@@ -130,12 +133,23 @@ class Forwarder:
         vanishes), so the request goes through the Agent's endpoint-level entry point with the
         routing layer's exact origin-form target.
         """
-        endpoint: Any = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
-        host_b = host.encode("idna") if not _is_ipv6(host) else host.encode()
+        endpoint, host_b = self._endpoint(host, port)
         uri = URI(b"http", b"%s:%d" % (host_b, port), host_b, port, target, b"", b"", b"")
         return self._agent._requestWithEndpoint(
             (b"http", host_b, port), endpoint, method, uri, request_headers, body, target
         )
+
+    def _endpoint(self, host: str, port: int) -> tuple[Any, bytes]:
+        """One reusable endpoint per backend (building one costs an IDNA encoding each time)."""
+        key = (host, port)
+        found = self._endpoints.get(key)
+        if found is None:
+            if len(self._endpoints) >= ENDPOINT_CACHE_SIZE:
+                self._endpoints.clear()
+            endpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
+            host_b = host.encode() if _is_ipv6(host) else host.encode("idna")
+            found = self._endpoints[key] = (endpoint, host_b)
+        return found
 
 
 def _is_ipv6(host: str) -> bool:

@@ -318,6 +318,7 @@ def start_proxy(  # type: ignore[no-untyped-def]
     response_timeout: float = 300.0,
     max_body_size: int = 1024**3,
     pool_size: int = 8,
+    project_domain: str | None = None,
 ):
     cert, key = tls.ensure_self_signed(case.mktemp(), "localhost")
     creator = tls.ReloadableServerCreator(cert, key)
@@ -336,6 +337,7 @@ def start_proxy(  # type: ignore[no-untyped-def]
         relay=forwarder,
         raw=forwarder,
         own_pages=NoPages(),
+        project_domain=project_domain,
     )
     site = ProxySite(root, reactor=reactor)
     site.max_body_size = max_body_size

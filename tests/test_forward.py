@@ -310,3 +310,14 @@ class Glue(unittest.TestCase):
         self.assertTrue(self.written().startswith(b"HTTP/1.1 413 "))
         self.send(b"0\r\n\r\n")
         self.assertEqual(self.forwarder.calls, [])
+
+
+class Endpoints(unittest.TestCase):
+    def test_one_endpoint_per_backend_reused(self) -> None:
+        clock = task.Clock()
+        forwarder = forward.Forwarder(clock, pool=HTTPConnectionPool(clock, persistent=False))
+        first = forwarder._endpoint("127.0.0.1", 8000)
+        self.assertIs(forwarder._endpoint("127.0.0.1", 8000), first)
+        self.assertIsNot(forwarder._endpoint("127.0.0.1", 8001)[0], first[0])
+        self.assertEqual(forwarder._endpoint("::1", 8000)[1], b"::1")
+        self.assertEqual(forwarder._endpoint("bücher.example", 80)[1], b"xn--bcher-kva.example")

@@ -311,6 +311,56 @@ class Forwarding(unittest.TestCase):
         self.assertEqual(stats.produced, size)
 
 
+class Subdomain(unittest.TestCase):
+    """``<pid>-<port>.<domain>``: the backend sees the path unchanged; cookies stay host-only."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.backend = yield start_backend(self)
+        self.proxy = yield start_proxy(self, project_domain="projects.example")
+        self.host = f"{PID}-{self.backend.port}.projects.example".encode()
+
+    @inlineCallbacks
+    def request(self, target: bytes):  # type: ignore[no-untyped-def]
+        raw = yield raw_request(
+            self,
+            self.proxy,
+            b"GET " + target + b" HTTP/1.0\r\nHost: " + self.host + b"\r\n\r\n",
+        )
+        return head_and_body(raw)
+
+    @inlineCallbacks
+    def test_path_unchanged_and_no_prefix(self):  # type: ignore[no-untyped-def]
+        head, body = yield self.request(b"/a/b?c=%2F")
+        doc = json.loads(body)
+        self.assertEqual(doc["uri"], "/a/b?c=%2F")
+        self.assertEqual(header_values(doc, "host"), [self.host.decode()])
+        self.assertEqual(header_values(doc, "x-forwarded-host"), [self.host.decode()])
+        self.assertEqual(header_values(doc, "x-forwarded-prefix"), [])
+
+    @inlineCallbacks
+    def test_location_and_cookies(self):  # type: ignore[no-untyped-def]
+        head, _ = yield self.request(b"/redirect?to=/login")
+        self.assertIn(b"\r\nLocation: /login", head)
+        head, _ = yield self.request(
+            b"/redirect?to=http://127.0.0.1:" + str(self.backend.port).encode() + b"/x"
+        )
+        self.assertIn(b"\r\nLocation: /x", head)
+        head, _ = yield self.request(b"/cookies")
+        self.assertIn(b"\r\nSet-Cookie: a=1; Path=/\r\n", head)
+        self.assertIn(b"\r\nSet-Cookie: b=2; Path=/deep; HttpOnly", head)
+        self.assertNotIn(b"cocalcproxy_session", head)
+
+    @inlineCallbacks
+    def test_unknown_project_host_is_404(self):  # type: ignore[no-untyped-def]
+        self.host = b"www.projects.example"
+        head, _ = yield self.request(b"/")
+        self.assertTrue(head.startswith(b"HTTP/1.0 404") or head.startswith(b"HTTP/1.1 404"), head)
+        self.assertEqual(self.backend.stats.client_ports, [])
+
+
 class BigBodies(unittest.TestCase):
     """100 MB each way, streamed, compared by SHA-256 (the harness never holds a whole body)."""
 
