@@ -159,7 +159,8 @@ def backend_request_headers(
 ) -> list[Header]:
     """The headers to send to the backend for one request.
 
-    ``client_headers`` are the request's headers as received; ``client_ip`` the peer address;
+    ``client_headers`` are the request's headers as received; ``client_ip`` the peer address
+    (empty when the listener has none, e.g. a Unix socket: then no X-Forwarded-For is sent);
     ``proto`` the scheme the client used (always https for proxied requests); ``host`` the
     client's Host header (None if absent: then no Host and no X-Forwarded-Host are sent, and the
     HTTP client fills in the backend's address). ``strip_authorization`` is
@@ -192,7 +193,8 @@ def backend_request_headers(
     if websocket:
         out.append((b"Connection", b"Upgrade"))
         out.append((b"Upgrade", upgrade if upgrade is not None else b"websocket"))
-    out.append((b"X-Forwarded-For", client_ip.encode("ascii", "replace")))
+    if client_ip:
+        out.append((b"X-Forwarded-For", client_ip.encode("ascii", "replace")))
     out.append((b"X-Forwarded-Proto", proto))
     if host is not None:
         out.append((b"X-Forwarded-Host", host))

@@ -88,6 +88,10 @@ class RequestHeaders(unittest.TestCase):
         self.assertEqual(values(to_backend([], route=PORT), b"x-forwarded-prefix"), [])
         self.assertEqual(values(to_backend([], route=SUB), b"x-forwarded-prefix"), [])
 
+    def test_no_client_address(self) -> None:
+        out = to_backend([(b"X-Forwarded-For", b"6.6.6.6")], client_ip="")
+        self.assertEqual(values(out, b"x-forwarded-for"), [])
+
     def test_no_host(self) -> None:
         out = to_backend([], host=None)
         self.assertEqual(values(out, b"host"), [])

@@ -238,6 +238,42 @@ class Forwarding(unittest.TestCase):
         self.assertTrue(parts[3].endswith(b"\r\n\r\n"))
 
     @inlineCallbacks
+    def test_statuses_survive(self):  # type: ignore[no-untyped-def]
+        for status in (201, 202, 299, 400, 404, 410, 418, 500, 503, 599):
+            response = yield self.client.get(
+                self.proxy.server_url(self.backend.port, f"/status/{status}")
+            )
+            yield response.content()
+            self.assertEqual(response.code, status)
+            self.assertEqual(response.headers.getRawHeaders(b"etag"), [b'"v1"'])
+
+    @inlineCallbacks
+    def test_routing_edges_never_reach_the_backend(self):  # type: ignore[no-untyped-def]
+        b = str(self.backend.port).encode()
+        p = PID.encode()
+        for target in (
+            b"/" + p + b"/server/" + b + b"%2F",
+            b"/" + p + b"/server/" + b + b"%2f..%2f",
+            b"/" + p + b"/server/0" + b + b"/",
+            b"/" + p.upper() + b"/server/" + b + b"/",
+            b"/" + p + b"//server/" + b + b"/",
+            b"//" + p + b"/server/" + b + b"/",
+            b"/x/../" + p + b"/server/" + b + b"/",
+            b"/%2e%2e/" + p + b"/server/" + b + b"/",
+            b"/" + p + b"/server/" + b + b"/\xc3\xa9",
+            b"/" + p + b"/server/" + b + b"/" + b"a" * 9000,
+            b"http://127.0.0.1:" + b + b"/" + p + b"/server/" + b + b"/",
+        ):
+            raw = yield raw_request(
+                self,
+                self.proxy,
+                b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            )
+            status = raw.split(b"\r\n", 1)[0]
+            self.assertIn(status[9:12], (b"404", b"400"), (target[:80], status))
+        self.assertEqual(self.backend.stats.client_ports, [])
+
+    @inlineCallbacks
     def test_keep_alive_reuses_backend_connection(self):  # type: ignore[no-untyped-def]
         for _ in range(3):
             yield self.echo("GET", self.proxy.server_url(self.backend.port, "/k"))
