@@ -625,6 +625,26 @@ class AsyncTests:
             yield self.directory.add_project("alice", project_id="NOPE")
 
     @defer.inlineCallbacks
+    def test_close_does_not_block_and_finishes_queued_work(self):  # type: ignore[no-untyped-def]
+        release = threading.Event()
+
+        def slow() -> int:
+            release.wait(30)
+            return self.directory.sync.change_counter()
+
+        in_flight = self.directory._call(slow)
+        closing = self.directory.close()
+        self.assertFalse(closing.called, "close() must not join the workers on the reactor")
+        again = self.directory.close()
+        with self.assertRaisesRegex(Unavailable, "closed"):
+            yield self.directory.ping()
+        release.set()
+        self.assertEqual((yield in_flight), 0, "work queued before close() still completes")
+        yield closing
+        yield again
+        self.assertEqual(self.directory.sync._connections, [])
+
+    @defer.inlineCallbacks
     def test_closed_directory_refuses(self):  # type: ignore[no-untyped-def]
         yield self.directory.close()
         with self.assertRaisesRegex(Unavailable, "closed"):

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 from argon2 import PasswordHasher
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -670,6 +670,8 @@ class Directory:
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=0, maxthreads=pool_size, name="cocalcproxy-directory")
         self._closed = False
+        self._done = False
+        self._waiters: list[Deferred[None]] = []
         self._shutdown_trigger: Any = None
         if hasattr(reactor, "callWhenRunning"):
             reactor.callWhenRunning(self._start)
@@ -684,15 +686,18 @@ class Directory:
         # unknown name does not take visibly longer than one with a known name.
         self.pool.callInThread(self.sync.passwords.dummy_hash)
         if hasattr(self.reactor, "addSystemEventTrigger"):
+            # A fallback for owners that never call close(); like the reactor's own thread
+            # pool, it joins the workers during shutdown.
             self._shutdown_trigger = self.reactor.addSystemEventTrigger(
-                "during", "shutdown", self._stop
+                "during", "shutdown", self._stop_now
             )
 
-    def _stop(self) -> None:
+    def _stop_now(self) -> None:
         self._closed = True
         self._shutdown_trigger = None
         self.pool.stop()
         self.sync.close()
+        self._finished()
 
     def _call(self, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         if self._closed:
@@ -700,13 +705,42 @@ class Directory:
         return deferToThreadPool(self.reactor, self.pool, method, *args, **kwargs)
 
     def close(self) -> Deferred[None]:
-        """Stop the pool (work already queued is finished first) and close the connections."""
-        if self._closed:
-            return succeed(None)
+        """Refuse new calls, let the work already queued finish, then close the connections.
+
+        Joining the worker threads happens in a helper thread, so the reactor keeps serving
+        (and delivering the results of that queued work) meanwhile; the Deferred fires when
+        everything is closed. Calling it again returns another Deferred for the same end.
+        """
         if self._shutdown_trigger is not None:
             self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
-        self._stop()
-        return succeed(None)
+            self._shutdown_trigger = None
+        waiter: Deferred[None] = Deferred()
+        if self._done:
+            waiter.callback(None)
+            return waiter
+        self._waiters.append(waiter)
+        if self._closed:
+            return waiter
+        self._closed = True
+        if not self.pool.started:
+            # The reactor has not run since we were made: start the workers now only so that
+            # calls already queued are answered rather than left hanging.
+            self.pool.start()
+        threading.Thread(target=self._join, name="cocalcproxy-directory-close", daemon=True).start()
+        return waiter
+
+    def _join(self) -> None:
+        try:
+            self.pool.stop()
+            self.sync.close()
+        finally:
+            self.reactor.callFromThread(self._finished)
+
+    def _finished(self) -> None:
+        self._done = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     def ping(self) -> Deferred[None]:
         return self._call(self.sync.ping)
