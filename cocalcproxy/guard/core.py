@@ -3,8 +3,10 @@ and withdrawing both when the directory changes.
 
 Caches hold decisions, positive and negative, keyed by an HMAC of the credentials under a
 per-process key, so neither a secret nor a plain hash of one is kept. Every entry carries the time
-it stops being trusted: the credential's own expiry when known, else a short TTL, so an expired
-session or token is refused from the cache too.
+it stops being trusted: the credential's own expiry when known (sessions this proxy created),
+else ``credential_ttl`` (10 s), so an expired session or token is refused from the cache too, at
+most that long after its expiry. (The directory's lookups return the account, not the expiry;
+returning the expiry too would make this exact.)
 
 Once a second the guard reads the directory's change counter. When it moved (any admin change,
 sign-in or sign-out anywhere), every cache is dropped and every live ``Access`` that somebody
@@ -44,6 +46,7 @@ from cocalcproxy.guard.credentials import (
     SessionToken,
     cache_key,
     extract,
+    form_password,
 )
 from cocalcproxy.guard.ratelimit import SignInLimits
 from cocalcproxy.site import Access, ProxyRequest, is_websocket_upgrade
@@ -189,7 +192,7 @@ class Guard:
         portal: Portal | None = None,
         limits: SignInLimits | None = None,
         poll_interval: float = 1.0,
-        credential_ttl: float = 30.0,
+        credential_ttl: float = 10.0,
         negative_ttl: float = 30.0,
         access_ttl: float = 300.0,
         max_entries: int = 10_000,
@@ -277,8 +280,6 @@ class Guard:
 
     def check_password(self, name: str, password: str) -> Deferred[Identity | None]:
         """For the sign-in form: never cached, never an API token in place of the password."""
-        from cocalcproxy.guard.credentials import form_password
-
         return self._login(form_password(name, password))
 
     def remember_session(self, token: str, identity: Identity) -> None:

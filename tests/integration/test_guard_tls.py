@@ -9,7 +9,8 @@ import time
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from tests.support import https_client, start_proxy
@@ -159,6 +160,20 @@ class GuardOverTLS(unittest.TestCase):
         ):
             response, _ = yield self.get(self.target, headers)
             self.assertEqual(response.code, 401, headers)
+
+    @defer.inlineCallbacks
+    def test_expired_token_and_session_refused(self):  # type: ignore[no-untyped-def]
+        directory = self.proxy.directory
+        _, token = yield directory.create_token("alice", expires_in_days=1 / 86400)
+        session = yield directory.create_session(1, 1.0)
+        expired_at = time.time() + 1.0
+        # wait for the clock, not for a server: both are past their end after one second
+        yield deferLater(reactor, max(0.0, expired_at - time.time()) + 0.1, lambda: None)
+        response, _ = yield self.get(self.target, {"Authorization": f"Bearer {token}"})
+        self.assertEqual(response.code, 401)
+        response, _ = yield self.get(self.target, {}, {"cocalcproxy_session": session})
+        self.assertEqual(response.code, 401)
+        self.assertEqual(self.recorder.seen, [])
 
     @defer.inlineCallbacks
     def test_not_a_member_and_unknown_project_alike(self):  # type: ignore[no-untyped-def]
