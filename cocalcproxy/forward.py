@@ -80,7 +80,7 @@ class _BackendProtocol(HTTP11ClientProtocol):
         return d.addCallback(keep)
 
 
-class _BackendProtocolFactory(_HTTP11ClientFactory):  # type: ignore[misc]
+class _BackendProtocolFactory(_HTTP11ClientFactory):
     def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:  # noqa: N802
         return _BackendProtocol(self._quiescentCallback)
 
