@@ -384,7 +384,7 @@ class ProjectTests(SyncMixin):
         for home in ["relative", "", "~/x", "/a\x00b", "/a\nb"]:
             with self.assertRaisesRegex(InvalidInput, "invalid home"):
                 self.d.add_project("alice", home=home)
-        for title in ["x" * 201, "a\x1bb", "a\nb"]:
+        for title in ["x" * 201, "a\x1bb", "a\nb", "evil\u202etxt.exe", "zero\u200bwidth"]:
             with self.assertRaisesRegex(InvalidInput, "invalid title"):
                 self.d.add_project("alice", title=title)
         for pid in [PID.upper(), "{" + PID + "}", PID.replace("-", ""), "not-a-uuid", PID + " "]:

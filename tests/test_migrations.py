@@ -13,6 +13,7 @@ from twisted.trial import unittest
 
 from cocalcproxy.directory import Account, InvalidInput, Unavailable
 from cocalcproxy.directory import migrate as migrate_module
+from cocalcproxy.directory.dialect import redact
 from cocalcproxy.directory.hashing import token_hash
 from cocalcproxy.directory.migrate import LATEST
 from cocalcproxy.directory.store import SyncDirectory, open_directory, open_sync_directory
@@ -282,3 +283,17 @@ class URLTests(unittest.TestCase):
                 open_sync_directory(url)
             with self.assertRaisesRegex(InvalidInput, message, msg=url):
                 open_directory(url, reactor)
+
+    def test_passwords_never_appear_in_messages(self) -> None:
+        cases = {
+            "postgresql://u:hunter2@h/db": "postgresql://u:***@h/db",
+            "postgresql://u@h/db?password=hunter2&sslmode=require": (
+                "postgresql://u@h/db?password=***&sslmode=require"
+            ),
+            "postgresql:///db?host=/run/postgresql": "postgresql:///db?host=/run/postgresql",
+        }
+        for url, shown in cases.items():
+            self.assertEqual(redact(url), shown)
+        with self.assertRaises(InvalidInput) as caught:
+            open_sync_directory("postgresql://u:hunter2@h/db?bogus=1")
+        self.assertNotIn("hunter2", str(caught.exception))

@@ -11,7 +11,7 @@ import sqlite3
 import stat
 import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from cocalcproxy.directory.model import Conflict, DirectoryError, InvalidInput, Unavailable
 
@@ -249,16 +249,24 @@ def _first_line(error: BaseException) -> str:
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced, for messages and logs."""
+    """The URL with any password (in the user info or a ``password=`` parameter) replaced, for
+    messages and logs."""
     try:
         parts = urlsplit(url)
+        password = parts.password
     except ValueError:
         return "<unparsable URL>"
-    if parts.password is None:
+    netloc, query = parts.netloc, parts.query
+    if password is None and "password" not in query.lower():
         return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = (parts.username or "") + ":***"
-    return urlunsplit(parts._replace(netloc=user + "@" + netloc[-1]))
+    if password is not None:
+        netloc = (parts.username or "") + ":***@" + netloc.rsplit("@", 1)[-1]
+    query = "&".join(
+        f"{key}=***" if key.lower() == "password" else f"{key}{sep}{value}"
+        for key, sep, value in (item.partition("=") for item in query.split("&"))
+    )
+    text = f"{parts.scheme}://{netloc}{parts.path}"
+    return text + (f"?{query}" if query else "")
 
 
 def dialect_for(url: str) -> Dialect:

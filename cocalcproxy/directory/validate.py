@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import unicodedata
 import uuid
 
 from cocalcproxy.directory.model import InvalidInput
@@ -118,10 +119,13 @@ def home(value: str | None) -> str | None:
 
 
 def title(value: str) -> str:
+    """Up to 200 characters of printable text: control characters, format characters (such as
+    the bidirectional overrides that make text read backwards), surrogates and private-use
+    characters are refused, so a title cannot disguise itself in a listing or a terminal."""
     if not isinstance(value, str) or len(value) > TITLE_MAX:
         raise InvalidInput(f"invalid title: at most {TITLE_MAX} characters")
-    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
-        raise InvalidInput("invalid title: control characters are not allowed")
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co") for c in value):
+        raise InvalidInput("invalid title: control and formatting characters are not allowed")
     return value
 
 
