@@ -1,3 +1,3 @@
-"""cocalcproxy: reach the web servers running inside a project, over TLS, owners and collaborators only."""
+"""cocalcproxy: reach the web servers inside a project over TLS, owner and collaborators only."""
 
 __version__ = "0.1.0"
