@@ -12,7 +12,10 @@ DEFAULT_LISTEN = "tcp:8443"
 
 
 def default_state_dir(environ: dict[str, str] | None = None) -> str:
-    """The state directory: ``$COCALCPROXY_STATE_DIR``, ``$STATE_DIRECTORY``, ``cocalcproxy-state``."""
+    """The state directory.
+
+    ``$COCALCPROXY_STATE_DIR``, else systemd's ``$STATE_DIRECTORY``, else ``cocalcproxy-state``.
+    """
     env = os.environ if environ is None else environ
     explicit = env.get("COCALCPROXY_STATE_DIR")
     if explicit:
