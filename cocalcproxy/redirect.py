@@ -22,6 +22,7 @@ class RedirectResource(resource.Resource):
         if not target.startswith(b"/") or target.startswith(b"//"):
             # Absolute-form or odd targets: never echo a foreign authority back.
             target = b"/"
+        request.responseHeaders.removeHeader(b"server")
         request.setResponseCode(308)
         request.setHeader(b"Location", self.base + target)
         pages.set_own_page_headers(request)

@@ -70,6 +70,7 @@ class RedirectTests(unittest.TestCase):
         self.assertIn(b"308", head.split(b"\r\n")[0])
         self.assertIn(b"\r\nLocation: https://proxy.example.org/\r\n", head)
         self.assertNotIn(b"evil", head)
+        self.assertNotIn(b"Twisted", head)
         head = yield deferToThread(
             raw_exchange, port, b"GET //evil.example/x HTTP/1.1\r\nHost: a\r\n\r\n"
         )
@@ -123,6 +124,7 @@ class HealthTests(unittest.TestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(json.loads(body), {"status": "ok", "directory": True})
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+        self.assertIsNone(response.headers.getRawHeaders("server"), "no version banner")
 
     @inlineCallbacks
     def test_directory_unreachable_is_503(self):  # type: ignore[no-untyped-def]
