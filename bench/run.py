@@ -102,6 +102,14 @@ def proc_status(pid: int) -> dict[str, int]:
     return values
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (Linux /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is the state (field 3); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class RSSSampler:
     """Samples a process's resident memory every 10 ms in a thread; keeps the maximum."""
 
@@ -263,6 +271,7 @@ class Load:
     latency_ms: dict[str, float]
     requests: int
     errors: int
+    proxy_cpu_us_per_request: float | None = None
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -372,12 +381,22 @@ class Transfer:
 
 
 def download(
-    url: str, size: int, headers: list[str], cert: str | None, port: int | None, pid: int | None
+    url: str,
+    size: int,
+    headers: list[str],
+    cert: str | None,
+    port: int | None,
+    pid: int | None,
+    rate: int | None = None,
 ) -> Transfer:
+    """GET ``size`` bytes with curl; ``rate`` (bytes/s) makes curl a slow reader."""
     command = [*curl_base(cert, port), "-o", "/dev/null", "-w", "%{http_code} %{size_download}"]
+    if rate:
+        command += ["--limit-rate", str(rate)]
     for header in headers:
         command += ["-H", header]
     sampler = RSSSampler(pid) if pid else None
+    cpu_before = cpu_seconds(pid) if pid else 0.0
     started = time.perf_counter()
     with sampler or contextlib.nullcontext():
         result = subprocess.run(
@@ -387,7 +406,11 @@ def download(
     status, got = result.stdout.split()
     if status != "200" or int(got) != size:
         raise SystemExit(f"download of {size} bytes from {url} failed: {status}, {got} bytes")
-    transfer = Transfer("download", size, seconds, size / seconds / 2**20)
+    transfer = Transfer(
+        "download" if not rate else "slow download", size, seconds, size / seconds / 2**20
+    )
+    if pid:
+        transfer.extra["proxy_cpu_seconds"] = round(cpu_seconds(pid) - cpu_before, 2)
     if sampler:
         transfer.proxy_rss_before, transfer.proxy_rss_peak = sampler.start_rss, sampler.peak
     return transfer
@@ -407,6 +430,7 @@ def upload(
     for header in headers:
         command += ["-H", header]
     sampler = RSSSampler(pid) if pid else None
+    cpu_before = cpu_seconds(pid) if pid else 0.0
     started = time.perf_counter()
     with sampler or contextlib.nullcontext():
         result = subprocess.run([*command, url], capture_output=True, text=True, timeout=600)
@@ -415,6 +439,8 @@ def upload(
     if not lines or lines[-1] != "200" or json.loads(lines[0]).get("received") != size:
         raise SystemExit(f"upload of {size} bytes to {url} failed: {result.stdout[-500:]!r}")
     transfer = Transfer("upload", size, seconds, size / seconds / 2**20)
+    if pid:
+        transfer.extra["proxy_cpu_seconds"] = round(cpu_seconds(pid) - cpu_before, 2)
     if sampler:
         transfer.proxy_rss_before, transfer.proxy_rss_peak = sampler.start_rss, sampler.peak
     return transfer
@@ -433,6 +459,7 @@ def environment() -> dict[str, object]:
         "python": sys.version.split()[0],
         "kernel": os.uname().release,
         "wrk": wrk_version,
+        "load_average_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
@@ -441,8 +468,10 @@ def report(results: dict[str, object]) -> str:
     env = results["environment"]
     lines.append(f"environment: {env}")
     lines.append("")
-    lines.append("| small GET | tool | req/s | p50 ms | p90 ms | p99 ms | errors |")
-    lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    lines.append(
+        "| small GET | tool | req/s | p50 ms | p90 ms | p99 ms | errors | proxy CPU/request |"
+    )
+    lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in ("small_direct", "small_proxied"):
         r = results[name]
         assert isinstance(r, Load)
@@ -450,18 +479,27 @@ def report(results: dict[str, object]) -> str:
         lines.append(
             f"| {name.split('_')[1]} | {r.tool} | {r.requests_per_second:,.0f} | "
             f"{lat.get('p50', 0):.2f} | {lat.get('p90', 0):.2f} | {lat.get('p99', 0):.2f} | "
-            f"{r.errors} |"
+            f"{r.errors} | "
+            + (
+                f"{r.proxy_cpu_us_per_request:.0f} µs |"
+                if r.proxy_cpu_us_per_request is not None
+                else "- |"
+            )
         )
     lines.append("")
-    lines.append("| transfer | path | size | seconds | MiB/s | proxy RSS before | proxy RSS peak |")
-    lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    lines.append(
+        "| transfer | path | size | seconds | MiB/s | proxy CPU s "
+        "| proxy RSS before | proxy RSS peak |"
+    )
+    lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for t in results["transfers"]:  # type: ignore[attr-defined]
         path = t.extra.get("path", "")
         before = human(t.proxy_rss_before) if t.proxy_rss_peak else "-"
         peak = human(t.proxy_rss_peak) if t.proxy_rss_peak else "-"
         lines.append(
             f"| {t.direction} | {path} | {human(t.size)} | {t.seconds:.2f} | "
-            f"{t.mib_per_second:,.0f} | {before} | {peak} |"
+            f"{t.mib_per_second:,.0f} | {t.extra.get('proxy_cpu_seconds', '-')} | "
+            f"{before} | {peak} |"
         )
     lines.append("")
     lines.append(f"proxy peak RSS over the whole run (VmHWM): {human(results['proxy_hwm'])}")  # type: ignore[arg-type]
@@ -476,6 +514,13 @@ def main() -> None:
         "--download-sizes", default="64M,1G", help="comma-separated download sizes [64M,1G]"
     )
     parser.add_argument("--upload-size", default="512M", help="upload size [512M]")
+    parser.add_argument(
+        "--slow-download",
+        default="256M@32M",
+        metavar="SIZE@RATE",
+        help="a proxied download read slowly (RATE bytes/s), to see backpressure keep the "
+        "proxy's memory flat; 'off' to skip [256M@32M]",
+    )
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument(
@@ -495,6 +540,12 @@ def main() -> None:
         parser.error("wrk is not installed (Debian: apt-get install wrk)")
     sizes = [parse_size(s) for s in args.download_sizes.split(",") if s]
     upload_size = parse_size(args.upload_size)
+    slow: tuple[int, int] | None = None
+    if args.slow_download != "off":
+        slow_size, _, slow_rate = args.slow_download.partition("@")
+        slow = (parse_size(slow_size), parse_size(slow_rate or "32M"))
+        if slow[0] / slow[1] > 120:
+            parser.error("--slow-download would take more than 120 seconds")
     if max([*sizes, upload_size]) > 8 * 2**30:
         parser.error("sizes are capped at 8 GiB")
 
@@ -513,9 +564,14 @@ def main() -> None:
         results["small_direct"] = load(
             client, setup.direct("small"), [], args.connections, args.duration, None
         )
-        results["small_proxied"] = load(
+        cpu_before = cpu_seconds(setup.proxy_pid)
+        proxied = load(
             client, setup.proxied("small"), auth, args.connections, args.duration, setup.cert
         )
+        proxied.proxy_cpu_us_per_request = (
+            (cpu_seconds(setup.proxy_pid) - cpu_before) / max(1, proxied.requests) * 1e6
+        )
+        results["small_proxied"] = proxied
 
         transfers: list[Transfer] = []
         for size in sizes:
@@ -525,6 +581,20 @@ def main() -> None:
             transfers.append(t)
             t = download(
                 setup.proxied("large"), size, auth, setup.cert, setup.proxy_port, setup.proxy_pid
+            )
+            t.extra["path"] = "proxied"
+            transfers.append(t)
+
+        if slow is not None:
+            print(f"slow download {human(slow[0])} at {human(slow[1])}/s ...", flush=True)
+            t = download(
+                setup.proxied("large"),
+                slow[0],
+                auth,
+                setup.cert,
+                setup.proxy_port,
+                setup.proxy_pid,
+                rate=slow[1],
             )
             t.extra["path"] = "proxied"
             transfers.append(t)
