@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,41 @@ class MetricsDocumentedTests(unittest.TestCase):
         documented = set(re.findall(r"``(cocalcproxy_[a-z_]+)", guide))
         self.assertGreater(len(exported), 5)
         self.assertEqual(documented, exported)
+
+
+def documented_command_lines(marker: str) -> list[str]:
+    """Shell lines in the README and the docs that run ``marker``, continuations joined."""
+    lines: list[str] = []
+    for path in [ROOT / "README.md", *sorted(DOCS.glob("*.rst"))]:
+        text = path.read_text(encoding="utf-8").replace("\\\n", " ")
+        for line in text.splitlines():
+            if marker in line:
+                lines.append(line.split(marker, 1)[1])
+    return lines
+
+
+class ExamplesParseTests(unittest.TestCase):
+    """Every example command in the README and the docs is accepted by the real parsers."""
+
+    def test_admin_examples(self) -> None:
+        examples = documented_command_lines("bin/cocalcproxy ")
+        self.assertGreaterEqual(len(examples), 6)
+        for example in examples:
+            words = shlex.split(re.split(r"[|)#]", example)[0])
+            try:
+                build_parser().parse_args(words)
+            except SystemExit:
+                self.fail(f"the admin command refuses a documented example: {example!r}")
+
+    def test_twistd_examples(self) -> None:
+        examples = [
+            e for e in documented_command_lines("twistd -n cocalcproxy ") if e.startswith("--")
+        ]
+        self.assertGreaterEqual(len(examples), 3)
+        for example in examples:
+            words = [w for w in shlex.split(example.split("``")[0]) if w != "..."]
+            options = Options()
+            try:
+                options.parseOptions(words)
+            except usage.UsageError as e:
+                self.fail(f"twistd cocalcproxy refuses a documented example {example!r}: {e}")
