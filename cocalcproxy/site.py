@@ -102,7 +102,10 @@ class ProxyRequest(server.Request):
     """A Request that carries access-log facts and knows whether it is on TLS."""
 
     def __init__(self, channel: HTTPChannel, queued: object = None) -> None:
-        super().__init__(channel)
+        # Never let Twisted parse a POST body into request.args: it reads a whole urlencoded or
+        # multipart body into memory (and answers 400 itself for multipart it cannot parse)
+        # before any guard runs. Bodies are passed on, or read by the page that wants them.
+        super().__init__(channel, parsePOSTFormSubmission=False)
         self.log_info = LogInfo()
         # Set by the guard when the Authorization header carried the proxy's own credentials, so
         # the header policy removes it before anything goes to a backend.

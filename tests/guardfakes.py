@@ -224,9 +224,15 @@ class RecordingHandler:
 
     def __init__(self) -> None:
         self.seen: list[tuple[ProxyRequest, Access]] = []
+        self.bodies: list[bytes] = []
+        self.args: list[dict[bytes, list[bytes]]] = []
 
     def handle(self, request: ProxyRequest, route: Any, access: Access) -> None:
         self.seen.append((request, access))
+        self.args.append(dict(request.args))
+        if request.content is not None:
+            request.content.seek(0)
+            self.bodies.append(request.content.read())
         body = b"backend says hello"
         request.setHeader(b"Content-Type", b"text/plain")
         request.setHeader(b"Strict-Transport-Security", b"max-age=1; includeSubDomains")

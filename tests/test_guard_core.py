@@ -358,6 +358,26 @@ class Subdomains(unittest.TestCase):
         self.assertTrue(world.handler.seen[-1][0].authorization_is_proxy_credential)
 
 
+class BodiesAreNotParsedBeforeTheGuard(unittest.TestCase):
+    def test_multipart_and_urlencoded_bodies_are_left_alone(self) -> None:
+        world = make_world()
+        world.directory.add_user("alice", "pw")
+        world.directory.add_project("alice", PID)
+        for content_type, body in [
+            (b"multipart/form-data; boundary=x", b"--x\r\nnot really multipart"),
+            (b"application/x-www-form-urlencoded", b"a=1&b=2"),
+        ]:
+            response = world.request(
+                b"POST",
+                TARGET,
+                headers={**basic("alice", "pw"), b"Content-Type": content_type},
+                body=body,
+            )
+            self.assertEqual(response.status, 200, content_type)
+            self.assertEqual(world.handler.args[-1], {b"q": [b"1"]})  # the query only
+            self.assertEqual(world.handler.bodies[-1], body)
+
+
 class TransportSecurity(unittest.TestCase):
     def test_hsts_on_every_https_answer(self) -> None:
         world = make_world(hsts_max_age=31536000)
