@@ -46,6 +46,7 @@ setup(
             "ruff>=0.5",
             "types-pyOpenSSL",
             "sphinx>=7",
+            "flask>=3",
         ],
         "docs": ["sphinx>=7"],
     },
