@@ -197,7 +197,11 @@ def admin(state_dir: str, *args: str, stdin: str | None = None) -> str:
 
 
 def start_proxy(
-    stack: contextlib.ExitStack, state_dir: str, backend_port: int, extra: list[str]
+    stack: contextlib.ExitStack,
+    state_dir: str,
+    backend_port: int,
+    extra: list[str],
+    profile: str | None = None,
 ) -> Setup:
     password = "bench-password-not-secret\n"
     admin(state_dir, "user", "add", "bench", "--password-stdin", stdin=password)
@@ -218,6 +222,7 @@ def start_proxy(
             *command,
             "-n",
             "--pidfile=",
+            *(["--profile", profile, "--profiler", "cprofile", "--savestats"] if profile else []),
             "cocalcproxy",
             "--state-dir",
             state_dir,
@@ -524,6 +529,12 @@ def main() -> None:
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="run the proxy under cProfile (twistd --profile) and write its stats to FILE; "
+        "read them with python3 -m pstats FILE (profiling slows the proxy down)",
+    )
+    parser.add_argument(
         "--proxy-option",
         action="append",
         default=[],
@@ -553,7 +564,8 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="cocalcproxy-bench-"))
         backend_port = start_backend(stack)
-        setup = start_proxy(stack, state_dir, backend_port, args.proxy_option)
+        profile = str(Path(args.profile).absolute()) if args.profile else None
+        setup = start_proxy(stack, state_dir, backend_port, args.proxy_option, profile)
         auth = [setup.auth_header]
         print(f"backend :{setup.backend_port}, proxy :{setup.proxy_port} (pid {setup.proxy_pid})")
 
