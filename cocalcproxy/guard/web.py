@@ -307,6 +307,11 @@ class GuardPages:
         started = self.clock.seconds()
         wait = self.guard.limits.begin(address, name, started)
         if wait is not None:
+            log.info(
+                "sign-in refused (rate limit) for {name!r} from {address}",
+                name=name[:80],
+                address=address,
+            )
             request.setHeader(b"Retry-After", str(wait).encode())
             minutes = max(1, (wait + 59) // 60)
             self._login_form(
@@ -322,6 +327,7 @@ class GuardPages:
         if len(name) <= MAX_NAME_LENGTH and len(password) <= MAX_SECRET_LENGTH:
             identity = yield self.guard.check_password(name, password)
         if identity is None:
+            log.info("sign-in failed for {name!r} from {address}", name=name[:80], address=address)
             self._login_form(request, 403, next_path, shown_name, FAILED)
             return
         self.guard.limits.succeeded(address, name, started)
