@@ -8,10 +8,15 @@ import re
 import signal
 import socket
 import ssl
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlencode
 
 from twisted.trial import unittest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync import client as ws_client
+from websockets.sync import server as ws_server
 
 from tests.processes import ProxyProcess, admin, wait_for
 
@@ -203,3 +208,116 @@ class RestartTests(unittest.TestCase):
             "index": status,
             "listed": pid.encode() in body,
         }
+
+
+class SlowBackend:
+    """A real HTTP backend in a thread whose answer waits until the test releases it."""
+
+    def __init__(self, case: unittest.TestCase) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                outer.entered.set()
+                outer.release.wait(60)
+                body = b"slow answer\n" * 10000
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+        case.addCleanup(self.server.server_close)
+        case.addCleanup(self.server.shutdown)
+        case.addCleanup(self.release.set)
+
+
+def project_with_token(state: str) -> tuple[str, str]:
+    added = admin(state, "user", "add", "dora", "--password-stdin", stdin="a fine password\n")
+    assert added.returncode == 0, added.stderr
+    pid = admin(state, "project", "add", "--owner", "dora").stdout.strip().splitlines()[-1]
+    token = admin(state, "token", "create", "dora").stdout.strip().splitlines()[-1]
+    return pid, token
+
+
+class InFlightThroughBackendTests(unittest.TestCase):
+    def test_slow_backend_answer_completes_after_sigterm(self) -> None:
+        backend = SlowBackend(self)
+        state = str(Path(self.mktemp()).absolute())
+        pid, token = project_with_token(state)
+        proxy = ProxyProcess(state).start()
+        self.addCleanup(proxy.stop)
+        proxy.wait_listening()
+
+        result: dict[str, object] = {}
+
+        def client() -> None:
+            try:
+                result["answer"] = request(
+                    proxy,
+                    "GET",
+                    f"/{pid}/server/{backend.port}/slow",
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+            except Exception as e:  # noqa: BLE001
+                result["error"] = e
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        self.addCleanup(thread.join, 60)
+        self.assertTrue(backend.entered.wait(30), proxy.output()[-3000:])
+
+        proxy.signal(signal.SIGTERM)
+        wait_for(lambda: refused(proxy.port), 30, "the listener to close")
+        assert proxy.process is not None
+        self.assertIsNone(proxy.process.poll())
+        backend.release.set()
+        thread.join(60)
+        self.assertNotIn("error", result)
+        status, headers, body = result["answer"]  # type: ignore[misc]
+        self.assertEqual(status, 200)
+        self.assertEqual(body, b"slow answer\n" * 10000)
+        self.assertEqual(proxy.process.wait(timeout=60), 0, proxy.output()[-3000:])
+
+
+class WebSocketAtShutdownTests(unittest.TestCase):
+    def test_open_relay_gets_a_close_frame_and_the_proxy_exits_0(self) -> None:
+        def echo(connection: ws_server.ServerConnection) -> None:
+            for message in connection:
+                connection.send(message)
+
+        server = ws_server.serve(echo, "127.0.0.1", 0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.shutdown)
+        backend_port = server.socket.getsockname()[1]
+        state = str(Path(self.mktemp()).absolute())
+        pid, token = project_with_token(state)
+        proxy = ProxyProcess(state).start()
+        self.addCleanup(proxy.stop)
+        proxy.wait_listening()
+
+        connection = ws_client.connect(
+            f"wss://localhost:{proxy.port}/{pid}/server/{backend_port}/echo",
+            ssl=tls_context(proxy),
+            additional_headers={"Authorization": f"Bearer {token}"},
+            open_timeout=30,
+        )
+        self.addCleanup(connection.close)
+        connection.send("hello")
+        self.assertEqual(connection.recv(timeout=30), "hello")
+
+        proxy.signal(signal.SIGTERM)
+        with self.assertRaises(ConnectionClosed) as caught:
+            connection.recv(timeout=30)
+        self.assertEqual(caught.exception.rcvd.code, 1001)  # type: ignore[union-attr]
+        assert proxy.process is not None
+        self.assertEqual(proxy.process.wait(timeout=60), 0, proxy.output()[-3000:])
+        self.assertNotIn("shutdown timeout", proxy.output())
