@@ -317,7 +317,10 @@ class WebSocketAtShutdownTests(unittest.TestCase):
         proxy.signal(signal.SIGTERM)
         with self.assertRaises(ConnectionClosed) as caught:
             connection.recv(timeout=30)
-        self.assertEqual(caught.exception.rcvd.code, 1001)  # type: ignore[union-attr]
+        received = caught.exception.rcvd
+        self.assertIsNotNone(received, proxy.output()[-3000:])
+        assert received is not None
+        self.assertEqual(received.code, 1001, proxy.output()[-3000:])
         assert proxy.process is not None
         self.assertEqual(proxy.process.wait(timeout=60), 0, proxy.output()[-3000:])
         self.assertNotIn("shutdown timeout", proxy.output())
