@@ -312,7 +312,7 @@ class ProxySite(server.Site):
 
     def getResourceFor(self, request: server.Request) -> resource.IResource:  # noqa: N802
         self.request_started(request)
-        # Twisted has just set "Server: TwistedWeb/<version>"; a version banner helps only attackers.
+        # Twisted has just set "Server: TwistedWeb/<version>": a banner helps only attackers.
         # A proxied answer carries the backend's own Server header, if it sends one.
         request.responseHeaders.removeHeader(b"server")
         found: resource.IResource = super().getResourceFor(request)
