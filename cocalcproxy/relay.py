@@ -402,6 +402,7 @@ class _Handshake:
                 504,
                 "Gateway timeout",
                 f"The server on port {port} of this project did not accept a connection in time.",
+                backend="connect-timeout",
                 port=port,
             )
             return
@@ -410,6 +411,7 @@ class _Handshake:
             "Bad gateway",
             f"Nothing answered on port {port} of this project. The server there must listen on "
             "all addresses (for example --bind 0.0.0.0 or --ip=0.0.0.0), not only on localhost.",
+            backend="refused",
             port=port,
         )
 
@@ -431,6 +433,7 @@ class _Handshake:
                 504,
                 "Gateway timeout",
                 f"The server on port {port} of this project did not answer in time.",
+                backend="response-timeout",
                 port=port,
             )
 
@@ -452,6 +455,7 @@ class _Handshake:
                 502,
                 "Bad gateway",
                 f"The server on port {self.route.port} closed the connection without answering.",
+                backend="no-response",
             )
 
     def _pump(self) -> None:
@@ -475,6 +479,7 @@ class _Handshake:
                             "Bad gateway",
                             f"The server on port {self.route.port} answered the WebSocket "
                             "handshake incorrectly.",
+                            backend="error",
                         )
                         return
                     self._switch_event = event
@@ -496,6 +501,7 @@ class _Handshake:
                 502,
                 "Bad gateway",
                 f"The server on port {self.route.port} sent an invalid HTTP response.",
+                backend="error",
             )
         elif self.phase == "response":
             # Never let a broken body look complete: cut the client connection.
@@ -587,7 +593,12 @@ class _Handshake:
         elif self.phase == "response":
             self._broken()
 
-    def _fail(self, status: int, title: str, detail: str, **facts: object) -> None:
+    def _fail(
+        self, status: int, title: str, detail: str, backend: str | None = None, **facts: object
+    ) -> None:
+        """Answer with an error page; ``backend`` names a backend failure for the metrics."""
+        if backend is not None:
+            self.request.log_info.extra["backend"] = backend
         self.phase = "done"
         self.relay._pending.discard(self)
         self._cancel_timer()

@@ -424,6 +424,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         state_dir=options["state-dir"],
         session_lifetime_days=options["session-lifetime"],
         project_domain=options["project-domain"],
+        metrics=proxy.metrics,
     )
     backend_pool = forward.make_pool(reactor, options["backend-pool-size"])
     forwarder = forward.Forwarder(

@@ -20,6 +20,10 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
 
 
+class GiveUp(AssertionError):
+    """Raised by a predicate when waiting longer cannot help (the process died)."""
+
+
 def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -29,6 +33,8 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
             result = predicate()
             if result:
                 return result
+        except GiveUp:
+            raise
         except Exception as e:  # noqa: BLE001 - any failure means "not yet"
             last_error = e
         time.sleep(interval)
@@ -92,7 +98,7 @@ class ProxyProcess:
         def connects() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise AssertionError(f"proxy exited early:\n{self.output()[-3000:]}")
+                raise GiveUp(f"proxy exited early:\n{self.output()[-3000:]}")
             with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                 return True
 

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from cocalcproxy import metrics
@@ -180,6 +180,41 @@ class ScrapeTests(unittest.TestCase):
         post = yield scraper.post(f"http://127.0.0.1:{port}/metrics", data=b"")
         yield post.content()
         self.assertEqual(post.code, 405)
+
+
+class GuardMetricsTests(unittest.TestCase):
+    """The guard reports sign-in failures and its cache hits and misses to the proxy's metrics."""
+
+    @defer.inlineCallbacks
+    def test_signin_failures_and_cache(self):  # type: ignore[no-untyped-def]
+        proxy = yield start_proxy(self, "--metrics", "tcp:0:interface=127.0.0.1")
+        yield proxy.directory.add_user("alice", "alice-password")
+        project = yield proxy.directory.add_project("alice")
+        # Let the guard's once-a-second poll see those writes first, so it drops no cache later.
+        guard = proxy.service.site.resource.guard
+        counter = yield proxy.directory.change_counter()
+        deadline = reactor.seconds() + 10
+        while guard.last_counter != counter:
+            self.assertLess(reactor.seconds(), deadline, "the guard never polled the counter")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        client = https_client(self, proxy.cert_path)
+        url = f"{proxy.url}/{project.id}/server/{free_port()}/"
+        wrong = yield client.get(url, auth=("alice", "not-her-password"))
+        yield wrong.content()
+        self.assertEqual(wrong.code, 401)
+        for _ in range(3):
+            right = yield client.get(url, auth=("alice", "alice-password"))
+            yield right.content()
+            self.assertEqual(right.code, 502, "authorised; nothing listens on that port")
+        port = proxy.service.metrics_listener.port.getHost().port
+        response = yield plain_client(self).get(f"http://127.0.0.1:{port}/metrics")
+        found = samples((yield response.text()))
+        self.assertEqual(found[("cocalcproxy_signin_failures_total", ())], 1)
+        hits = found[("cocalcproxy_cache_hits_total", (("cache", "credentials"),))]
+        misses = found[("cocalcproxy_cache_misses_total", (("cache", "credentials"),))]
+        self.assertEqual((misses, hits), (2, 2), "wrong and first right miss; later rights hit")
+        self.assertEqual(found[("cocalcproxy_cache_misses_total", (("cache", "access"),))], 1)
+        self.assertEqual(found[("cocalcproxy_cache_hits_total", (("cache", "access"),))], 2)
 
 
 class BackendFailureTests(unittest.TestCase):

@@ -238,11 +238,16 @@ class RefusalTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_backend_down_is_502(self):  # type: ignore[no-untyped-def]
+        reasons: list[object] = []
+        self.proxy.site.on_request_done.append(
+            lambda request: reasons.append(request.log_info.extra.get("backend"))
+        )
         port = free_port()
         status, body, _ = yield self.status_of(self.proxy.url(port))
         self.assertEqual(status, 502)
         self.assertIn(f"port {port}".encode(), body)
         self.assertIn(b"0.0.0.0", body)
+        self.assertEqual(reasons, ["refused"], "counted as a backend failure in the metrics")
 
     @defer.inlineCallbacks
     def test_backend_answering_403_is_passed_on(self):  # type: ignore[no-untyped-def]

@@ -16,6 +16,7 @@ from twisted.application import service
 from twisted.internet.defer import Deferred
 
 from cocalcproxy.directory import IDirectory
+from cocalcproxy.metrics import Metrics
 from cocalcproxy.guard.core import Clock, Guard
 from cocalcproxy.guard.csrf import CsrfTokens, load_or_create_key
 from cocalcproxy.guard.web import GuardPages
@@ -47,8 +48,13 @@ def build_guard(
     state_dir: str,
     session_lifetime_days: float,
     project_domain: str | None = None,
+    metrics: Metrics | None = None,
 ) -> tuple[Guard, GuardPages, GuardService]:
     guard = Guard(directory, clock)
+    if metrics is not None:
+        guard.identities.observer = metrics
+        guard.projects.observer = metrics
+        guard.on_signin_failure = metrics.signin_failure
     guard_pages = GuardPages(
         guard,
         directory,

@@ -100,6 +100,12 @@ class Looked(Generic[V]):
     valid_until: float
 
 
+class CacheObserver(Protocol):
+    def cache_hit(self, cache: str) -> None: ...
+
+    def cache_miss(self, cache: str) -> None: ...
+
+
 class CachedLookups(Generic[K, V]):
     """A cache in front of a Deferred-returning lookup, with concurrent misses for one key
     sharing a single lookup, and answers from an older generation never stored."""
@@ -110,12 +116,23 @@ class CachedLookups(Generic[K, V]):
         generation: Callable[[], int],
         ttl: Callable[[V], float],
         max_entries: int,
+        name: str = "cache",
     ) -> None:
         self.clock = clock
         self.generation = generation
         self.ttl = ttl
+        self.name = name
+        # Told of every hit and miss of get() (the proxy's Metrics); None counts nothing.
+        self.observer: CacheObserver | None = None
         self.cache: ExpiringCache[K, V] = ExpiringCache(max_entries)
         self._pending: dict[tuple[int, K], list[Deferred[Looked[V]]]] = {}
+
+    def count(self, hit: bool) -> None:
+        if self.observer is not None:
+            if hit:
+                self.observer.cache_hit(self.name)
+            else:
+                self.observer.cache_miss(self.name)
 
     def cached(self, key: K) -> Looked[V] | None:
         entry = self.cache.get(key, self.clock.seconds())
@@ -126,7 +143,9 @@ class CachedLookups(Generic[K, V]):
     def get(self, key: K, fetch: Callable[[], Deferred[V]]) -> Deferred[Looked[V]]:
         hit = self.cached(key)
         if hit is not None:
+            self.count(hit=True)
             return succeed(hit)
+        self.count(hit=False)
         generation = self.generation()
         slot = (generation, key)
         mine: Deferred[Looked[V]] = Deferred()
@@ -205,15 +224,18 @@ class Guard:
         self.credential_ttl = credential_ttl
         self.negative_ttl = negative_ttl
         self.generation = 0
+        # Called for each credential that failed to authenticate (the proxy's Metrics).
+        self.on_signin_failure: Callable[[], None] | None = None
         self._key = secrets.token_bytes(32)
         self.identities: CachedLookups[bytes, Identity | None] = CachedLookups(
-            clock, lambda: self.generation, self._identity_ttl, max_entries
+            clock, lambda: self.generation, self._identity_ttl, max_entries, name="credentials"
         )
         self.projects: CachedLookups[tuple[int, str], Project | None] = CachedLookups(
             clock,
             lambda: self.generation,
             lambda p: access_ttl if p is not None else negative_ttl,
             max_entries,
+            name="access",
         )
         self.grants: weakref.WeakKeyDictionary[Access, Grant] = weakref.WeakKeyDictionary()
         self.last_counter: int | None = None
@@ -244,6 +266,7 @@ class Guard:
         key = cache_key(self._key, credentials)
         hit = self.identities.cached(key)
         if hit is not None:
+            self.identities.count(hit=True)
             return succeed(self._outcome(presented, hit))
         attempt: tuple[str, str, float] | None = None
         if isinstance(credentials, NameAndSecret):
@@ -258,6 +281,8 @@ class Guard:
         def decided(looked: Looked[Identity | None]) -> Outcome:
             if attempt is not None and looked.value is not None:
                 self.limits.succeeded(*attempt)
+            if looked.value is None and self.on_signin_failure is not None:
+                self.on_signin_failure()
             return self._outcome(presented, looked)
 
         return d.addCallback(decided)

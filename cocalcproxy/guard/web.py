@@ -328,6 +328,8 @@ class GuardPages:
             identity = yield self.guard.check_password(name, password)
         if identity is None:
             log.info("sign-in failed for {name!r} from {address}", name=name[:80], address=address)
+            if self.guard.on_signin_failure is not None:
+                self.guard.on_signin_failure()
             self._login_form(request, 403, next_path, shown_name, FAILED)
             return
         self.guard.limits.succeeded(address, name, started)
