@@ -16,10 +16,10 @@ from twisted.application import service
 from twisted.internet.defer import Deferred
 
 from cocalcproxy.directory import IDirectory
-from cocalcproxy.metrics import Metrics
 from cocalcproxy.guard.core import Clock, Guard
 from cocalcproxy.guard.csrf import CsrfTokens, load_or_create_key
 from cocalcproxy.guard.web import GuardPages
+from cocalcproxy.metrics import Metrics
 
 __all__ = ["Guard", "GuardPages", "GuardService", "build_guard"]
 
