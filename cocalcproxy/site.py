@@ -266,6 +266,9 @@ def is_websocket_upgrade(request: server.Request) -> bool:
     ]
 
 
+KEEPALIVE_IDLE_TIMEOUT = 75.0
+
+
 class ProxySite(server.Site):
     """A Site that counts requests in flight so shutdown can wait for them."""
 
@@ -278,6 +281,10 @@ class ProxySite(server.Site):
     max_body_size: int | None = None
 
     def __init__(self, root: resource.Resource, **kwargs: Any) -> None:
+        # Twisted keeps an idle keep-alive connection (or one trickling a request head) for 12 hours
+        # by default; like nginx, close it after 75 s. A request being answered is not idle: Twisted
+        # suspends this timeout until the response is finished (long downloads and SSE are safe).
+        kwargs.setdefault("timeout", KEEPALIVE_IDLE_TIMEOUT)
         super().__init__(root, **kwargs)
         self.in_flight: set[server.Request] = set()
         self._idle_waiters: list[Deferred[None]] = []

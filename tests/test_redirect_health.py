@@ -140,3 +140,42 @@ class HealthTests(unittest.TestCase):
 
     def test_health_route(self) -> None:
         self.assertEqual(routing.parse(b"localhost", b"/_/health"), routing.OwnPage("health"))
+
+
+class IdleConnectionTests(unittest.TestCase):
+    def test_default_idle_timeout_is_bounded(self) -> None:
+        from cocalcproxy.site import KEEPALIVE_IDLE_TIMEOUT
+
+        site = ProxySite(Root(guard=None, forwarder=None, relay=None, raw=None, own_pages=None))  # type: ignore[arg-type]
+        self.assertEqual(site.timeOut, KEEPALIVE_IDLE_TIMEOUT)
+        self.assertLessEqual(KEEPALIVE_IDLE_TIMEOUT, 120)
+
+    @inlineCallbacks
+    def test_idle_keepalive_connection_is_closed(self):  # type: ignore[no-untyped-def]
+        root = Root(
+            guard=None,  # type: ignore[arg-type]
+            forwarder=None,  # type: ignore[arg-type]
+            relay=None,  # type: ignore[arg-type]
+            raw=None,  # type: ignore[arg-type]
+            own_pages=OwnPages(FakeDirectory(True)),  # type: ignore[arg-type]
+        )
+        site = ProxySite(root, timeout=0.5)
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(port.stopListening)
+
+        def exchange_then_wait_for_close() -> tuple[bytes, float]:
+            import time
+
+            with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10) as s:
+                s.sendall(b"GET /_/health HTTP/1.1\r\nHost: x\r\n\r\n")
+                received = b""
+                started = time.monotonic()
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        return received, time.monotonic() - started
+                    received += chunk
+
+        received, waited = yield deferToThread(exchange_then_wait_for_close)
+        self.assertIn(b"HTTP/1.1 200", received)
+        self.assertLess(waited, 9, "the server closed the idle connection itself")
