@@ -11,13 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 from twisted.web.http import HTTPChannel
 
-from cocalcproxy import pages, routing
+from cocalcproxy import pages, prebody, routing
 from cocalcproxy.directory import Account, Project
 
 log = Logger()
@@ -110,6 +110,10 @@ class ProxyRequest(server.Request):
         # Set by the guard when the Authorization header carried the proxy's own credentials, so
         # the header policy removes it before anything goes to a backend.
         self.authorization_is_proxy_credential = False
+        # The guard's decision when it was taken on the headers, before the body (prebody).
+        self.early_access: tuple[routing.Route, Access] | None = None
+        self._gate: prebody.BodyGate | None = None
+        self.site_started = False
 
     def notifyFinishOrNone(self) -> Deferred[None]:  # noqa: N802
         return self.notifyFinish()
@@ -139,7 +143,51 @@ class ProxyRequest(server.Request):
             self.content = io.BytesIO()
             self._refuse_body()
             return
+        if length != 0 and self._decide_before_body(length):
+            return
         super().gotLength(length)
+
+    def _decide_before_body(self, length: int | None) -> bool:
+        """A body is announced: judge the headers first (cocalcproxy.prebody). True when the
+        spool must not be created now (held back, or the request was answered)."""
+        site: Any = getattr(self.channel, "site", None)
+        root = getattr(site, "resource", None)
+        line = prebody.request_line(self.channel)
+        if not isinstance(root, Root) or line is None:
+            return False
+        command, target, version = line
+        self.method, self.uri, self.clientproto = command, target, version
+        self.path = target.split(b"?", 1)[0]
+        self.site = site
+        hosts = self.requestHeaders.getRawHeaders(b"host", [])
+        decision = prebody.plan(command, target, hosts, root.project_domain)
+        if isinstance(decision, prebody.Cap):
+            if self._body_limit is None or decision.limit < self._body_limit:
+                self._body_limit = decision.limit
+            if length is not None and length > decision.limit:
+                self.content = io.BytesIO()
+                self._refuse_body()
+                return True
+            return False
+        # From here the request may be answered before Root sees it: log and count it.
+        started = getattr(site, "request_started", None)
+        if started is not None:
+            started(self)
+        self.content = io.BytesIO()  # never written: the spool is made only once allowed
+        if isinstance(decision, prebody.AnswerNow):
+            self.body_refused = True
+            prebody.answer_now(self, root, decision.status)
+            return True
+        self._gate = prebody.BodyGate(self, root, length)
+        self._gate.start(line, decision.route)
+        return True
+
+    def open_body(self, length: int | None) -> None:
+        """The guard allowed the request: create the spool as Twisted would have."""
+        super().gotLength(length)
+
+    def spool_chunk(self, data: bytes) -> None:
+        super().handleContentChunk(data)
 
     def handleContentChunk(self, data: bytes) -> None:  # noqa: N802
         if self.body_refused:
@@ -149,11 +197,21 @@ class ProxyRequest(server.Request):
         if self._body_limit is not None and self._body_received > self._body_limit:
             self._refuse_body()
             return
+        if self._gate is not None and (self._gate.holding or self.early_access is None):
+            if self._gate.holding:
+                self._gate.hold(data)
+            return  # else refused before its body: dropped, never spooled
         super().handleContentChunk(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:  # noqa: N802
         if self.body_refused:
             return
+        if self._gate is not None:
+            if self._gate.holding:
+                self._gate.hold_received(command, path, version)
+                return
+            if self.early_access is None:
+                return  # refused before its body; the answer has gone out
         super().requestReceived(command, path, version)
 
     def _refuse_body(self) -> None:
@@ -231,10 +289,20 @@ class Root(resource.Resource):
         else:
             self._authorize(request, outcome)
 
+    def answer_without_body(self, request: ProxyRequest) -> None:
+        """Answer a request that is not for a project nor a form page (404, redirect, 400);
+        none of these reads the body (used by cocalcproxy.prebody before it is read)."""
+        self._route(request)
+
     def _authorize(self, request: ProxyRequest, route: routing.Route) -> None:
         request.log_info.form = route.kind
         request.log_info.port = route.port
-        d = self.guard.authorize(request, route)
+        early = request.early_access
+        d: Deferred[Access | None]
+        if early is not None and early[0] == route:
+            d = succeed(early[1])  # decided on the headers, before the body (prebody)
+        else:
+            d = self.guard.authorize(request, route)
         d.addCallback(self._dispatch, request, route)
         d.addErrback(self._failed, request)
 
@@ -293,6 +361,11 @@ class ProxySite(server.Site):
         self.metrics: Any = None
 
     def request_started(self, request: server.Request) -> None:
+        if isinstance(request, ProxyRequest):
+            # Once per request: prebody may start it before its body, then Twisted again.
+            if request.site_started:
+                return
+            request.site_started = True
         self.in_flight.add(request)
         if isinstance(request, ProxyRequest) and request.log_info.started is None:
             clock: Any = self.reactor
