@@ -19,6 +19,7 @@ Requests without a body take the ordinary path, unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -101,9 +102,7 @@ class AnswerNow:
 Plan = Judge | Cap | AnswerNow
 
 
-def plan(
-    method: bytes, target: bytes, hosts: list[bytes], project_domain: str | None
-) -> Plan:
+def plan(method: bytes, target: bytes, hosts: Sequence[bytes], project_domain: str | None) -> Plan:
     """Pure: what to do with a request announcing a body, from its method, target and Host."""
     if len(hosts) > 1:
         return AnswerNow()
@@ -157,7 +156,8 @@ class BodyGate:
         _pause(channel)
         # Any answer the guard writes closes the connection; undone if it allows.
         self.was_persistent = bool(channel.persistent)
-        self.had_connection = request.responseHeaders.getRawHeaders(b"connection")
+        had = request.responseHeaders.getRawHeaders(b"connection")
+        self.had_connection = list(had) if had is not None else None
         channel.persistent = False
         request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
         request.log_info.form = route.kind
@@ -246,7 +246,9 @@ def answer_now(request: ProxyRequest, root: Root, status: int) -> None:
     stop_parsing(channel)
     if status == 405:
         request.setHeader(b"Allow", b"GET, HEAD")
-        pages.write_error(request, 405, "Method not allowed", "This page does not take that method.")
+        pages.write_error(
+            request, 405, "Method not allowed", "This page does not take that method."
+        )
     elif status == 413:
         pages.write_error(
             request, 413, "Request body too large", "This page takes no request body.", limit=0

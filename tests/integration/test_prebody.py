@@ -12,11 +12,10 @@ import hashlib
 import json
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet import ssl
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web import http, resource, server
@@ -113,9 +112,7 @@ class BeforeTheBody(unittest.TestCase):
         with open(self.proxy.cert_path, "rb") as f:
             authority = ssl.Certificate.loadPEM(f.read())
         options = ssl.optionsForClientTLS("localhost", trustRoot=authority)
-        endpoint = wrapClientTLS(
-            options, TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxy.port)
-        )
+        endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxy.port))
         talker = Talker()
         yield endpoint.connect(Factory.forProtocol(lambda: talker))
 
@@ -171,7 +168,9 @@ class BeforeTheBody(unittest.TestCase):
     @defer.inlineCallbacks
     def test_smuggled_request_in_the_same_write_is_not_parsed(self):  # type: ignore[no-untyped-def]
         smuggled = self.head(
-            self.path + "?smuggled", f"Authorization: Bearer {self.token}", "Content-Length: 0",
+            self.path + "?smuggled",
+            f"Authorization: Bearer {self.token}",
+            "Content-Length: 0",
             method="GET",
         )
         head = self.head(self.path, f"Content-Length: {len(smuggled)}")
@@ -190,7 +189,9 @@ class BeforeTheBody(unittest.TestCase):
     @defer.inlineCallbacks
     def test_non_member_404(self):  # type: ignore[no-untyped-def]
         yield self.refused_before_body(
-            self.head(self.path, f"Authorization: Bearer {self.bob_token}", f"Content-Length: {BIG}"),
+            self.head(
+                self.path, f"Authorization: Bearer {self.bob_token}", f"Content-Length: {BIG}"
+            ),
             b"404",
         )
         self.assertEqual(self.spools, [])
@@ -232,8 +233,11 @@ class BeforeTheBody(unittest.TestCase):
     @defer.inlineCallbacks
     def test_login_refuses_a_huge_body_unread(self):  # type: ignore[no-untyped-def]
         yield self.refused_before_body(
-            self.head("/_/login", "Content-Type: application/x-www-form-urlencoded",
-                      f"Content-Length: {BIG}"),
+            self.head(
+                "/_/login",
+                "Content-Type: application/x-www-form-urlencoded",
+                f"Content-Length: {BIG}",
+            ),
             b"413",
         )
         self.assertEqual(self.spools, [])
