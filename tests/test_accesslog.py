@@ -176,9 +176,9 @@ class EndToEndTests(unittest.TestCase):
     def test_request_body_counted(self):  # type: ignore[no-untyped-def]
         proxy = yield start_proxy(self, "--access-log", self.log_path)
         client = https_client(self, proxy.cert_path)
-        response = yield client.post(proxy.url + "/_/health", data=b"x" * 5000)
+        response = yield client.post(proxy.url + "/_/login", data=b"x" * 5000)
         yield response.content()
-        self.assertEqual(response.code, 405)
+        self.assertEqual(response.code, 415)
         (record,) = self.records()
         self.assertEqual(record["bytes_in"], 5000)
         self.assertEqual(record["method"], "POST")
