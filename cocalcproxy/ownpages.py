@@ -31,6 +31,8 @@ class OwnPages:
             self.health(request)
         elif page.name == "static":
             self.static(request, page.rest)
+        elif page.name == "hop_landing" and hasattr(self.guard_pages, "hop_landing"):
+            getattr(self.guard_pages, "hop_landing")(request, page.rest.decode("ascii"))  # noqa: B009
         elif self.guard_pages is not None and hasattr(self.guard_pages, page.name):
             getattr(self.guard_pages, page.name)(request)
         else:

@@ -36,7 +36,15 @@ _PROXIED = re.compile(rb"\A/(" + _UUID + rb")/(server|port)/(" + _PORT + rb")(/.
 _RAW = re.compile(rb"\A/(" + _UUID + rb")/raw(/.*)?\Z", re.S)
 _STATIC_NAME = re.compile(rb"\A[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}\Z")
 _SUBDOMAIN = re.compile(rb"\A(" + _UUID + rb")-(" + _PORT + rb"|raw)\Z")
-_OWN_PAGES = {b"/_/login": "login", b"/_/logout": "logout", b"/_/health": "health"}
+_OWN_PAGES = {
+    b"/_/login": "login",
+    b"/_/logout": "logout",
+    b"/_/health": "health",
+    b"/_/hop": "hop",
+}
+#: The one path on a project subdomain that the proxy answers itself (the sign-in hop lands
+#: there, see cocalcproxy.guard.hop); everything else on a subdomain is the project's.
+HOP_LANDING = b"/.cocalcproxy/hop"
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,8 @@ class Route:
 
 @dataclass(frozen=True)
 class OwnPage:
-    """A proxy page: ``index`` (``/``), ``login``, ``logout``, ``health``, ``static``."""
+    """A proxy page: ``index`` (``/``), ``login``, ``logout``, ``health``, ``static``, ``hop``;
+    on a project subdomain ``hop_landing`` with ``rest`` the host label (``<pid>-<port|raw>``)."""
 
     name: str
     rest: bytes = b""
@@ -127,6 +136,10 @@ def _parse_subdomain(label: bytes, path: bytes, query: bytes, target: bytes) -> 
     if not m:
         return NotFound("no such project host")
     pid, which = m.group(1).decode(), m.group(2)
+    if which != b"raw" and int(which) > 65535:
+        return NotFound("port out of range")
+    if path == HOP_LANDING:
+        return OwnPage("hop_landing", label)
     if which == b"raw":
         if not _safe_raw_path(path):
             return NotFound("unsafe file path")

@@ -425,6 +425,8 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         session_lifetime_days=options["session-lifetime"],
         project_domain=options["project-domain"],
         metrics=proxy.metrics,
+        hostname=options["hostname"],
+        public_port=lambda: _public_https_port(options, proxy),
     )
     backend_pool = forward.make_pool(reactor, options["backend-pool-size"])
     forwarder = forward.Forwarder(
@@ -506,12 +508,28 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
 
 def _https_port(options: Any) -> int | None:
     """The public HTTPS port for redirects: 443 is implied; the first tcp listener's otherwise."""
+    port = _listen_port(options)
+    return None if port in (None, 0, 443) else port
+
+
+def _public_https_port(options: Any, proxy: ProxyService) -> int | None:
+    """Like ``_https_port``, but a listener on port 0 (tests) counts with its bound port."""
+    if _listen_port(options) == 0 and proxy.listeners:
+        bound: Any = proxy.listeners[0].port
+        if bound is not None:
+            address: Any = bound.getHost()
+            port = int(address.port)
+            return None if port == 443 else port
+    return _https_port(options)
+
+
+def _listen_port(options: Any) -> int | None:
+    """The port of the first tcp listener as configured (0 for any), or None."""
     for description in options["listen"]:
         parts = description.split(":")
         if parts[0] in ("tcp", "tcp6", "ssl") and len(parts) > 1:
             for part in parts[1:]:
                 value = part.split("=", 1)[1] if part.startswith("port=") else part
                 if value.isdigit():
-                    port = int(value)
-                    return None if port in (0, 443) else port
+                    return int(value)
     return None

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
@@ -18,6 +19,8 @@ from twisted.internet.defer import Deferred
 from cocalcproxy.directory import IDirectory
 from cocalcproxy.guard.core import Clock, Guard
 from cocalcproxy.guard.csrf import CsrfTokens, load_or_create_key
+from cocalcproxy.guard.hop import Hop
+from cocalcproxy.guard.hopkeys import HopKeys
 from cocalcproxy.guard.web import GuardPages
 from cocalcproxy.metrics import Metrics
 
@@ -49,18 +52,33 @@ def build_guard(
     session_lifetime_days: float,
     project_domain: str | None = None,
     metrics: Metrics | None = None,
+    hostname: str = "localhost",
+    public_port: Callable[[], int | None] = lambda: None,
 ) -> tuple[Guard, GuardPages, GuardService]:
     guard = Guard(directory, clock)
     if metrics is not None:
         guard.identities.observer = metrics
         guard.projects.observer = metrics
         guard.on_signin_failure = metrics.signin_failure
+    key = load_or_create_key(state_dir)
+    session_lifetime = session_lifetime_days * SECONDS_PER_DAY
     guard_pages = GuardPages(
         guard,
         directory,
-        CsrfTokens(load_or_create_key(state_dir)),
+        CsrfTokens(key),
         clock,
-        session_lifetime=session_lifetime_days * SECONDS_PER_DAY,
+        session_lifetime=session_lifetime,
         project_domain=project_domain,
     )
+    if project_domain:
+        Hop(
+            guard,
+            directory,
+            HopKeys(key),
+            clock,
+            hostname=hostname,
+            public_port=public_port,
+            project_domain=project_domain,
+            session_lifetime=session_lifetime,
+        ).install(guard_pages)
     return guard, guard_pages, GuardService(guard)

@@ -45,9 +45,11 @@ from cocalcproxy.guard.credentials import (
     Presented,
     SessionToken,
     cache_key,
+    cookie_values,
     extract,
     form_password,
 )
+from cocalcproxy.guard.hopkeys import HopKeys, label_for
 from cocalcproxy.guard.ratelimit import SignInLimits
 from cocalcproxy.site import Access, ProxyRequest, is_websocket_upgrade
 
@@ -227,6 +229,11 @@ class Guard:
         # Called for each credential that failed to authenticate (the proxy's Metrics).
         self.on_signin_failure: Callable[[], None] | None = None
         self._key = secrets.token_bytes(32)
+        # Project subdomains (set by build_guard with --project-domain): session cookies there
+        # must carry a tag bound to their host (hopkeys.HopKeys), and signed-out navigations
+        # are sent to the sign-in hop on the main host (hop.Hop.send_to_main_host).
+        self.hop_keys: HopKeys | None = None
+        self.send_to_hop: Callable[[Request, str, SignedOut], None] | None = None
         self.identities: CachedLookups[bytes, Identity | None] = CachedLookups(
             clock, lambda: self.generation, self._identity_ttl, max_entries, name="credentials"
         )
@@ -253,15 +260,24 @@ class Guard:
 
     # -- who is asking ------------------------------------------------------------------------
 
-    def authenticate(self, request: Request) -> Deferred[Outcome]:
-        presented = extract(
-            request.requestHeaders.getRawHeaders(b"authorization", []),
-            request.requestHeaders.getRawHeaders(b"cookie", []),
-        )
+    def authenticate(self, request: Request, host_label: str | None = None) -> Deferred[Outcome]:
+        """Who is asking. On a project subdomain (``host_label``) a session cookie counts only
+        when it is bound to that host (see hopkeys); other cookie values are passed over."""
+        cookies = request.requestHeaders.getRawHeaders(b"cookie", [])
+        presented = extract(request.requestHeaders.getRawHeaders(b"authorization", []), cookies)
         if presented is None:
             return succeed(SignedOut())
         if isinstance(presented, Malformed):
             return succeed(Rejected(presented.reason))
+        if host_label is not None and not presented.from_authorization:
+            token = None
+            if self.hop_keys is not None:
+                token = self.hop_keys.first_bound(
+                    host_label, cookie_values(cookies, SESSION_COOKIE)
+                )
+            if token is None:
+                return succeed(SignedOut(stale_session=True))
+            presented = Presented(SessionToken(token), from_authorization=False)
         credentials = presented.credentials
         key = cache_key(self._key, credentials)
         hit = self.identities.cached(key)
@@ -319,13 +335,22 @@ class Guard:
 
     @inlineCallbacks
     def authorize(self, request: ProxyRequest, route: routing.Route):  # type: ignore[no-untyped-def]
-        outcome: Outcome = yield self.authenticate(request)
+        label = hop_label(route) if route.subdomain else None
+        outcome: Outcome = yield self.authenticate(request, label)
         if request._disconnected:
             return None
         if not isinstance(outcome, Authenticated):
             # A project subdomain has no sign-in page of its own (its paths are the backend's):
-            # browsers get the Basic challenge there instead of a redirect.
-            refuse(request, outcome, may_redirect=not route.subdomain)
+            # browsers go through the sign-in hop on the main host (else the Basic challenge).
+            if (
+                label is not None
+                and isinstance(outcome, SignedOut)
+                and self.send_to_hop is not None
+                and is_navigation(request)
+            ):
+                self.send_to_hop(request, label, outcome)
+            else:
+                refuse(request, outcome, may_redirect=not route.subdomain)
             return None
         if outcome.presented.from_authorization:
             request.authorization_is_proxy_credential = True
@@ -437,6 +462,11 @@ class Guard:
             grant.valid_until = min(who.valid_until, what.valid_until)
         except Exception:
             log.failure("re-checking access to {pid} failed; will retry", pid=grant.project_id)
+
+
+def hop_label(route: routing.Route) -> str:
+    """The host label of a subdomain route: ``<pid>-<port>`` or ``<pid>-raw``."""
+    return label_for(route.project_id, route.port if route.kind != "raw" else None)
 
 
 def client_address(request: Request) -> str:

@@ -240,6 +240,22 @@ class GuardPages:
         self.clock = clock
         self.session_lifetime = session_lifetime
         self.project_domain = project_domain
+        # The sign-in hop for project subdomains (guard.hop.Hop), with --project-domain.
+        self.hop_pages: Any = None
+
+    # -- /_/hop and its landing path on project subdomains (guard.hop) -------------------------
+
+    def hop(self, request: Request) -> None:
+        if self.hop_pages is None:
+            pages.not_found(request)
+        else:
+            self.hop_pages.hop(request)
+
+    def hop_landing(self, request: Request, label: str) -> None:
+        if self.hop_pages is None:
+            pages.not_found(request)
+        else:
+            self.hop_pages.land(request, label)
 
     # -- /_/login -----------------------------------------------------------------------------
 

@@ -1,0 +1,264 @@
+"""The sign-in hop: how a browser gets a session cookie of its own on a project subdomain.
+
+A project host (``https://<pid>-<port>.<domain>/``) has no sign-in page (its paths are the
+backend's) and must never see the main host's cookie. So:
+
+1. A signed-out browser navigation on a project host gets a 302 to the main host:
+   ``https://<hostname>[:port]/_/hop?to=<https://<project host>/<path and query>>``.
+2. ``/_/hop`` needs the main host's session (else the usual 302 to ``/_/login?next=...``),
+   accepts only a ``to`` that is a path on one of this proxy's project hosts
+   (:func:`hopkeys.parse_target`; anything else is a 400, never a redirect), and only for the
+   project's owner and collaborators (else the usual 404). It creates a one-time directory
+   session of :data:`hopkeys.TICKET_LIFETIME` seconds, seals it for that host, and sends the
+   browser to ``https://<project host>/.cocalcproxy/hop?ticket=<sealed>&next=<path>``.
+3. The proxy answers that reserved path itself: it opens the ticket, ends the one-time session at
+   once, checks the account still belongs to the project, creates a normal session and sets it as
+   a host-only cookie (no Domain attribute) bound to that host by a tag, then 302s to ``next``.
+
+Every answer of the hop carries ``Referrer-Policy: no-referrer`` and ``Cache-Control: no-store``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from html import escape
+from urllib.parse import parse_qsl, quote, urlsplit
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+from cocalcproxy import pages
+from cocalcproxy.directory import IDirectory
+from cocalcproxy.guard import hopkeys, policy
+from cocalcproxy.guard.checkers import Identity
+from cocalcproxy.guard.core import Authenticated, Clock, Guard, SignedOut, expire_cookie, refuse
+from cocalcproxy.guard.credentials import SESSION_COOKIE, cookie_values
+
+log = Logger()
+
+
+def _query_values(request: Request, name: str) -> list[str] | None:
+    """Every value of ``name`` in the query, or None when the query cannot be read."""
+    query = urlsplit(request.uri.decode("latin-1")).query
+    try:
+        fields = parse_qsl(query, max_num_fields=20, errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return [v for k, v in fields if k == name]
+
+
+def _hop_headers(request: Request) -> None:
+    pages.set_own_page_headers(request)
+    request.setHeader(b"Referrer-Policy", b"no-referrer")
+    request.setHeader(b"Cache-Control", b"no-store")
+
+
+def _redirect(request: Request, location: bytes) -> None:
+    if request._disconnected or request.finished:
+        return
+    request.setResponseCode(302)
+    request.setHeader(b"Location", location)
+    _hop_headers(request)
+    request.setHeader(b"Content-Length", b"0")
+    request.finish()
+
+
+def _page(request: Request, status: int, title: str, text: str, link: str | None = None) -> None:
+    if request._disconnected or request.finished:
+        return
+    body_html = f"<p>{escape(text)}</p>"
+    if link is not None:
+        body_html += f'<p><a href="{escape(link, quote=True)}">Sign in again</a></p>'
+    body = pages.page(title, body_html)
+    request.setResponseCode(status)
+    _hop_headers(request)
+    request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+    request.setHeader(b"Content-Length", str(len(body)).encode())
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()
+
+
+class Hop:
+    """``/_/hop`` on the main host, the landing path on project hosts, and the redirect there."""
+
+    def __init__(
+        self,
+        guard: Guard,
+        directory: IDirectory,
+        keys: hopkeys.HopKeys,
+        clock: Clock,
+        *,
+        hostname: str,
+        public_port: Callable[[], int | None],
+        project_domain: str,
+        session_lifetime: float,
+    ) -> None:
+        self.guard = guard
+        self.directory = directory
+        self.keys = keys
+        self.clock = clock
+        self.hostname = hostname
+        self.public_port = public_port
+        self.project_domain = project_domain.strip(".").lower()
+        self.session_lifetime = session_lifetime
+        # Tickets being redeemed by this process right now: a second use racing the first is
+        # refused here; across processes the directory's delete is what makes them one-time.
+        self._redeeming: set[str] = set()
+
+    def install(self, guard_pages: object) -> None:
+        """Wire the hop into the guard (cookie binding, redirect) and the guard's pages."""
+        self.guard.hop_keys = self.keys
+        self.guard.send_to_hop = self.send_to_main_host
+        guard_pages.hop_pages = self  # type: ignore[attr-defined]
+
+    # -- URLs ---------------------------------------------------------------------------------
+
+    def main_origin(self) -> str:
+        host = self.hostname.encode("idna").decode("ascii")
+        return "https://" + hopkeys.authority(host, self.public_port())
+
+    def project_origin(self, label: str) -> str:
+        return "https://" + hopkeys.authority(f"{label}.{self.project_domain}", self.public_port())
+
+    def start_location(self, label: str, target: str) -> str:
+        """The main host's ``/_/hop`` URL that leads back to ``target`` on host ``label``."""
+        to = self.project_origin(label) + target
+        return self.main_origin() + "/_/hop?to=" + quote(to, safe="")
+
+    # -- 1. a signed-out navigation on a project host -----------------------------------------
+
+    def send_to_main_host(self, request: Request, label: str, outcome: SignedOut) -> None:
+        if outcome.stale_session:
+            expire_cookie(request, SESSION_COOKIE)
+        target = request.uri.decode("latin-1")
+        if not target.startswith("/") or policy.safe_next(target) != target:
+            target = "/"
+        _redirect(request, self.start_location(label, target).encode("ascii"))
+
+    # -- 2. /_/hop on the main host -----------------------------------------------------------
+
+    def hop(self, request: Request) -> None:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"Allow", b"GET, HEAD")
+            pages.write_error(request, 405, "Method not allowed", "Use GET.")
+            return
+        d = self._hop(request)
+        d.addErrback(self._failed, request)
+
+    @inlineCallbacks
+    def _hop(self, request: Request):  # type: ignore[no-untyped-def]
+        outcome = yield self.guard.authenticate(request)
+        if request._disconnected:
+            return
+        if not isinstance(outcome, Authenticated):
+            refuse(request, outcome)
+            return
+        values = _query_values(request, "to")
+        target = None
+        if values is not None and len(values) == 1:
+            target = hopkeys.parse_target(values[0], self.project_domain, self.public_port())
+        if target is None:
+            _page(
+                request,
+                400,
+                "Bad sign-in link",
+                "This sign-in link does not lead to a project on this proxy.",
+            )
+            return
+        account = outcome.identity.account
+        project = yield self.directory.project_for(account.id, target.project_id)
+        if request._disconnected:
+            return
+        if project is None:
+            request.log_info.account = account.name  # type: ignore[attr-defined]
+            pages.not_found(request)
+            return
+        one_time: str = yield self.directory.create_session(account.id, hopkeys.TICKET_LIFETIME)
+        ticket = self.keys.seal(target.label, one_time)
+        location = (
+            self.project_origin(target.label)
+            + hopkeys.LANDING_PATH
+            + "?ticket="
+            + ticket
+            + "&next="
+            + quote(target.path, safe="")
+        )
+        _redirect(request, location.encode("ascii"))
+
+    # -- 3. the landing path on a project host ------------------------------------------------
+
+    def land(self, request: Request, label: str) -> None:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"Allow", b"GET, HEAD")
+            pages.write_error(request, 405, "Method not allowed", "Use GET.")
+            return
+        d = self._land(request, label)
+        d.addErrback(self._failed, request)
+
+    @inlineCallbacks
+    def _land(self, request: Request, label: str):  # type: ignore[no-untyped-def]
+        nexts = _query_values(request, "next") or []
+        next_path = policy.safe_next(nexts[0] if len(nexts) == 1 else None)
+        again = self.start_location(label, next_path)
+        tickets = _query_values(request, "ticket") or []
+        token = self.keys.open(label, tickets[0]) if len(tickets) == 1 else None
+        if token is None or token in self._redeeming:
+            self._refused(request, again)
+            return
+        self._redeeming.add(token)
+        try:
+            account = yield self.directory.account_for_session(token)
+            # One use only: end the one-time session before anything else happens.
+            yield self.directory.delete_session(token)
+        finally:
+            self._redeeming.discard(token)
+        if account is None:
+            self._refused(request, again)
+            return
+        project_id = label.rsplit("-", 1)[0]
+        project = yield self.directory.project_for(account.id, project_id)
+        if project is None:
+            if not request._disconnected:
+                pages.not_found(request)
+            return
+        old = self._old_session(request, label)
+        if old is not None:
+            self.guard.forget_session(old)
+            yield self.directory.delete_session(old)
+        session: str = yield self.directory.create_session(account.id, self.session_lifetime)
+        self.guard.remember_session(
+            session, Identity(account, "session", self.clock.seconds() + self.session_lifetime)
+        )
+        if request._disconnected:
+            return
+        request.addCookie(
+            SESSION_COOKIE.encode(),
+            self.keys.bind(label, session).encode("ascii"),
+            path=b"/",
+            max_age=str(int(self.session_lifetime)).encode(),
+            secure=True,
+            httpOnly=True,
+            sameSite="lax",
+        )
+        log.info("{name} signed in on {label}", name=account.name, label=label)
+        _redirect(request, policy.location(next_path))
+
+    def _old_session(self, request: Request, label: str) -> str | None:
+        values = cookie_values(request.requestHeaders.getRawHeaders(b"cookie", []), SESSION_COOKIE)
+        return self.keys.first_bound(label, values)
+
+    def _refused(self, request: Request, again: str) -> None:
+        _page(
+            request,
+            403,
+            "Sign-in link expired",
+            "This sign-in link has expired or was already used.",
+            link=again,
+        )
+
+    def _failed(self, failure: object, request: Request) -> None:
+        log.failure("sign-in hop {uri!r} failed", failure, uri=request.uri)  # type: ignore[arg-type]
+        if not request._disconnected and not request.finished:
+            pages.write_error(request, 503, "Service unavailable", "Please try again shortly.")

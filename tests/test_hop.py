@@ -1,0 +1,356 @@
+"""The sign-in hop for project subdomains: the pure rules (where ``to`` may lead, cookie tags,
+sealed tickets) and the whole flow through an in-memory site."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from twisted.trial import unittest
+
+from cocalcproxy import routing
+from cocalcproxy.guard.hop import Hop
+from cocalcproxy.guard.hopkeys import LANDING_PATH, HopKeys, Target, parse_target
+from tests.guardfakes import HTML, World, make_world
+
+DOMAIN = "projects.example"
+PID = "5f0e3a0c-9d1b-4c2e-8f3a-7b6c5d4e3f21"
+OTHER = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
+LABEL = f"{PID}-8000"
+
+
+class TargetRules(unittest.TestCase):
+    def parse(self, to: str, port: int | None = 8443) -> Target | None:
+        return parse_target(to, DOMAIN, port)
+
+    def test_paths_on_project_hosts_are_accepted(self) -> None:
+        self.assertEqual(
+            self.parse(f"https://{PID}-8000.{DOMAIN}:8443/nb/x?a=1&b=%2F"),
+            Target(PID, f"{PID}-8000", "/nb/x?a=1&b=%2F"),
+        )
+        self.assertEqual(
+            self.parse(f"https://{PID}-raw.{DOMAIN}/", port=None), Target(PID, f"{PID}-raw", "/")
+        )
+        # Host names are case-insensitive: the result is the canonical (lower-case) host.
+        self.assertEqual(
+            self.parse(f"HTTPS://{PID.upper()}-8000.{DOMAIN.upper()}:8443/A"),
+            Target(PID, f"{PID}-8000", "/A"),
+        )
+        self.assertEqual(
+            self.parse(f"https://{PID}-443.{DOMAIN}:443/", port=None),
+            Target(PID, f"{PID}-443", "/"),
+        )
+
+    def test_open_redirect_attempts_are_refused(self) -> None:
+        host = f"{PID}-8000.{DOMAIN}:8443"
+        for to in [
+            "",
+            "https://evil.example/",
+            f"https://evil.example\\@{host}/",
+            f"https://evil.example@{host}/",
+            f"https://user:pw@{host}/",
+            f"https://{host}@evil.example/",
+            f"http://{host}/",
+            f"javascript://{host}/%0aalert(1)",
+            "javascript:alert(1)",
+            f"//{host}/",
+            f"/{host}/",
+            f"https:/{host}/",
+            f"https:\\\\{host}/",
+            f"https://{host}",  # no path
+            f"https://{host}?x=1",
+            f"https://{host}//evil.example/",  # a path that browsers read as a host
+            f"https://{host}/\\evil.example",
+            f"https://{host}/a b",
+            f"https://{host}/a\tb",
+            f"https://{host}/\u00e9",
+            f"https://{host}/#frag",
+            f"https://{PID}-8000.{DOMAIN}.evil.example:8443/",
+            f"https://x.{PID}-8000.{DOMAIN}:8443/",
+            f"https://{PID}-8000.other{DOMAIN}:8443/",
+            f"https://{PID}-8000.{DOMAIN}.:8443/",
+            f"https://{DOMAIN}:8443/",
+            f"https://{PID}-8000.{DOMAIN}:8444/",  # not the public port
+            f"https://{PID}-8000.{DOMAIN}:08443/",
+            f"https://{PID}-8000.{DOMAIN}:/",
+            f"https://{PID}-8000.{DOMAIN}:8443:8443/",
+            f"https://{PID}-0.{DOMAIN}:8443/",
+            f"https://{PID}-08000.{DOMAIN}:8443/",
+            f"https://{PID}-65536.{DOMAIN}:8443/",
+            f"https://{PID}-server.{DOMAIN}:8443/",
+            f"https://{PID.replace('-', '')}-8000.{DOMAIN}:8443/",
+            f"https://{{{PID}}}-8000.{DOMAIN}:8443/",
+            f"https://{PID[:-1]}-8000.{DOMAIN}:8443/",
+            f"https://{PID}0-8000.{DOMAIN}:8443/",
+            "https://[::1]:8443/",
+            f"https://{host}/" + "a" * 5000,
+        ]:
+            self.assertIsNone(self.parse(to), to)
+
+    def test_port_rules_follow_the_public_port(self) -> None:
+        self.assertIsNone(self.parse(f"https://{PID}-8000.{DOMAIN}:8443/", port=None))
+        self.assertIsNotNone(self.parse(f"https://{PID}-8000.{DOMAIN}/", port=None))
+
+
+class Keys(unittest.TestCase):
+    def test_cookie_tags_bind_a_token_to_one_host(self) -> None:
+        keys = HopKeys(b"k" * 32)
+        value = keys.bind(LABEL, "tok")
+        self.assertEqual(keys.unbind(LABEL, value), "tok")
+        self.assertIsNone(keys.unbind(f"{PID}-8001", value))
+        self.assertIsNone(keys.unbind(LABEL, "tok"))
+        self.assertIsNone(keys.unbind(LABEL, value[:-1]))
+        self.assertIsNone(keys.unbind(LABEL, "other." + value.rsplit(".", 1)[1]))
+        self.assertIsNone(HopKeys(b"x" * 32).unbind(LABEL, value))
+        self.assertEqual(keys.first_bound(LABEL, ["junk", "a.b", value]), "tok")
+
+    def test_tickets_are_sealed_for_one_host(self) -> None:
+        keys = HopKeys(b"k" * 32)
+        ticket = keys.seal(LABEL, "secret-session")
+        self.assertNotIn("secret-session", ticket)
+        self.assertEqual(keys.open(LABEL, ticket), "secret-session")
+        self.assertIsNone(keys.open(f"{PID}-raw", ticket))
+        self.assertIsNone(HopKeys(b"x" * 32).open(LABEL, ticket))
+        flipped = ticket[:-2] + ("A" if ticket[-2] != "A" else "B") + ticket[-1]
+        for bad in [None, "", flipped, "!!!", "a" * 600, ticket + "="]:
+            self.assertIsNone(keys.open(LABEL, bad), bad)
+
+
+class Routing(unittest.TestCase):
+    def test_hop_pages_are_the_proxys_own(self) -> None:
+        self.assertEqual(
+            routing.parse(b"proxy.example", b"/_/hop?to=x", DOMAIN), routing.OwnPage("hop")
+        )
+        host = f"{PID}-8000.{DOMAIN}".encode()
+        self.assertEqual(
+            routing.parse(host, LANDING_PATH.encode() + b"?ticket=t", DOMAIN),
+            routing.OwnPage("hop_landing", LABEL.encode()),
+        )
+        raw_host = f"{PID}-raw.{DOMAIN}".encode()
+        self.assertEqual(
+            routing.parse(raw_host, LANDING_PATH.encode(), DOMAIN),
+            routing.OwnPage("hop_landing", f"{PID}-raw".encode()),
+        )
+        # Only that exact path is reserved; the rest of the project's paths stay the project's.
+        self.assertIsInstance(routing.parse(host, b"/.cocalcproxy/hop/x", DOMAIN), routing.Route)
+        self.assertIsInstance(routing.parse(host, b"/.cocalcproxy/", DOMAIN), routing.Route)
+        # A project subdomain of a port out of range is not a landing place either.
+        self.assertIsInstance(
+            routing.parse(f"{PID}-70000.{DOMAIN}".encode(), LANDING_PATH.encode(), DOMAIN),
+            routing.NotFound,
+        )
+
+
+def hop_world() -> tuple[World, Hop]:
+    world = make_world(project_domain=DOMAIN)
+    hop = Hop(
+        world.guard,
+        world.directory,  # type: ignore[arg-type]
+        HopKeys(b"k" * 32),
+        world.clock,
+        hostname="proxy.example",
+        public_port=lambda: 8443,
+        project_domain=DOMAIN,
+        session_lifetime=3600.0,
+    )
+    hop.install(world.guard_pages)
+    world.directory.add_user("alice", "pw")
+    world.directory.add_user("mallory", "pw")
+    world.directory.add_project("alice", PID)
+    world.directory.add_project("alice", OTHER)
+    return world, hop
+
+
+SUB = f"{PID}-8000.{DOMAIN}".encode()
+
+
+class Flow(unittest.TestCase):
+    def setUp(self) -> None:
+        self.world, self.hop = hop_world()
+        self.main = self.world.directory.add_session("alice")
+
+    def hop_to(self, to: str, session: str | None = None) -> tuple[int, bytes]:
+        headers = {**HTML, b"Cookie": f"cocalcproxy_session={session or self.main}".encode()}
+        r = self.world.request(b"GET", b"/_/hop?to=" + quote(to, safe="").encode(), headers=headers)
+        return r.status, r.header(b"location") or b""
+
+    def ticket_for(self, label: str = LABEL, path: str = "/nb?x=1") -> str:
+        status, location = self.hop_to(f"https://{label}.{DOMAIN}:8443{path}")
+        self.assertEqual(status, 302)
+        return parse_qs(urlsplit(location.decode()).query)["ticket"][0]
+
+    def land(self, ticket: str, next_path: str = "/nb?x=1", host: bytes = SUB, cookie: str = ""):  # type: ignore[no-untyped-def]
+        target = f"{LANDING_PATH}?ticket={ticket}&next={quote(next_path, safe='')}".encode()
+        headers = {**HTML, **({b"Cookie": cookie.encode()} if cookie else {})}
+        return self.world.request(b"GET", target, headers=headers, host=host)
+
+    def test_signed_out_navigation_on_a_subdomain_goes_to_the_hop(self) -> None:
+        r = self.world.request(b"GET", b"/nb/x?a=1&b=%2F", headers=HTML, host=SUB)
+        self.assertEqual(r.status, 302)
+        location = (r.header(b"location") or b"").decode()
+        self.assertTrue(location.startswith("https://proxy.example:8443/_/hop?to="), location)
+        to = unquote(location.split("?to=", 1)[1])
+        self.assertEqual(to, f"https://{PID}-8000.{DOMAIN}:8443/nb/x?a=1&b=%2F")
+        self.assertEqual(r.header(b"referrer-policy"), b"no-referrer")
+        self.assertEqual(r.header(b"cache-control"), b"no-store")
+        # Scripts and WebSockets still get the Basic challenge.
+        script = self.world.request(b"GET", b"/api", host=SUB)
+        self.assertEqual(script.status, 401)
+        post = self.world.request(b"POST", b"/nb", headers=HTML, host=SUB)
+        self.assertEqual(post.status, 401)
+
+    def test_the_hop_needs_the_main_session(self) -> None:
+        to = quote(f"https://{SUB.decode()}:8443/nb", safe="")
+        r = self.world.request(b"GET", b"/_/hop?to=" + to.encode(), headers=HTML)
+        self.assertEqual(r.status, 302)
+        location = r.header(b"location") or b""
+        self.assertTrue(location.startswith(b"/_/login?next="), location)
+        self.assertEqual(
+            unquote(unquote(location.split(b"next=")[1].decode())), "/_/hop?to=" + unquote(to)
+        )
+
+    def test_whole_flow_and_one_time_ticket(self) -> None:
+        sessions_before = set(self.world.directory.sessions)
+        status, location = self.hop_to(f"https://{PID}-8000.{DOMAIN}:8443/nb?x=1")
+        self.assertEqual(status, 302)
+        parts = urlsplit(location.decode())
+        self.assertEqual(
+            (parts.scheme, parts.netloc, parts.path),
+            ("https", f"{SUB.decode()}:8443", LANDING_PATH),
+        )
+        query = parse_qs(parts.query)
+        self.assertEqual(query["next"], ["/nb?x=1"])
+        (one_time,) = set(self.world.directory.sessions) - sessions_before
+        self.assertNotIn(one_time, location.decode())  # sealed, never the token itself
+        self.assertLessEqual(
+            self.world.directory.sessions[one_time].expires, self.world.clock.seconds() + 60
+        )
+
+        landed = self.land(query["ticket"][0])
+        self.assertEqual(landed.status, 302)
+        self.assertEqual(landed.header(b"location"), b"/nb?x=1")
+        self.assertEqual(landed.header(b"referrer-policy"), b"no-referrer")
+        self.assertEqual(landed.header(b"cache-control"), b"no-store")
+        self.assertNotIn(one_time, self.world.directory.sessions)
+        line = landed.cookies()["cocalcproxy_session"]
+        attributes = [a.strip().lower() for a in line.split(";")[1:]]
+        self.assertIn("secure", attributes)
+        self.assertIn("httponly", attributes)
+        self.assertIn("samesite=lax", attributes)
+        self.assertIn("path=/", attributes)
+        self.assertFalse([a for a in attributes if a.startswith("domain")], line)
+        cookie = "cocalcproxy_session=" + (landed.cookie_value("cocalcproxy_session") or "")
+
+        again = self.land(query["ticket"][0])
+        self.assertEqual(again.status, 403)
+        self.assertIn(b"/_/hop?to=", again.body)
+        self.assertNotIn(b"set-cookie", again.headers)
+
+        ok = self.world.request(
+            b"GET", b"/nb?x=1", headers={**HTML, b"Cookie": cookie.encode()}, host=SUB
+        )
+        self.assertEqual(ok.status, 200)
+        self.assertEqual(self.world.handler.seen[-1][1].project.id, PID)
+        self.assertFalse(self.world.handler.seen[-1][0].authorization_is_proxy_credential)
+
+        # The cookie is bound to its host: refused on a neighbour, on another project, and on
+        # the main host (where the tagged value names no session).
+        for host in (f"{PID}-8001.{DOMAIN}", f"{PID}-raw.{DOMAIN}", f"{OTHER}-8000.{DOMAIN}"):
+            r = self.world.request(
+                b"GET", b"/nb", headers={**HTML, b"Cookie": cookie.encode()}, host=host.encode()
+            )
+            self.assertEqual(r.status, 302, host)
+            self.assertIn(b"/_/hop?to=", r.header(b"location") or b"")
+        main = self.world.request(b"GET", b"/", headers={**HTML, b"Cookie": cookie.encode()})
+        self.assertEqual((main.status, main.header(b"location")), (302, b"/_/login"))
+
+    def test_the_main_hosts_cookie_does_not_work_on_a_subdomain(self) -> None:
+        r = self.world.request(
+            b"GET",
+            b"/nb",
+            headers={**HTML, b"Cookie": f"cocalcproxy_session={self.main}".encode()},
+            host=SUB,
+        )
+        self.assertEqual(r.status, 302)
+        self.assertEqual(self.world.handler.seen, [])
+
+    def test_a_cookie_tossed_in_by_a_sibling_does_not_shadow_the_real_one(self) -> None:
+        landed = self.land(self.ticket_for())
+        value = landed.cookie_value("cocalcproxy_session")
+        cookie = f"cocalcproxy_session=junk; cocalcproxy_session={value}".encode()
+        r = self.world.request(b"GET", b"/nb", headers={**HTML, b"Cookie": cookie}, host=SUB)
+        self.assertEqual(r.status, 200)
+
+    def test_signing_in_again_on_a_subdomain_ends_the_previous_session_there(self) -> None:
+        first = self.land(self.ticket_for())
+        old = first.cookie_value("cocalcproxy_session") or ""
+        second = self.land(self.ticket_for(), cookie=f"cocalcproxy_session={old}")
+        self.assertEqual(second.status, 302)
+        r = self.world.request(
+            b"GET",
+            b"/nb",
+            headers={**HTML, b"Cookie": f"cocalcproxy_session={old}".encode()},
+            host=SUB,
+        )
+        self.assertEqual(r.status, 302)
+
+    def test_a_ticket_for_one_host_is_refused_on_another(self) -> None:
+        ticket = self.ticket_for()
+        for host in (f"{OTHER}-8000.{DOMAIN}", f"{PID}-8001.{DOMAIN}"):
+            r = self.land(ticket, host=host.encode())
+            self.assertEqual(r.status, 403, host)
+        self.assertEqual(self.land(ticket).status, 302)  # still good where it was meant to go
+
+    def test_an_expired_ticket_is_refused(self) -> None:
+        ticket = self.ticket_for()
+        self.world.clock.advance(61)
+        r = self.land(ticket)
+        self.assertEqual(r.status, 403)
+        self.assertIn(b"expired", r.body)
+
+    def test_outsiders_get_the_usual_404_and_no_ticket(self) -> None:
+        mallory = self.world.directory.add_session("mallory")
+        before = len(self.world.directory.sessions)
+        status, location = self.hop_to(f"https://{PID}-8000.{DOMAIN}:8443/", session=mallory)
+        self.assertEqual((status, location), (404, b""))
+        self.assertEqual(len(self.world.directory.sessions), before)
+
+    def test_a_collaborator_removed_between_hop_and_landing_gets_no_cookie(self) -> None:
+        self.world.directory.add_collaborator(PID, "mallory")
+        mallory = self.world.directory.add_session("mallory")
+        status, location = self.hop_to(f"https://{PID}-8000.{DOMAIN}:8443/", session=mallory)
+        self.assertEqual(status, 302)
+        ticket = parse_qs(urlsplit(location.decode()).query)["ticket"][0]
+        self.world.directory.remove_collaborator(PID, "mallory")
+        r = self.land(ticket, next_path="/")
+        self.assertEqual(r.status, 404)
+        self.assertNotIn(b"set-cookie", r.headers)
+
+    def test_bad_targets_are_a_400_page_not_a_redirect(self) -> None:
+        for to in ["https://evil.example/", f"//{SUB.decode()}/", "javascript:alert(1)"]:
+            status, location = self.hop_to(to)
+            self.assertEqual((status, location), (400, b""), to)
+        twice = self.world.request(
+            b"GET",
+            b"/_/hop?to=a&to=b",
+            headers={**HTML, b"Cookie": f"cocalcproxy_session={self.main}".encode()},
+        )
+        self.assertEqual(twice.status, 400)
+        self.assertEqual(self.world.request(b"POST", b"/_/hop", headers=HTML).status, 405)
+
+    def test_landing_next_is_only_ever_a_path_on_this_host(self) -> None:
+        for evil in [
+            "//evil.example/",
+            "https://evil.example/",
+            "/\\evil.example",
+            "/\t/evil.example",
+        ]:
+            r = self.land(self.ticket_for(), next_path=evil)
+            self.assertEqual((r.status, r.header(b"location")), (302, b"/"), evil)
+
+    def test_the_landing_path_is_never_forwarded(self) -> None:
+        r = self.world.request(b"GET", LANDING_PATH.encode(), headers=HTML, host=SUB)
+        self.assertEqual(r.status, 403)
+        self.assertEqual(self.world.handler.seen, [])
+        post = self.world.request(b"POST", LANDING_PATH.encode(), headers=HTML, host=SUB)
+        self.assertEqual(post.status, 405)
+        self.assertEqual(self.world.handler.seen, [])
