@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import re
 from typing import Any
 
 from twisted.internet import defer, reactor, ssl
@@ -20,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web import http, resource, server
 
+from tests import forward_harness
 from tests.forward_harness import PatternBody, pattern_sha256, poll
 from tests.support import https_client, start_proxy
 
@@ -74,7 +77,7 @@ class Talker(Protocol):
         self.transport.write(data)
 
     def statuses(self) -> list[bytes]:
-        return [line for line in self.received.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+        return re.findall(rb"HTTP/1\.1 \d{3} ", self.received)
 
 
 class BeforeTheBody(unittest.TestCase):
@@ -294,3 +297,77 @@ class BeforeTheBody(unittest.TestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(document["size"], size)
         self.assertEqual(document["sha256"], pattern_sha256(size))
+
+    def log_records(self) -> list[dict[str, Any]]:
+        with open(os.path.join(self.proxy.state_dir, "access.log")) as f:
+            return [json.loads(line) for line in f]
+
+    @defer.inlineCallbacks
+    def test_body_arriving_while_the_guard_decides_is_passed_on(self):  # type: ignore[no-untyped-def]
+        # First use of the token: the guard asks the directory (not a cache hit), so the body
+        # sent in the same write as the headers is held, then spooled once allowed.
+        talker = yield self.connect()
+        body = b"held while deciding"
+        head = self.head(
+            self.path, f"Authorization: Bearer {self.token}", f"Content-Length: {len(body)}"
+        )
+        talker.send(head + body)
+        yield poll(lambda: b'"sha256"' in talker.received, timeout=10, what="the answer")
+        self.assertTrue(talker.received.startswith(b"HTTP/1.1 200 "), talker.received[:200])
+        self.assertEqual(self.backend.seen[0]["sha256"], hashlib.sha256(body).hexdigest())
+        # The connection stays usable (keep-alive restored after the early decision).
+        talker.send(self.head(self.path, f"Authorization: Bearer {self.token}", method="GET"))
+        yield poll(lambda: len(self.backend.seen) == 2, timeout=10, what="a second request")
+        yield poll(lambda: len(talker.statuses()) == 2, timeout=10, what="a second answer")
+        self.assertFalse(talker.lost)
+        records = [r for r in self.log_records() if r["method"] == "POST"]
+        self.assertEqual(len(records), 1, records)
+        self.assertEqual(records[0]["status"], 200)
+        self.assertEqual(records[0]["bytes_in"], len(body))
+        self.assertEqual(records[0]["account"], "alice")
+
+    @defer.inlineCallbacks
+    def test_body_arriving_while_the_guard_decides_is_dropped_when_refused(self):  # type: ignore[no-untyped-def]
+        body = b"x" * 50_000
+        head = self.head(
+            self.path, f"Authorization: Bearer {self.bob_token}", f"Content-Length: {len(body)}"
+        )
+        yield self.refused_before_body(head + body, b"404")
+        self.assertEqual(self.spools, [])
+        self.assertEqual(self.backend.seen, [])
+
+    @defer.inlineCallbacks
+    def test_refusals_before_the_body_are_logged_once(self):  # type: ignore[no-untyped-def]
+        yield self.refused_before_body(self.head(self.path, f"Content-Length: {BIG}"), b"401")
+        yield poll(lambda: self.log_records(), timeout=10, what="the access log line")
+        (record,) = self.log_records()
+        self.assertEqual((record["method"], record["status"]), ("POST", 401))
+        self.assertEqual(record["form"], "server")
+
+
+class DecidedOnce(unittest.TestCase):
+    """With the forwarder's harness (allow-all guard, echo backend): the guard is asked once per
+    request, on the headers when a body is announced, and not again by Root."""
+
+    @defer.inlineCallbacks
+    def test_guard_asked_once_per_request(self):  # type: ignore[no-untyped-def]
+        backend = yield forward_harness.start_backend(self)
+        proxy = yield forward_harness.start_proxy(self)
+        guard = proxy.site.resource.guard
+        asked: list[bytes] = []
+        original = guard.authorize
+
+        def counting(request: Any, route: Any) -> Any:
+            asked.append(bytes(request.method))
+            return original(request, route)
+
+        self.patch(guard, "authorize", counting)
+        client = https_client(self, proxy.cert_path)
+        url = proxy.server_url(backend.port, "/echo")
+        response = yield client.post(url, data=b"y" * 200_000)
+        document = json.loads((yield response.content()))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(document["body_length"], 200_000)
+        response = yield client.get(url)
+        yield response.content()
+        self.assertEqual(asked, [b"POST", b"GET"])
