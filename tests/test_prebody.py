@@ -36,6 +36,9 @@ class Plan(unittest.TestCase):
         self.assertEqual(prebody.plan(b"POST", b"/_/health", [], None), prebody.AnswerNow(405))
         self.assertEqual(prebody.plan(b"GET", b"/_/health", [], None), prebody.AnswerNow(413))
         self.assertEqual(prebody.plan(b"PUT", b"/", [], None), prebody.AnswerNow(405))
+        self.assertEqual(prebody.plan(b"POST", b"/_/hop", [], None), prebody.AnswerNow(405))
+        landing = prebody.plan(b"POST", b"/.cocalcproxy/hop", [f"{PID}-80.p.x".encode()], "p.x")
+        self.assertEqual(landing, prebody.AnswerNow(405))
 
     def test_everything_else_answered_like_root(self) -> None:
         for target in (b"/nowhere", f"/{PID}/server/8000".encode(), b"/_/../x"):
