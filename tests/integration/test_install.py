@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -45,27 +46,33 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-class InstalledPackageTests(unittest.TestCase):
-    """Build once for the class: installing is the slow part."""
+_installed: dict[str, Path] = {}
 
-    venv: Path
 
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls._tmp = tempfile.TemporaryDirectory(prefix="cocalcproxy-install-")
-        cls.venv = Path(cls._tmp.name) / "venv"
-        subprocess.run([sys.executable, "-m", "venv", str(cls.venv)], check=True)
-        subprocess.run(
-            [str(cls.venv / "bin" / "pip"), "install", "-q", str(REPO)],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+def installed_venv() -> Path:
+    """Build the fresh virtual environment once per test process (trial has no setUpClass)."""
+    if "venv" not in _installed:
+        holder = tempfile.TemporaryDirectory(prefix="cocalcproxy-install-")
+        atexit.register(holder.cleanup)
+        venv = Path(holder.name) / "venv"
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        result = subprocess.run(
+            [str(venv / "bin" / "pip"), "install", "-q", str(REPO)],
+            capture_output=True,
+            text=True,
             timeout=600,
         )
+        if result.returncode != 0:
+            raise AssertionError(f"pip install failed:\n{result.stderr[-3000:]}")
+        _installed["venv"] = venv
+    return _installed["venv"]
 
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls._tmp.cleanup()
+
+class InstalledPackageTests(unittest.TestCase):
+    """A real `pip install .` (built once for all these tests: installing is the slow part)."""
+
+    def setUp(self) -> None:
+        self.venv = installed_venv()
 
     def run_tool(self, *args: str, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
