@@ -354,3 +354,13 @@ class Flow(unittest.TestCase):
         post = self.world.request(b"POST", LANDING_PATH.encode(), headers=HTML, host=SUB)
         self.assertEqual(post.status, 405)
         self.assertEqual(self.world.handler.seen, [])
+
+
+class LoginPageAllowsTheHop(unittest.TestCase):
+    def test_form_action_names_the_project_hosts_only_with_the_hop(self) -> None:
+        world, _ = hop_world()
+        csp = world.request(b"GET", b"/_/login", headers=HTML).header(b"content-security-policy")
+        self.assertIn(b"form-action 'self' https://*.projects.example:8443;", csp or b"")
+        self.assertIn(b"frame-ancestors 'none'", csp or b"")
+        plain = make_world().request(b"GET", b"/_/login", headers=HTML)
+        self.assertIn(b"form-action 'self';", plain.header(b"content-security-policy") or b"")

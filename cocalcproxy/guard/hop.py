@@ -122,6 +122,13 @@ class Hop:
     def project_origin(self, label: str) -> str:
         return "https://" + hopkeys.authority(f"{label}.{self.project_domain}", self.public_port())
 
+    def login_csp(self) -> bytes:
+        """The own pages' CSP with the project hosts added to ``form-action``."""
+        policy_text = dict(pages.OWN_PAGE_HEADERS)[b"Content-Security-Policy"].decode("ascii")
+        hosts = "https://" + hopkeys.authority("*." + self.project_domain, self.public_port())
+        relaxed = policy_text.replace("form-action 'self'", f"form-action 'self' {hosts}", 1)
+        return relaxed.encode("ascii")
+
     def start_location(self, label: str, target: str) -> str:
         """The main host's ``/_/hop`` URL that leads back to ``target`` on host ``label``."""
         to = self.project_origin(label) + target

@@ -146,11 +146,15 @@ class IndexPage(Element):
         return tag.fillSlots(csrf=self.logout_csrf)
 
 
-def _send(request: Request, status: int, body: bytes, content_type: bytes) -> None:
+def _send(
+    request: Request, status: int, body: bytes, content_type: bytes, csp: bytes | None = None
+) -> None:
     if request._disconnected:
         return
     request.setResponseCode(status)
     pages.set_own_page_headers(request)
+    if csp is not None:
+        request.setHeader(b"Content-Security-Policy", csp)
     request.setHeader(b"Content-Type", content_type)
     request.setHeader(b"Content-Length", str(len(body)).encode())
     if request.method != b"HEAD":
@@ -290,9 +294,13 @@ class GuardPages:
         presession = self._presession(request)
         element = LoginPage(self.csrf.login_token(presession), next_path, name, message)
         d = flattenString(None, cast(IRenderable, element))
+        # With the sign-in hop, signing in may end on a project host (POST -> 303 /_/hop -> 302
+        # https://<project host>/...): browsers check every hop of a form's redirects against
+        # the form page's form-action, so project hosts must be allowed there.
+        csp = self.hop_pages.login_csp() if self.hop_pages is not None else None
         d.addCallback(
             lambda html: _send(
-                request, status, b"<!DOCTYPE html>\n" + html, b"text/html; charset=utf-8"
+                request, status, b"<!DOCTYPE html>\n" + html, b"text/html; charset=utf-8", csp
             )
         )
         d.addErrback(self._failed, request)

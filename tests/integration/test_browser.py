@@ -36,7 +36,7 @@ def find(program: str) -> str:
 class WebDriver:
     """Just enough of the W3C WebDriver protocol, spoken to a local chromedriver."""
 
-    def __init__(self, case: unittest.TestCase) -> None:
+    def __init__(self, case: unittest.TestCase, extra_args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.profile = tempfile.mkdtemp(prefix="cocalcproxy-chromium-")
         case.addCleanup(shutil.rmtree, self.profile, True)
@@ -66,6 +66,7 @@ class WebDriver:
                     "--disable-sync",
                     "--ignore-certificate-errors",
                     f"--user-data-dir={self.profile}",
+                    *extra_args,
                 ],
             },
         }
