@@ -364,3 +364,23 @@ class LoginPageAllowsTheHop(unittest.TestCase):
         self.assertIn(b"frame-ancestors 'none'", csp or b"")
         plain = make_world().request(b"GET", b"/_/login", headers=HTML)
         self.assertIn(b"form-action 'self';", plain.header(b"content-security-policy") or b"")
+
+
+class SubdomainCookieEverywhereOnItsHost(unittest.TestCase):
+    def test_websockets_and_raw_files_accept_the_hosts_own_cookie(self) -> None:
+        world, hop = hop_world()
+        upgrade = {b"Upgrade": b"websocket", b"Connection": b"Upgrade", **HTML}
+        refused = world.request(b"GET", b"/ws", headers=upgrade, host=SUB)
+        self.assertEqual(refused.status, 401)  # a handshake is not a page load: no redirect
+        token = world.directory.add_session("alice")
+        cookie = f"cocalcproxy_session={hop.keys.bind(LABEL, token)}".encode()
+        world.request(b"GET", b"/ws", headers={**upgrade, b"Cookie": cookie}, host=SUB)
+        self.assertEqual(len(world.handler.seen), 1)
+        raw_label = f"{PID}-raw"
+        raw_cookie = f"cocalcproxy_session={hop.keys.bind(raw_label, token)}".encode()
+        raw_host = f"{raw_label}.{DOMAIN}".encode()
+        ok = world.request(b"GET", b"/f.txt", headers={b"Cookie": raw_cookie}, host=raw_host)
+        self.assertEqual(ok.status, 200)
+        wrong = world.request(b"GET", b"/f.txt", headers={b"Cookie": cookie}, host=raw_host)
+        self.assertEqual(wrong.status, 401)
+        self.assertEqual(len(world.handler.seen), 2)
