@@ -195,6 +195,16 @@ class Options(usage.Options):
             raise usage.UsageError("--hsts-max-age must not be negative")
         if self["project-domain"] is not None:
             domain = self["project-domain"].strip(".").lower()
-            if not domain or "/" in domain:
+            # Letters, digits and hyphens only: the name ends up in URLs, a Content-Security-Policy
+            # (the sign-in hop) and cookie tags, so nothing that could break out of those.
+            labels = domain.split(".")
+            if not domain or not all(
+                0 < len(label) <= 63
+                and label.isascii()
+                and all(c.isalnum() or c == "-" for c in label)
+                and not label.startswith("-")
+                and not label.endswith("-")
+                for label in labels
+            ):
                 raise usage.UsageError("--project-domain must be a DNS name")
             self["project-domain"] = domain

@@ -70,5 +70,17 @@ class OptionsTests(unittest.TestCase):
             self.parse("--project-domain", "Projects.Example.ORG.")["project-domain"],
             "projects.example.org",
         )
-        with self.assertRaises(usage.UsageError):
-            self.parse("--project-domain", "a/b")
+        for bad in [
+            "a/b",
+            "a;b.example",
+            "a b.example",
+            "x.example; form-action *",
+            "a..b",
+            "-a.b",
+        ]:
+            with self.assertRaises(usage.UsageError, msg=bad):
+                self.parse("--project-domain", bad)
+        self.assertEqual(
+            self.parse("--project-domain", "xn--bcher-kva.example")["project-domain"],
+            "xn--bcher-kva.example",
+        )
