@@ -371,3 +371,53 @@ class DecidedOnce(unittest.TestCase):
         response = yield client.get(url)
         yield response.content()
         self.assertEqual(asked, [b"POST", b"GET"])
+
+    @defer.inlineCallbacks
+    def start_with_guard(self, authorize: Any):  # type: ignore[no-untyped-def]
+        backend = yield forward_harness.start_backend(self)
+        proxy = yield forward_harness.start_proxy(self)
+        self.patch(proxy.site.resource.guard, "authorize", authorize)
+        return backend, proxy
+
+    @defer.inlineCallbacks
+    def test_guard_failure_is_503_and_close_without_the_body(self):  # type: ignore[no-untyped-def]
+        backend, proxy = yield self.start_with_guard(
+            lambda request, route: defer.fail(RuntimeError("directory down"))
+        )
+        head = (
+            f"POST /{forward_harness.PID}/server/{backend.port}/echo HTTP/1.1\r\n"
+            f"Host: localhost\r\nContent-Length: {BIG}\r\n\r\n"
+        ).encode()
+        client = forward_harness.RawClient(head)
+        yield forward_harness.raw_connect(self, proxy, client)
+        received = yield client.done
+        self.assertTrue(received.startswith(b"HTTP/1.1 503 "), received[:200])
+        self.assertIn(b"\r\nconnection: close\r\n", received.lower())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    @defer.inlineCallbacks
+    def test_client_gone_before_the_decision(self):  # type: ignore[no-untyped-def]
+        pending: list[Deferred[Any]] = []
+
+        def later(request: Any, route: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            pending.append(d)
+            return d
+
+        backend, proxy = yield self.start_with_guard(later)
+        head = (
+            f"POST /{forward_harness.PID}/server/{backend.port}/echo HTTP/1.1\r\n"
+            f"Host: localhost\r\nContent-Length: 10\r\n\r\n01234"
+        ).encode()
+        client = forward_harness.RawClient(head)
+        yield forward_harness.raw_connect(self, proxy, client)
+        yield poll(lambda: pending, timeout=10, what="the guard to be asked")
+        assert client.transport is not None
+        client.transport.abortConnection()  # type: ignore[attr-defined]
+        yield client.done
+        # The paused connection notices the close once the guard answers and reading resumes;
+        # the half-sent request then ends without reaching the backend, and without an error.
+        project = forward_harness.Project(forward_harness.PID, 1, "alice", "127.0.0.1", None, "t")
+        pending[0].callback(forward_harness.Access(forward_harness.Account(1, "alice"), project))
+        yield poll(lambda: not proxy.site.in_flight, timeout=10, what="the request to end")
+        self.assertEqual(backend.stats.client_ports, [])
