@@ -22,7 +22,8 @@ Towards the client (:func:`client_response_headers`):
 
 * hop-by-hop and ``Connection``-named headers are dropped (``websocket=True`` keeps the 101's
   ``Upgrade``/``Connection: Upgrade`` and ``Sec-WebSocket-*``);
-* origin-wide headers a project must not set for the whole proxy (:data:`ORIGIN_WIDE`) are dropped;
+* origin-wide headers a project must not set for the whole proxy (:data:`ORIGIN_WIDE`, and on the
+  main host :data:`SHARED_ORIGIN_ONLY`) are dropped;
 * ``Location`` is rewritten by :func:`rewrite_location`;
 * ``Set-Cookie`` is scoped to the route by :func:`rewrite_set_cookie`; a backend can never set a
   cookie with the proxy's own cookie name.
@@ -65,6 +66,12 @@ _FORWARDING_PREFIX = b"x-forwarded-"
 
 #: Response headers that would act on the whole proxy origin, not just one project's route.
 ORIGIN_WIDE: frozenset[bytes] = frozenset({b"alt-svc", b"clear-site-data"})
+
+#: Response headers that widen a project's reach to the whole host, dropped on the main host
+#: (path routing) only: ``Service-Worker-Allowed: /`` would let a project's service worker control
+#: every path of the proxy's origin, other projects' and the sign-in page included. On a project's
+#: own subdomain the origin is the project's, so it may keep them.
+SHARED_ORIGIN_ONLY: frozenset[bytes] = frozenset({b"service-worker-allowed"})
 
 #: Request headers never forwarded (besides hop-by-hop): the proxy already consumed the body.
 REQUEST_ONLY: frozenset[bytes] = frozenset({b"expect"})
@@ -410,6 +417,8 @@ def client_response_headers(
     for name, value in kept:
         lname = _lower(name)
         if lname in ORIGIN_WIDE:
+            continue
+        if lname in SHARED_ORIGIN_ONLY and not route.subdomain:
             continue
         if lname == b"location":
             value = rewrite_location(

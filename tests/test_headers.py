@@ -377,6 +377,15 @@ class ResponseHeaders(unittest.TestCase):
         ):
             self.assertEqual(values(out, gone), [], gone)
 
+    def test_service_worker_scope_never_widened_on_the_shared_origin(self) -> None:
+        backend = [(b"Service-Worker-Allowed", b"/"), (b"Content-Type", b"text/javascript")]
+        for route in (SERVER, PORT):
+            out = client_response_headers(backend, route=route, project_host="127.0.0.1")
+            self.assertEqual(values(out, b"service-worker-allowed"), [], route.kind)
+            self.assertEqual(values(out, b"content-type"), [b"text/javascript"])
+        out = client_response_headers(backend, route=SUB, project_host="127.0.0.1")
+        self.assertEqual(values(out, b"service-worker-allowed"), [b"/"], "own origin: allowed")
+
     def test_websocket_101(self) -> None:
         out = client_response_headers(
             [

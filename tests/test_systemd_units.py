@@ -132,7 +132,7 @@ class ContentTests(unittest.TestCase):
         expected = {
             "NoNewPrivileges": "yes",
             "ProtectSystem": "strict",
-            "ProtectHome": "yes",
+            "ProtectHome": "read-only",  # homes under /home stay readable for the raw view
             "PrivateTmp": "yes",
             "PrivateDevices": "yes",
             "ProtectKernelTunables": "yes",
