@@ -102,11 +102,17 @@ class AnswerNow:
 Plan = Judge | Cap | AnswerNow
 
 
-def plan(method: bytes, target: bytes, hosts: Sequence[bytes], project_domain: str | None) -> Plan:
+def plan(
+    method: bytes,
+    target: bytes,
+    hosts: Sequence[bytes],
+    project_domain: str | None,
+    main_host: str | None = None,
+) -> Plan:
     """Pure: what to do with a request announcing a body, from its method, target and Host."""
     if len(hosts) > 1:
         return AnswerNow()
-    outcome = routing.parse(hosts[0] if hosts else None, target, project_domain)
+    outcome = routing.parse(hosts[0] if hosts else None, target, project_domain, main_host)
     if isinstance(outcome, routing.Route):
         return Judge(outcome)
     if isinstance(outcome, routing.OwnPage):

@@ -102,29 +102,48 @@ class NotFound:
 Outcome = Route | OwnPage | Redirect | NotFound
 
 
-def parse(host: bytes | None, target: bytes, project_domain: str | None = None) -> Outcome:
-    """Classify a request by its Host header and raw request-target."""
+def parse(
+    host: bytes | None,
+    target: bytes,
+    project_domain: str | None = None,
+    main_host: str | None = None,
+) -> Outcome:
+    """Classify a request by its Host header and raw request-target.
+
+    ``main_host`` is the proxy's own public name (``--hostname``): it is never a project host, even
+    when it sits under ``project_domain`` (``proxy.example.org`` with ``--project-domain
+    example.org``).
+    """
     if len(target) > MAX_TARGET:
         return NotFound("request-target too long")
     if not _VISIBLE.match(target) or b"#" in target:
         return NotFound("not an origin-form request-target of visible ASCII")
     path, sep, query_s = target.partition(b"?")
     query = sep + query_s
-    if project_domain:
+    if project_domain and not _is_main_host(host, main_host):
         label = _project_label(host, project_domain)
         if label is not None:
             return _parse_subdomain(label, path, query, target)
     return _parse_main(path, query, target)
 
 
+def _host_name(host: bytes) -> bytes:
+    return host.strip().lower().split(b":", 1)[0].rstrip(b".")
+
+
+def _is_main_host(host: bytes | None, main_host: str | None) -> bool:
+    if not host or not main_host or host.strip().startswith(b"["):
+        return False
+    return _host_name(host) == main_host.strip().lower().rstrip(".").encode("ascii", "replace")
+
+
 def _project_label(host: bytes | None, project_domain: str) -> bytes | None:
     """The label left of ``.<project_domain>`` when Host is a project subdomain, else None."""
     if not host:
         return None
-    name = host.strip().lower()
-    if name.startswith(b"["):
+    if host.strip().startswith(b"["):
         return None
-    name = name.split(b":", 1)[0].rstrip(b".")
+    name = _host_name(host)
     suffix = b"." + project_domain.strip(".").lower().encode("ascii", "replace")
     if not name.endswith(suffix):
         return None

@@ -451,6 +451,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         raw=raw.RawHandler(reactor),
         own_pages=OwnPages(directory, guard_pages),
         project_domain=options["project-domain"],
+        main_host=options["hostname"],
     )
     site = ProxySite(root, reactor=reactor)
     site.hsts_max_age = options["hsts-max-age"]

@@ -160,7 +160,7 @@ class ProxyRequest(server.Request):
         self.path = target.split(b"?", 1)[0]
         self.site = site
         hosts = self.requestHeaders.getRawHeaders(b"host", [])
-        decision = prebody.plan(command, target, hosts, root.project_domain)
+        decision = prebody.plan(command, target, hosts, root.project_domain, root.main_host)
         if isinstance(decision, prebody.Cap):
             if self._body_limit is None or decision.limit < self._body_limit:
                 self._body_limit = decision.limit
@@ -251,6 +251,7 @@ class Root(resource.Resource):
         raw: Handler,
         own_pages: OwnPages,
         project_domain: str | None = None,
+        main_host: str | None = None,
     ) -> None:
         super().__init__()
         self.guard = guard
@@ -259,6 +260,7 @@ class Root(resource.Resource):
         self.raw = raw
         self.own_pages = own_pages
         self.project_domain = project_domain
+        self.main_host = main_host
 
     def render(self, request: server.Request) -> int:
         assert isinstance(request, ProxyRequest)
@@ -275,7 +277,9 @@ class Root(resource.Resource):
         if len(hosts) > 1:
             pages.write_error(request, 400, "Bad request", "More than one Host header.")
             return
-        outcome = routing.parse(hosts[0] if hosts else None, request.uri, self.project_domain)
+        outcome = routing.parse(
+            hosts[0] if hosts else None, request.uri, self.project_domain, self.main_host
+        )
         if isinstance(outcome, routing.NotFound):
             pages.not_found(request)
         elif isinstance(outcome, routing.Redirect):

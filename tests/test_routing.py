@@ -235,6 +235,22 @@ class Subdomains(unittest.TestCase):
                 parse(label + b".projects.example", b"/", "projects.example"), NotFound, repr(label)
             )
 
+    def test_main_host_under_the_project_domain_stays_the_main_host(self) -> None:
+        main = "proxy.example.org"
+        self.assertEqual(parse(b"proxy.example.org", b"/", "example.org", main), OwnPage("index"))
+        self.assertEqual(
+            parse(b"Proxy.Example.org.:8443", b"/_/login?next=/", "example.org", main),
+            OwnPage("login"),
+        )
+        route = parse(b"proxy.example.org", f"/{PID}/server/80/x".encode(), "example.org", main)
+        self.assertIsInstance(route, Route)
+        self.assertFalse(route.subdomain)
+        r = parse(P + b"-80.example.org", b"/", "example.org", main)
+        self.assertEqual(r, Route(PID, "port", 80, b"", b"/", subdomain=True))
+        self.assertIsInstance(parse(b"www.example.org", b"/", "example.org", main), NotFound)
+        # Without knowing the main host it would have been taken for a (bad) project host.
+        self.assertIsInstance(parse(b"proxy.example.org", b"/", "example.org"), NotFound)
+
     def test_host_names_are_case_insensitive(self) -> None:
         r = parse(P.upper() + b"-80.Projects.Example.", b"/", "projects.example")
         self.assertEqual(r, Route(PID, "port", 80, b"", b"/", subdomain=True))
