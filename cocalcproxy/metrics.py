@@ -44,6 +44,27 @@ def status_label(facts: RequestFacts) -> str:
     return str(facts.status) if facts.completed else "disconnected"
 
 
+class _Children:
+    """The labelled children of one metric, each looked up once.
+
+    ``metric.labels(...)`` validates its arguments and takes a lock on every call, which showed
+    in profiles of small requests; the child it returns is the same object every time, so it is
+    kept here by label values. Label values come from small fixed sets, so this stays small.
+    """
+
+    __slots__ = ("_metric", "_children")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
@@ -104,6 +125,14 @@ class Metrics:
             buckets=DIRECTORY_BUCKETS,
             registry=r,
         )
+        self._requests = _Children(self.requests)
+        self._request_duration = _Children(self.request_duration)
+        self._bytes_in = _Children(self.bytes_in)
+        self._bytes_out = _Children(self.bytes_out)
+        self._backend_failures = _Children(self.backend_failures)
+        self._cache_hits = _Children(self.cache_hits)
+        self._cache_misses = _Children(self.cache_misses)
+        self._directory_query = _Children(self.directory_query)
         self.certificate_expiry = Gauge(
             "cocalcproxy_tls_certificate_expiry_timestamp_seconds",
             "When the served TLS certificate expires (Unix time).",
@@ -114,29 +143,29 @@ class Metrics:
 
     def observe_request(self, facts: RequestFacts) -> None:
         form = form_label(facts.form)
-        self.requests.labels(form=form, status=status_label(facts)).inc()
-        self.request_duration.labels(form=form).observe(facts.duration)
+        self._requests(form, status_label(facts)).inc()
+        self._request_duration(form).observe(facts.duration)
         if facts.bytes_in:
-            self.bytes_in.labels(form=form).inc(facts.bytes_in)
+            self._bytes_in(form).inc(facts.bytes_in)
         if facts.bytes_out:
-            self.bytes_out.labels(form=form).inc(facts.bytes_out)
+            self._bytes_out(form).inc(facts.bytes_out)
         if facts.backend_error is not None:
             self.backend_failure(facts.backend_error)
 
     def backend_failure(self, reason: str = "other") -> None:
-        self.backend_failures.labels(reason=reason).inc()
+        self._backend_failures(reason).inc()
 
     def signin_failure(self) -> None:
         self.signin_failures.inc()
 
     def cache_hit(self, cache: str) -> None:
-        self.cache_hits.labels(cache=cache).inc()
+        self._cache_hits(cache).inc()
 
     def cache_miss(self, cache: str) -> None:
-        self.cache_misses.labels(cache=cache).inc()
+        self._cache_misses(cache).inc()
 
     def observe_directory_query(self, operation: str, seconds: float) -> None:
-        self.directory_query.labels(operation=operation).observe(seconds)
+        self._directory_query(operation).observe(seconds)
 
     def set_websocket_relays(self, count: Callable[[], int]) -> None:
         self.websocket_relays.set_function(lambda: float(count()))
