@@ -392,7 +392,9 @@ class _Exchange:
         self.delivery = None
         if self.client_gone or request._disconnected:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        # isinstance rather than Failure.check, which builds the qualified names of the
+        # exception's classes on every first call (once per request here).
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             request.unregisterProducer()
             request.finish()
             return
