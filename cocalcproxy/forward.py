@@ -81,6 +81,9 @@ class _BackendProtocol(HTTP11ClientProtocol):
 
 
 class _BackendProtocolFactory(_HTTP11ClientFactory):
+    # One factory per backend connection: "Starting/Stopping factory" lines would flood the log.
+    noisy = False
+
     def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:  # noqa: N802
         return _BackendProtocol(self._quiescentCallback)
 

@@ -195,3 +195,32 @@ class WholeProxy(unittest.TestCase):
         self.assertEqual(
             response.headers.getRawHeaders(b"content-type"), [b"text/html; charset=utf-8"]
         )
+
+
+class QuietBackendConnections(unittest.TestCase):
+    """Each backend connection has its own client factory: it must not log start and stop."""
+
+    @defer.inlineCallbacks
+    def test_no_factory_lines_per_backend_connection(self):  # type: ignore[no-untyped-def]
+        from twisted.logger import globalLogPublisher
+
+        proxy = yield start_proxy(self)
+        yield proxy.directory.add_user("alice", "alice-password")
+        project = yield proxy.directory.add_project("alice")
+        backend = yield start_backend(self)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        http = https_client(self, proxy.cert_path, persistent=False)
+        response = yield http.get(
+            f"{proxy.url}/{project.id}/server/{backend.port}/x",
+            headers={b"Authorization": [basic("alice", "alice-password")]},
+        )
+        yield response.content()
+        self.assertEqual(response.code, 200)
+        yield proxy.service.stopService()
+        factory_lines = [
+            e for e in events if "factory" in str(e.get("log_format", "")).lower()
+            and "_BackendProtocolFactory" in str(e.get("log_namespace", ""))
+        ]  # fmt: skip
+        self.assertEqual(factory_lines, [])
