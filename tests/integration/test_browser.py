@@ -132,35 +132,40 @@ class WebDriver:
         return list(self._session("GET", "/cookie"))
 
 
+def start_alice_with_a_backend(case: Any, *proxy_args: str) -> None:
+    """On ``case``: an ``http.server`` backend page, alice (password "correct horse") owning a
+    project, and a running ``twistd`` proxy given ``proxy_args``; sets ``state``, ``pid``,
+    ``backend_port`` and ``proxy``, all stopped at cleanup."""
+    case.state = str(Path(case.mktemp()).absolute())
+    Path(case.state).mkdir(parents=True)
+    site = Path(case.mktemp()).absolute()
+    site.mkdir(parents=True)
+    (site / "index.html").write_text(
+        f"<!DOCTYPE html><title>Backend</title><h1 id='marker'>{MARKER}</h1>"
+    )
+    case.backend_port = free_port()
+    backend = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(case.backend_port)]
+        + ["--bind", "127.0.0.1", "--directory", str(site)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    case.addCleanup(lambda: (backend.terminate(), backend.wait(timeout=30)))
+
+    done = admin(case.state, "user", "add", "alice", "--password-stdin", stdin="correct horse\n")
+    case.assertEqual(done.returncode, 0, done.stderr)
+    done = admin(case.state, "project", "add", "--owner", "alice", "--home", str(site))
+    case.assertEqual(done.returncode, 0, done.stderr)
+    case.pid = done.stdout.strip().splitlines()[-1]
+
+    case.proxy = ProxyProcess(case.state, *proxy_args).start()
+    case.addCleanup(case.proxy.stop)
+    case.proxy.wait_listening()
+
+
 class BrowserSignIn(unittest.TestCase):
     def setUp(self) -> None:
-        self.state = str(Path(self.mktemp()).absolute())
-        Path(self.state).mkdir(parents=True)
-        site = Path(self.mktemp()).absolute()
-        site.mkdir(parents=True)
-        (site / "index.html").write_text(
-            f"<!DOCTYPE html><title>Backend</title><h1 id='marker'>{MARKER}</h1>"
-        )
-        self.backend_port = free_port()
-        backend = subprocess.Popen(
-            [sys.executable, "-m", "http.server", str(self.backend_port)]
-            + ["--bind", "127.0.0.1", "--directory", str(site)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.addCleanup(lambda: (backend.terminate(), backend.wait(timeout=30)))
-
-        done = admin(
-            self.state, "user", "add", "alice", "--password-stdin", stdin="correct horse\n"
-        )
-        self.assertEqual(done.returncode, 0, done.stderr)
-        done = admin(self.state, "project", "add", "--owner", "alice", "--home", str(site))
-        self.assertEqual(done.returncode, 0, done.stderr)
-        self.pid = done.stdout.strip().splitlines()[-1]
-
-        self.proxy = ProxyProcess(self.state).start()
-        self.addCleanup(self.proxy.stop)
-        self.proxy.wait_listening()
+        start_alice_with_a_backend(self)
         self.browser = WebDriver(self)
 
     def test_sign_in_and_land_on_the_backend(self) -> None:

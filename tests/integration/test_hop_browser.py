@@ -5,47 +5,17 @@ and sees the backend's page. Processes as in test_browser (twistd, http.server, 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 from twisted.trial import unittest
 
-from tests.integration.test_browser import MARKER, WebDriver
-from tests.processes import ProxyProcess, admin, free_port, wait_for
+from tests.integration.test_browser import MARKER, WebDriver, start_alice_with_a_backend
+from tests.processes import wait_for
 
 DOMAIN = "proj.test"
 
 
 class BrowserHop(unittest.TestCase):
     def setUp(self) -> None:
-        self.state = str(Path(self.mktemp()).absolute())
-        Path(self.state).mkdir(parents=True)
-        site = Path(self.mktemp()).absolute()
-        site.mkdir(parents=True)
-        (site / "index.html").write_text(
-            f"<!DOCTYPE html><title>Backend</title><h1 id='marker'>{MARKER}</h1>"
-        )
-        self.backend_port = free_port()
-        backend = subprocess.Popen(
-            [sys.executable, "-m", "http.server", str(self.backend_port)]
-            + ["--bind", "127.0.0.1", "--directory", str(site)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.addCleanup(lambda: (backend.terminate(), backend.wait(timeout=30)))
-
-        done = admin(
-            self.state, "user", "add", "alice", "--password-stdin", stdin="correct horse\n"
-        )
-        self.assertEqual(done.returncode, 0, done.stderr)
-        done = admin(self.state, "project", "add", "--owner", "alice", "--home", str(site))
-        self.assertEqual(done.returncode, 0, done.stderr)
-        self.pid = done.stdout.strip().splitlines()[-1]
-
-        self.proxy = ProxyProcess(self.state, "--project-domain", DOMAIN).start()
-        self.addCleanup(self.proxy.stop)
-        self.proxy.wait_listening()
+        start_alice_with_a_backend(self, "--project-domain", DOMAIN)
         self.browser = WebDriver(self, (f"--host-resolver-rules=MAP *.{DOMAIN} 127.0.0.1",))
 
     def test_sign_in_through_the_hop(self) -> None:
