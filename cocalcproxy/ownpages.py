@@ -40,8 +40,7 @@ class OwnPages:
 
     def health(self, request: ProxyRequest) -> None:
         if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"Allow", b"GET, HEAD")
-            pages.write_error(request, 405, "Method not allowed", "Use GET.")
+            pages.method_not_allowed(request)
             return
         d: Deferred[None] = self.directory.ping()
 

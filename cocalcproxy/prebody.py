@@ -251,10 +251,7 @@ def answer_now(request: ProxyRequest, root: Root, status: int) -> None:
     # The answer is written synchronously from inside gotLength; parse nothing after it.
     stop_parsing(channel)
     if status == 405:
-        request.setHeader(b"Allow", b"GET, HEAD")
-        pages.write_error(
-            request, 405, "Method not allowed", "This page does not take that method."
-        )
+        pages.method_not_allowed(request)
     elif status == 413:
         pages.write_error(
             request, 413, "Request body too large", "This page takes no request body.", limit=0

@@ -148,8 +148,7 @@ class Hop:
 
     def hop(self, request: Request) -> None:
         if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"Allow", b"GET, HEAD")
-            pages.write_error(request, 405, "Method not allowed", "Use GET.")
+            pages.method_not_allowed(request)
             return
         d = self._hop(request)
         d.addErrback(self._failed, request)
@@ -198,8 +197,7 @@ class Hop:
 
     def land(self, request: Request, label: str) -> None:
         if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"Allow", b"GET, HEAD")
-            pages.write_error(request, 405, "Method not allowed", "Use GET.")
+            pages.method_not_allowed(request)
             return
         d = self._land(request, label)
         d.addErrback(self._failed, request)

@@ -172,11 +172,6 @@ def _redirect(request: Request, location: bytes, status: int = 303) -> None:
     request.finish()
 
 
-def _not_allowed(request: Request, allow: bytes) -> None:
-    request.setHeader(b"Allow", allow)
-    pages.write_error(request, 405, "Method not allowed", "This page does not take that method.")
-
-
 def _unavailable(request: Request) -> None:
     if not request._disconnected and not request.finished:
         pages.write_error(request, 503, "Service unavailable", "Please try again shortly.")
@@ -270,7 +265,7 @@ class GuardPages:
             d = self._sign_in(request)
             d.addErrback(self._failed, request)
         else:
-            _not_allowed(request, b"GET, HEAD, POST")
+            pages.method_not_allowed(request, b"GET, HEAD, POST")
 
     def _presession(self, request: Request) -> str:
         """The browser's pre-session value, or a new one set as the CSRF cookie."""
@@ -408,7 +403,7 @@ class GuardPages:
             d = self._sign_out(request)
             d.addErrback(self._failed, request)
         else:
-            _not_allowed(request, b"GET, HEAD, POST")
+            pages.method_not_allowed(request, b"GET, HEAD, POST")
 
     @inlineCallbacks
     def _sign_out(self, request: Request):  # type: ignore[no-untyped-def]
@@ -439,7 +434,7 @@ class GuardPages:
 
     def index(self, request: Request) -> None:
         if request.method not in (b"GET", b"HEAD"):
-            _not_allowed(request, b"GET, HEAD")
+            pages.method_not_allowed(request, b"GET, HEAD")
             return
         d = self._index(request)
         d.addErrback(self._failed, request)

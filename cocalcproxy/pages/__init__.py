@@ -69,6 +69,12 @@ def write_error(request: Request, status: int, title: str, detail: str, **facts:
     request.finish()
 
 
+def method_not_allowed(request: Request, allow: bytes = b"GET, HEAD") -> None:
+    """405 with the methods the page does take in ``Allow``."""
+    request.setHeader(b"Allow", allow)
+    write_error(request, 405, "Method not allowed", "This page does not take that method.")
+
+
 def not_found(request: Request) -> None:
     write_error(request, 404, "Not found", "There is nothing here, or you may not see it.")
 
