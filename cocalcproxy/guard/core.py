@@ -319,6 +319,20 @@ class Guard:
             return SignedOut(stale_session=True)
         return Authenticated(looked.value, presented, looked.generation, looked.valid_until)
 
+    def signed_in(self, request: Request) -> Deferred[Authenticated | None]:
+        """For the proxy's own signed-in pages: who is asking, or None once the request has been
+        refused as the contract says (or the client has gone)."""
+
+        def decide(outcome: Outcome) -> Authenticated | None:
+            if request._disconnected:
+                return None
+            if not isinstance(outcome, Authenticated):
+                refuse(request, outcome)
+                return None
+            return outcome
+
+        return self.authenticate(request).addCallback(decide)
+
     def check_password(self, name: str, password: str) -> Deferred[Identity | None]:
         """For the sign-in form: never cached, never an API token in place of the password."""
         return self._login(form_password(name, password))

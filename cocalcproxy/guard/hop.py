@@ -32,7 +32,7 @@ from cocalcproxy import pages
 from cocalcproxy.directory import IDirectory
 from cocalcproxy.guard import hopkeys, policy
 from cocalcproxy.guard.checkers import Identity
-from cocalcproxy.guard.core import Authenticated, Clock, Guard, SignedOut, expire_cookie, refuse
+from cocalcproxy.guard.core import Clock, Guard, SignedOut, expire_cookie
 from cocalcproxy.guard.credentials import SESSION_COOKIE, cookie_values
 
 log = Logger()
@@ -155,11 +155,8 @@ class Hop:
 
     @inlineCallbacks
     def _hop(self, request: Request):  # type: ignore[no-untyped-def]
-        outcome = yield self.guard.authenticate(request)
-        if request._disconnected:
-            return
-        if not isinstance(outcome, Authenticated):
-            refuse(request, outcome)
+        outcome = yield self.guard.signed_in(request)
+        if outcome is None:
             return
         values = _query_values(request, "to")
         target = None

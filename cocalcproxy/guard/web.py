@@ -22,12 +22,10 @@ from cocalcproxy.directory import IDirectory, Project
 from cocalcproxy.guard import policy
 from cocalcproxy.guard.checkers import Identity
 from cocalcproxy.guard.core import (
-    Authenticated,
     Clock,
     Guard,
     client_address,
     expire_cookie,
-    refuse,
 )
 from cocalcproxy.guard.credentials import (
     MAX_NAME_LENGTH,
@@ -441,11 +439,8 @@ class GuardPages:
 
     @inlineCallbacks
     def _index(self, request: Request):  # type: ignore[no-untyped-def]
-        outcome = yield self.guard.authenticate(request)
-        if request._disconnected:
-            return
-        if not isinstance(outcome, Authenticated):
-            refuse(request, outcome)
+        outcome = yield self.guard.signed_in(request)
+        if outcome is None:
             return
         account = outcome.identity.account
         projects: list[Project] = yield self.directory.projects_for(account.id)
