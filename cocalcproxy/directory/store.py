@@ -395,20 +395,22 @@ class SyncDirectory:
             for r in self._read(work)
         ]
 
-    def account_for_token(self, token: str) -> Account | None:
-        if not isinstance(token, str) or not token or len(token) > TOKEN_MAX:
+    def _account_for_secret(self, secret: str, query: str) -> Account | None:
+        """The account a secret (API or session token) belongs to: ``query`` takes the token's
+        SHA-256 and the current time and yields (id, name) for an unexpired match."""
+        if not isinstance(secret, str) or not secret or len(secret) > TOKEN_MAX:
             return None
-        digest = token_hash(token)
+        digest = token_hash(secret)
         now = self.clock()
-        row = self._read(
-            lambda tx: tx.one(
-                "SELECT a.id, a.name FROM api_tokens t JOIN accounts a ON a.id = t.account_id "
-                "WHERE t.token_hash = ? AND (t.expires IS NULL OR t.expires > ?)",
-                digest,
-                now,
-            )
-        )
+        row = self._read(lambda tx: tx.one(query, digest, now))
         return None if row is None else Account(int(row[0]), row[1])
+
+    def account_for_token(self, token: str) -> Account | None:
+        return self._account_for_secret(
+            token,
+            "SELECT a.id, a.name FROM api_tokens t JOIN accounts a ON a.id = t.account_id "
+            "WHERE t.token_hash = ? AND (t.expires IS NULL OR t.expires > ?)",
+        )
 
     # sessions
 
@@ -436,19 +438,11 @@ class SyncDirectory:
         return self._write(work)
 
     def account_for_session(self, token: str) -> Account | None:
-        if not isinstance(token, str) or not token or len(token) > TOKEN_MAX:
-            return None
-        digest = token_hash(token)
-        now = self.clock()
-        row = self._read(
-            lambda tx: tx.one(
-                "SELECT a.id, a.name FROM sessions s JOIN accounts a ON a.id = s.account_id "
-                "WHERE s.token_hash = ? AND s.expires > ?",
-                digest,
-                now,
-            )
+        return self._account_for_secret(
+            token,
+            "SELECT a.id, a.name FROM sessions s JOIN accounts a ON a.id = s.account_id "
+            "WHERE s.token_hash = ? AND s.expires > ?",
         )
-        return None if row is None else Account(int(row[0]), row[1])
 
     def delete_session(self, token: str) -> None:
         """End a session (sign-out). Unknown or malformed tokens are ignored."""
