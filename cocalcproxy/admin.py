@@ -52,11 +52,11 @@ notes:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with exit status 1 for usage errors, like every other refusal."""
+    """argparse with exit status 1 and one line for usage errors, like every other refusal
+    (argparse would print the usage text above it)."""
 
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(1, f"{self.prog}: error: {message}\n")
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _common(json_only: bool = False) -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -32,17 +33,40 @@ def default_database_url(state_dir: str) -> str:
 
 
 def _positive_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError("not a whole number") from None
     if number <= 0:
         raise ValueError("must be a positive whole number")
     return number
 
 
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError("not a whole number") from None
+    if number < 0:
+        raise ValueError("must not be negative")
+    return number
+
+
 def _positive_float(value: str) -> float:
-    number = float(value)
+    """A duration or other positive quantity: finite and above zero (``inf``, ``nan`` and
+    negative values are refused: an infinite timeout is a resource leak, not a setting)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("not a number") from None
+    if not math.isfinite(number):
+        raise ValueError("must be a finite number")
     if not number > 0:
         raise ValueError("must be a positive number")
     return number
+
+
+_positive_float.coerceDoc = "A positive, finite number."  # type: ignore[attr-defined]
 
 
 def _size(value: str) -> int:
@@ -54,10 +78,26 @@ def _size(value: str) -> int:
             factor = 1024**power
             text = text[:-1]
             break
+    if not text.isdigit():
+        raise ValueError("not a size (a whole number of bytes, optionally with K, M, G or T)")
     number = int(text) * factor
     if number <= 0:
         raise ValueError("must be a positive size")
     return number
+
+
+class _NamedCoerce(usage.CoerceParameter):
+    """Twisted's coercion, with an error that names the option and the value
+    (Twisted says only "Parameter type enforcement failed")."""
+
+    def dispatch(self, parameterName: str, value: str | None) -> None:  # noqa: N802, N803
+        if value is None:
+            raise usage.UsageError(f"--{parameterName} needs a value")
+        try:
+            coerced = self.coerce(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--{parameterName} {value!r}: {e}") from None
+        self.options.opts[parameterName] = coerced
 
 
 class Options(usage.Options):
@@ -147,7 +187,7 @@ class Options(usage.Options):
             None,
             31536000,
             "Strict-Transport-Security max-age in seconds on every HTTPS answer (0 turns it off).",
-            int,
+            _non_negative_int,
         ],
         [
             "websocket-idle-timeout",
@@ -175,6 +215,9 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        for name, handler in list(self._dispatch.items()):
+            if type(handler) is usage.CoerceParameter:
+                self._dispatch[name] = _NamedCoerce(self, handler.coerce)
 
     def opt_listen(self, endpoint: str) -> None:
         """Twisted server endpoint to serve HTTPS on; repeatable; TLS is applied on top
@@ -191,8 +234,6 @@ class Options(usage.Options):
             self["database"] = default_database_url(self["state-dir"])
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs --tls-cert")
-        if self["hsts-max-age"] < 0:
-            raise usage.UsageError("--hsts-max-age must not be negative")
         if self["project-domain"] is not None:
             domain = self["project-domain"].strip(".").lower()
             # Letters, digits and hyphens only: the name ends up in URLs, a Content-Security-Policy
@@ -208,3 +249,17 @@ class Options(usage.Options):
             ):
                 raise usage.UsageError("--project-domain must be a DNS name")
             self["project-domain"] = domain
+
+
+class CommandLineOptions(Options):
+    """The options as twistd's plugin sees them: a refusal is one line on stderr and status 1.
+
+    twistd itself would print the whole usage text above the error (for a mistake in one
+    option); ``--help`` still prints it.
+    """
+
+    def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(f"cocalcproxy: {e}") from None

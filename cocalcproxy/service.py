@@ -395,6 +395,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         reactor = global_reactor
     proxy = ProxyService(reactor, options)
 
+    prepare_state_dir(options["state-dir"])
     cert, key = options["tls-cert"], options["tls-key"]
     if not cert:
         cert, key = tls.ensure_self_signed(options["state-dir"], options["hostname"])
@@ -463,7 +464,9 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         try:
             proxy.access_log = accesslog.AccessLog(options["access-log"])
         except OSError as e:
-            raise usage.UsageError(f"cannot open the access log: {e}") from None
+            raise usage.UsageError(
+                f"--access-log {options['access-log']}: cannot open it: {e.strerror}"
+            ) from None
     proxy.metrics.set_in_flight(lambda: len(site.in_flight))
     proxy.metrics.set_certificate_expiry(lambda: creator.material.not_after.timestamp())
     relay_handler = root.relay
@@ -505,6 +508,22 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     proxy.systemd = systemd.SystemdService(reactor, proxy.all_listening)
     proxy.systemd.setServiceParent(proxy)
     return proxy
+
+
+def prepare_state_dir(path: str) -> None:
+    """Create the state directory (0700) if missing, and refuse one the proxy cannot use, with
+    one line naming the option, before anything inside it is touched."""
+    where = f"--state-dir {path}"
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except FileExistsError:
+        raise usage.UsageError(f"{where}: not a directory") from None
+    except OSError as e:
+        raise usage.UsageError(f"{where}: cannot create it: {e.strerror}") from None
+    if not os.path.isdir(path):
+        raise usage.UsageError(f"{where}: not a directory")
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise usage.UsageError(f"{where}: not readable and writable by this user")
 
 
 def _https_port(options: Any) -> int | None:

@@ -8,14 +8,14 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from cocalcproxy.options import Options
+from cocalcproxy.options import CommandLineOptions
 
 
 @implementer(IServiceMaker, IPlugin)
 class CocalcProxyServiceMaker:
     tapname = "cocalcproxy"
     description = "HTTPS proxy to the web servers of a project, for its owner and collaborators."
-    options = Options
+    options = CommandLineOptions
 
     def makeService(self, options: Any) -> Any:  # noqa: N802
         from twisted.python.usage import UsageError
@@ -29,6 +29,10 @@ class CocalcProxyServiceMaker:
         except UsageError as e:
             # twistd would print a traceback; an operator needs one clear line and status 1.
             raise SystemExit(f"cocalcproxy: {e}") from None
+        except OSError as e:
+            # A file the configuration names that cannot be read or written (the specific checks
+            # in build_service name the option; this is the net under them).
+            raise SystemExit(f"cocalcproxy: cannot start: {e}") from None
 
 
 serviceMaker = CocalcProxyServiceMaker()
