@@ -12,7 +12,13 @@ Towards the backend (:func:`backend_request_headers`):
   with ``websocket=True`` the handshake's ``Upgrade`` is kept, ``Connection: Upgrade`` is sent
   and ``Sec-WebSocket-*`` headers are kept even if ``Connection`` names them;
 * ``Expect`` is dropped: the proxy has already read the body (Twisted answers 100-continue);
-* the proxy's session cookie is removed from ``Cookie`` (other cookies pass byte for byte);
+* every header whose name contains an underscore is dropped (:func:`underscored`), as nginx and
+  gunicorn do by default: CGI, WSGI, Rack and PHP read ``X_Forwarded_For`` and
+  ``X-Forwarded-For`` as the same variable, so an underscore spelling could impersonate any
+  header the proxy sets or removes;
+* ``Cookie2`` (RFC 2965, obsolete) is dropped: it could carry the proxy's cookies past the
+  ``Cookie`` filter;
+* the proxy's cookies are removed from ``Cookie`` (other cookies pass byte for byte);
 * ``Authorization`` is removed when it carried the proxy's own credentials;
 * ``X-Forwarded-*``, ``Forwarded`` and ``X-Real-IP`` from the client are dropped, and the proxy
   sets ``X-Forwarded-For``, ``-Proto``, ``-Host`` and (server form) ``-Prefix`` itself;
@@ -26,7 +32,8 @@ Towards the client (:func:`client_response_headers`):
   main host :data:`SHARED_ORIGIN_ONLY`) are dropped;
 * ``Location`` is rewritten by :func:`rewrite_location`;
 * ``Set-Cookie`` is scoped to the route by :func:`rewrite_set_cookie`; a backend can never set a
-  cookie with the proxy's own cookie name.
+  cookie that any browser would send back under one of the proxy's cookie names
+  (:func:`is_proxy_cookie_name`); ``Set-Cookie2`` is dropped.
 """
 
 from __future__ import annotations
@@ -37,13 +44,65 @@ from typing import Protocol
 
 Header = tuple[bytes, bytes]
 
+# --- the proxy's cookie names: the one place they are defined ----------------------------------
+
 #: The proxy's own session cookie (the guard sets it; the forwarder never passes it on).
 SESSION_COOKIE = b"cocalcproxy_session"
 #: The sign-in form's pre-session cookie (login CSRF protection, see guard/csrf.py).
 CSRF_COOKIE = b"__Host-cocalcproxy_csrf"
-#: Cookie names that belong to the proxy, lower-cased: stripped from requests, refused from
-#: backends.
-PROXY_COOKIE_NAMES: frozenset[bytes] = frozenset({SESSION_COOKIE, CSRF_COOKIE.lower()})
+#: The hop's state cookie on a project subdomain (guard/hop.py): binds a hop ticket to the
+#: browser that started the hop.
+HOP_STATE_COOKIE = b"__Host-cocalcproxy_hop"
+#: Every cookie the proxy sets or reads, as sent.
+PROXY_COOKIES: tuple[bytes, ...] = (
+    SESSION_COOKIE,
+    CSRF_COOKIE,
+    HOP_STATE_COOKIE,
+)
+
+_COOKIE_PREFIXES = (b"__host-", b"__secure-")
+
+
+def cookie_core_name(name: bytes) -> bytes:
+    """A cookie name as loosely as any browser or server might read it: whitespace stripped,
+    lower case, without ``__Host-`` / ``__Secure-`` prefixes."""
+    core = name.strip(b" \t").lower()
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _COOKIE_PREFIXES:
+            if core.startswith(prefix):
+                core = core[len(prefix) :].strip(b" \t")
+                stripped = True
+    return core
+
+
+#: The proxy's cookie names reduced by :func:`cookie_core_name`.
+PROXY_COOKIE_CORES: frozenset[bytes] = frozenset(cookie_core_name(n) for n in PROXY_COOKIES)
+#: Kept for callers that want the lower-cased names as sent.
+PROXY_COOKIE_NAMES: frozenset[bytes] = frozenset(n.lower() for n in PROXY_COOKIES)
+
+
+def is_proxy_cookie_name(name: bytes) -> bool:
+    """Whether a cookie called ``name`` could be taken for one of the proxy's cookies."""
+    return cookie_core_name(name) in PROXY_COOKIE_CORES
+
+
+def set_cookie_name(value: bytes) -> bytes:
+    """The name under which a browser will send back the cookie of a ``Set-Cookie`` value.
+
+    RFC 6265bis: with no ``=`` in the name-value pair, or nothing before it, the cookie is
+    nameless and browsers send its value alone, so ``=cocalcproxy_session=x`` comes back as
+    ``cocalcproxy_session=x``: its effective name is what precedes the value's first ``=``.
+    """
+    pair = value.split(b";", 1)[0]
+    name, eq, rest = pair.partition(b"=")
+    if not eq:
+        return pair.strip(b" \t")
+    if name.strip(b" \t"):
+        return name
+    return rest.partition(b"=")[0]
+
 
 #: RFC 9110 section 7.6.1 connection-specific fields, plus the legacy ones still seen in the wild.
 HOP_BY_HOP: frozenset[bytes] = frozenset(
@@ -65,16 +124,23 @@ FORWARDING_CLAIMS: frozenset[bytes] = frozenset({b"forwarded", b"x-real-ip"})
 _FORWARDING_PREFIX = b"x-forwarded-"
 
 #: Response headers that would act on the whole proxy origin, not just one project's route.
-ORIGIN_WIDE: frozenset[bytes] = frozenset({b"alt-svc", b"clear-site-data"})
+#: ``Set-Cookie2`` is obsolete (RFC 2965) and never passed on.
+ORIGIN_WIDE: frozenset[bytes] = frozenset({b"alt-svc", b"clear-site-data", b"set-cookie2"})
 
 #: Response headers that widen a project's reach to the whole host, dropped on the main host
 #: (path routing) only: ``Service-Worker-Allowed: /`` would let a project's service worker control
-#: every path of the proxy's origin, other projects' and the sign-in page included. On a project's
-#: own subdomain the origin is the project's, so it may keep them.
-SHARED_ORIGIN_ONLY: frozenset[bytes] = frozenset({b"service-worker-allowed"})
+#: every path of the proxy's origin, other projects' and the sign-in page included. The reporting
+#: headers (``NEL``, ``Report-To``, ``Reporting-Endpoints``) install policies for the whole origin
+#: that outlive the page (a NEL policy persists in the browser and would report every request to
+#: every project, and the sign-in page, to the project's collector). On a project's own subdomain
+#: the origin is the project's, so it may keep them.
+SHARED_ORIGIN_ONLY: frozenset[bytes] = frozenset(
+    {b"service-worker-allowed", b"nel", b"report-to", b"reporting-endpoints"}
+)
 
-#: Request headers never forwarded (besides hop-by-hop): the proxy already consumed the body.
-REQUEST_ONLY: frozenset[bytes] = frozenset({b"expect"})
+#: Request headers never forwarded (besides hop-by-hop): ``Expect`` (the proxy already consumed
+#: the body) and ``Cookie2`` (obsolete; not filtered like ``Cookie``).
+REQUEST_ONLY: frozenset[bytes] = frozenset({b"expect", b"cookie2"})
 
 _LOOPBACK_NAMES: frozenset[bytes] = frozenset(
     {b"localhost", b"127.0.0.1", b"[::1]", b"::1", b"0.0.0.0", b"[::]"}
@@ -99,6 +165,13 @@ class RouteLike(Protocol):
 
 def _lower(name: bytes) -> bytes:
     return name.strip().lower()
+
+
+def underscored(name: bytes) -> bool:
+    """Request header names with an underscore are never forwarded (the rule is nginx's and
+    gunicorn's default): backends that expose headers as ``HTTP_*`` variables cannot tell
+    ``X_Real_IP`` from ``X-Real-IP``, nor ``X_Cocalcproxy_Identity`` from the proxy's own."""
+    return b"_" in name
 
 
 def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
@@ -142,10 +215,11 @@ def strip_proxy_cookies(value: bytes) -> bytes | None:
     """A ``Cookie`` header value without the proxy's cookies; None when nothing is left.
 
     Each remaining ``name=value`` pair keeps its exact bytes; when nothing is removed the value
-    is returned unchanged. Names are compared case-insensitively, so near-misses are removed too.
+    is returned unchanged. Names are compared by :func:`is_proxy_cookie_name`, so near-misses
+    (case, spaces, ``__Host-``/``__Secure-`` variants) are removed too.
     """
     pieces = value.split(b";")
-    kept = [p for p in pieces if p.split(b"=", 1)[0].strip().lower() not in PROXY_COOKIE_NAMES]
+    kept = [p for p in pieces if not is_proxy_cookie_name(p.split(b"=", 1)[0])]
     if len(kept) == len(pieces):
         return value
     kept = [p for p in kept if p.strip()]
@@ -181,7 +255,7 @@ def backend_request_headers(
     out: list[Header] = []
     for name, value in _drop_hop_by_hop(client_headers, websocket):
         lname = _lower(name)
-        if lname == b"host":
+        if lname == b"host" or underscored(lname):
             continue
         if lname in FORWARDING_CLAIMS or lname.startswith(_FORWARDING_PREFIX):
             continue
@@ -367,11 +441,12 @@ def rewrite_set_cookie(value: bytes, *, route: RouteLike) -> bytes | None:
       it becomes ``Path=<prefix>/``. A cookie without ``Path`` gets the browser's default path,
       which lies under the request path and so under the prefix already.
     * Subdomain routes have no prefix: only ``Domain`` goes.
-    * A cookie named like one of the proxy's own cookies is dropped.
+    * A cookie that a browser would send back under a name like one of the proxy's own cookies
+      is dropped (:func:`set_cookie_name`, :func:`is_proxy_cookie_name`): ``=name=x``,
+      `` name =x``, case and ``__Host-``/``__Secure-`` variants included.
     """
     parts = value.split(b";")
-    cookie_name = parts[0].split(b"=", 1)[0].strip().lower()
-    if cookie_name in PROXY_COOKIE_NAMES:
+    if is_proxy_cookie_name(set_cookie_name(value)):
         return None
     prefix = route.prefix
     stripping = route.kind == "server" and bool(prefix) and not route.subdomain

@@ -10,8 +10,11 @@ from cocalcproxy.headers import (
     HOP_BY_HOP,
     backend_request_headers,
     client_response_headers,
+    cookie_core_name,
+    is_proxy_cookie_name,
     rewrite_location,
     rewrite_set_cookie,
+    set_cookie_name,
     strip_proxy_cookies,
 )
 from cocalcproxy.routing import Route
@@ -107,6 +110,33 @@ class RequestHeaders(unittest.TestCase):
         self.assertEqual(values(out, b"cookie"), [])
         out = to_backend([(b"Cookie", b"x=1"), (b"Cookie", b" COCALCPROXY_SESSION =S; y=2")])
         self.assertEqual(values(out, b"cookie"), [b"x=1", b"y=2"])
+
+    def test_underscore_spellings_never_reach_the_backend(self) -> None:
+        # Issue #11 item 3: a WSGI backend reads X_Forwarded_For as HTTP_X_FORWARDED_FOR.
+        sent = [
+            (b"X_Forwarded_For", b"1.2.3.4"),
+            (b"X_Real_IP", b"1.2.3.4"),
+            (b"x_forwarded-proto", b"http"),
+            (b"X-Cocalcproxy_Identity", b"forged"),
+            (b"Authorization_", b"Bearer x"),
+            (b"Transfer_Encoding", b"chunked"),
+            (b"Content_Length", b"5"),
+            (b"X-App", b"kept"),
+        ]
+        for websocket in (False, True):
+            out = to_backend(sent, websocket=websocket)
+            self.assertFalse([n for n in names(out) if b"_" in n], out)
+            self.assertEqual(values(out, b"x-app"), [b"kept"])
+            self.assertEqual(values(out, b"x-forwarded-for"), [b"203.0.113.7"])
+
+    def test_cookie2_dropped(self) -> None:
+        out = to_backend([(b"Cookie2", b"cocalcproxy_session=secret"), (b"Cookie", b"a=1")])
+        self.assertEqual(names(out)[1:2], [b"cookie"])
+        self.assertNotIn(b"cookie2", names(out))
+
+    def test_proxy_cookie_variants_stripped(self) -> None:
+        value = b"a=1; __Host-cocalcproxy_session=s; __Secure-cocalcproxy_session=t; b=2"
+        self.assertEqual(strip_proxy_cookies(value), b"a=1; b=2")
 
     def test_authorization(self) -> None:
         h = [(b"Authorization", b"Bearer app-token")]
@@ -311,6 +341,37 @@ class SetCookies(unittest.TestCase):
         self.assertIsNone(rewrite_set_cookie(b"cocalcproxy_session=x; Path=/", route=SERVER))
         self.assertIsNone(rewrite_set_cookie(b" CocalcProxy_Session=x", route=PORT))
 
+    def test_proxy_cookie_refused_under_any_spelling_a_browser_reads(self) -> None:
+        # Issue #11 item 8: each of these comes back from some browser as a proxy cookie.
+        for value in (
+            b"=cocalcproxy_session=x; Path=/",  # nameless: sent back as its value alone
+            b"= cocalcproxy_session=x",
+            b"  cocalcproxy_session  =x",
+            b"\tcocalcproxy_session=x",
+            b"__Host-cocalcproxy_session=x; Path=/; Secure",
+            b"__Secure-cocalcproxy_session=x; Secure",
+            b"__HOST-COCALCPROXY_SESSION=x",
+            b"__secure-__host-cocalcproxy_session=x",
+            b"=__Host-cocalcproxy_csrf=x",
+            b"__Host-cocalcproxy_csrf=x",
+            b"cocalcproxy_session",
+        ):
+            for route in (SERVER, PORT, SUB):
+                self.assertIsNone(rewrite_set_cookie(value, route=route), (value, route.kind))
+        # Other cookies, even similar ones, pass.
+        self.assertEqual(rewrite_set_cookie(b"=app=1", route=SUB), b"=app=1")
+        self.assertEqual(
+            rewrite_set_cookie(b"cocalcproxy_sessions=1", route=SUB), b"cocalcproxy_sessions=1"
+        )
+
+    def test_names_helpers(self) -> None:
+        self.assertEqual(set_cookie_name(b"=a=b; Path=/"), b"a")
+        self.assertEqual(set_cookie_name(b"a=b=c"), b"a")
+        self.assertEqual(set_cookie_name(b"lonely; Path=/"), b"lonely")
+        self.assertEqual(cookie_core_name(b" __Secure-__Host-X "), b"x")
+        self.assertTrue(is_proxy_cookie_name(b"__host-cocalcproxy_SESSION"))
+        self.assertFalse(is_proxy_cookie_name(b"cocalcproxy"))
+
     @settings(max_examples=500, deadline=None)
     @given(
         st.lists(
@@ -385,6 +446,23 @@ class ResponseHeaders(unittest.TestCase):
             self.assertEqual(values(out, b"content-type"), [b"text/javascript"])
         out = client_response_headers(backend, route=SUB, project_host="127.0.0.1")
         self.assertEqual(values(out, b"service-worker-allowed"), [b"/"], "own origin: allowed")
+
+    def test_reporting_headers_only_on_a_project_subdomain(self) -> None:
+        # Issue #11 item 2: NEL / Report-To / Reporting-Endpoints act on the whole origin.
+        backend = [
+            (b"NEL", b'{"report_to":"x","max_age":31536000,"include_subdomains":true}'),
+            (b"Report-To", b'{"group":"x","max_age":31536000,"endpoints":[{"url":"https://e"}]}'),
+            (b"Reporting-Endpoints", b'x="https://e"'),
+            (b"Set-Cookie2", b"cocalcproxy_session=x"),
+            (b"Content-Type", b"text/html"),
+        ]
+        for route in (SERVER, PORT):
+            out = client_response_headers(backend, route=route, project_host="127.0.0.1")
+            self.assertEqual(names(out), [b"content-type"], route.kind)
+        out = client_response_headers(backend, route=SUB, project_host="127.0.0.1")
+        self.assertEqual(
+            names(out), [b"nel", b"report-to", b"reporting-endpoints", b"content-type"]
+        )
 
     def test_websocket_101(self) -> None:
         out = client_response_headers(

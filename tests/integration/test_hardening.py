@@ -1,0 +1,127 @@
+"""Issue #11 (security items) over real sockets: the whole proxy (real guard, real SQLite
+directory, real TLS) in front of a real backend that misbehaves on purpose."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.trial import unittest
+from twisted.web import resource, server
+
+from tests.support import https_client, start_proxy
+
+
+def basic(name: str, secret: str) -> bytes:
+    return b"Basic " + base64.b64encode(f"{name}:{secret}".encode())
+
+
+class Misbehaving(resource.Resource):
+    """``/nel``: reporting policies for the whole origin; ``/odd-cookies``: cookies a browser
+    would send back under the proxy's names; anything else: the request headers as JSON."""
+
+    isLeaf = True
+
+    def render(self, request: server.Request) -> bytes:
+        path = request.path.rsplit(b"/", 1)[-1]
+        if path == b"nel":
+            request.setHeader(
+                b"NEL", b'{"report_to":"x","max_age":31536000,"include_subdomains":true}'
+            )
+            request.setHeader(
+                b"Report-To",
+                b'{"group":"x","max_age":31536000,"endpoints":[{"url":"https://evil.example/r"}]}',
+            )
+            request.setHeader(b"Reporting-Endpoints", b'x="https://evil.example/r"')
+            return b"nel"
+        if path == b"odd-cookies":
+            request.responseHeaders.setRawHeaders(
+                b"Set-Cookie",
+                [
+                    b"=cocalcproxy_session=planted; Path=/",
+                    b" cocalcproxy_session =planted; Path=/",
+                    b"__Host-cocalcproxy_session=planted; Path=/; Secure",
+                    b"__Secure-COCALCPROXY_SESSION=planted; Path=/; Secure",
+                    b"=__Host-cocalcproxy_csrf=planted",
+                    b"app=kept; Path=/",
+                ],
+            )
+            request.responseHeaders.setRawHeaders(b"Set-Cookie2", [b"cocalcproxy_session=x"])
+            return b"cookies"
+        headers = [
+            [name.decode("latin-1"), value.decode("latin-1")]
+            for name, values in request.requestHeaders.getAllRawHeaders()
+            for value in values
+        ]
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(headers).encode()
+
+
+@defer.inlineCallbacks
+def start_misbehaving(case: unittest.TestCase):  # type: ignore[no-untyped-def]
+    site = server.Site(Misbehaving())
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+    case.addCleanup(port.stopListening)
+    return port.getHost().port
+
+
+class BackendHeaders(unittest.TestCase):
+    """Items 2, 3 and 8: what crosses the proxy between a client and a backend."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.proxy = yield start_proxy(self)
+        yield self.proxy.directory.add_user("alice", "alice-password")
+        project = yield self.proxy.directory.add_project("alice", host="127.0.0.1", title="t")
+        self.backend_port = yield start_misbehaving(self)
+        self.base = f"{self.proxy.url}/{project.id}/server/{self.backend_port}"
+        self.http = https_client(self, self.proxy.cert_path)
+        self.auth = {b"Authorization": [basic("alice", "alice-password")]}
+
+    @defer.inlineCallbacks
+    def get(self, rest: str, headers: dict[bytes, list[bytes]] | None = None):  # type: ignore[no-untyped-def]
+        response = yield self.http.get(self.base + rest, headers={**self.auth, **(headers or {})})
+        body = yield response.content()
+        return response, body
+
+    @defer.inlineCallbacks
+    def test_reporting_headers_never_reach_the_main_origin(self):  # type: ignore[no-untyped-def]
+        response, body = yield self.get("/nel")
+        self.assertEqual((response.code, body), (200, b"nel"))
+        for name in (b"NEL", b"Report-To", b"Reporting-Endpoints"):
+            self.assertIsNone(response.headers.getRawHeaders(name), name)
+
+    @defer.inlineCallbacks
+    def test_odd_proxy_cookies_from_a_backend_are_dropped(self):  # type: ignore[no-untyped-def]
+        response, body = yield self.get("/odd-cookies")
+        self.assertEqual((response.code, body), (200, b"cookies"))
+        cookies = response.headers.getRawHeaders(b"Set-Cookie", [])
+        self.assertEqual(len(cookies), 1, cookies)
+        self.assertTrue(cookies[0].startswith(b"app=kept;"), cookies)
+        self.assertIsNone(response.headers.getRawHeaders(b"Set-Cookie2"))
+
+    @defer.inlineCallbacks
+    def test_underscore_and_cookie2_headers_never_reach_the_backend(self):  # type: ignore[no-untyped-def]
+        response, body = yield self.get(
+            "/echo",
+            {
+                b"X_Forwarded_For": [b"10.9.9.9"],
+                b"X_Real_IP": [b"10.9.9.9"],
+                b"X_Forwarded_Host": [b"evil.example"],
+                b"X_Cocalcproxy_Identity": [b"forged"],
+                b"Cookie2": [b"cocalcproxy_session=secret"],
+                b"X-App": [b"kept"],
+            },
+        )
+        self.assertEqual(response.code, 200, body)
+        seen: list[list[str]] = json.loads(body)
+        names = [n.lower() for n, _ in seen]
+        self.assertFalse([n for n in names if "_" in n], seen)
+        self.assertNotIn("cookie2", names)
+        self.assertNotIn("10.9.9.9", body.decode())
+        self.assertIn(["X-App", "kept"], seen)
+        self.assertIn(["X-Forwarded-For", "127.0.0.1"], seen)
