@@ -25,6 +25,8 @@ from typing import IO, Any
 from twisted.logger import Logger
 from twisted.web import http, server
 
+from cocalcproxy.bannerless import BannerlessRequest
+
 log = Logger()
 
 MAX_PATH = 2048
@@ -194,6 +196,8 @@ class QuietSite(server.Site):
     Twisted's default combined-format line carries the full query string and the Referer, which
     can hold tokens; those listeners proxy nothing, so they are simply not logged.
     """
+
+    requestFactory = BannerlessRequest
 
     def log(self, request: http.Request) -> None:
         return None

@@ -18,6 +18,7 @@ from twisted.web import http, resource, server
 from twisted.web.http import HTTPChannel
 
 from cocalcproxy import pages, prebody, routing
+from cocalcproxy.bannerless import BannerlessRequest
 from cocalcproxy.directory import Account, Project
 
 log = Logger()
@@ -98,7 +99,7 @@ class LogInfo:
     bytes_out: int = 0
 
 
-class ProxyRequest(server.Request):
+class ProxyRequest(BannerlessRequest):
     """A Request that carries access-log facts and knows whether it is on TLS."""
 
     def __init__(self, channel: HTTPChannel, queued: object = None) -> None:
@@ -396,8 +397,8 @@ class ProxySite(server.Site):
 
     def getResourceFor(self, request: server.Request) -> resource.IResource:  # noqa: N802
         self.request_started(request)
-        # Twisted has just set "Server: TwistedWeb/<version>": a banner helps only attackers.
-        # A proxied answer carries the backend's own Server header, if it sends one.
+        # Twisted has just set "Server: TwistedWeb/<version>": a banner helps only attackers
+        # (cocalcproxy.bannerless). A proxied answer carries the backend's own, if any.
         request.responseHeaders.removeHeader(b"server")
         found: resource.IResource = super().getResourceFor(request)
         return found

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.trial import unittest
 from twisted.web import resource, server
 
+from tests.forward_harness import RawClient, raw_connect
+from tests.rawsupport import Exchange, parse_response
 from tests.support import https_client, start_proxy
 
 
@@ -125,3 +128,81 @@ class BackendHeaders(unittest.TestCase):
         self.assertNotIn("10.9.9.9", body.decode())
         self.assertIn(["X-App", "kept"], seen)
         self.assertIn(["X-Forwarded-For", "127.0.0.1"], seen)
+
+
+@defer.inlineCallbacks
+def tls_exchange(case: unittest.TestCase, proxy: Any, data: bytes):  # type: ignore[no-untyped-def]
+    """Send exact bytes over TLS to the proxy; everything it sent until it closed."""
+    client = RawClient(data)
+    yield raw_connect(case, proxy, client)
+    received = yield client.done
+    return received
+
+
+@defer.inlineCallbacks
+def plain_exchange(port: int, data: bytes):  # type: ignore[no-untyped-def]
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    exchange = yield connectProtocol(endpoint, Exchange(data))
+    received = yield exchange.closed
+    return received
+
+
+class NoBanner(unittest.TestCase):
+    """Item 7: no answer on any listener carries Twisted's banner; ``OPTIONS *`` is ours."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.proxy = yield start_proxy(
+            self,
+            "--redirect-http",
+            "tcp:0:interface=127.0.0.1",
+            "--metrics",
+            "tcp:0:interface=127.0.0.1",
+        )
+        service = self.proxy.service
+        self.redirect_port = service.redirect_listener.port.getHost().port
+        self.metrics_port = service.metrics_listener.port.getHost().port
+
+    def assert_ours(self, raw: bytes, status: int) -> None:
+        response = parse_response(raw)
+        self.assertEqual(response.status, status, raw[:300])
+        self.assertNotIn(b"twisted", raw.lower())
+        self.assertIsNone(response.header(b"server"), raw[:300])
+
+    @defer.inlineCallbacks
+    def test_options_asterisk_on_every_listener(self):  # type: ignore[no-untyped-def]
+        ask = b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        raw = yield tls_exchange(self, self.proxy, ask)
+        self.assert_ours(raw, 200)
+        response = parse_response(raw)
+        self.assertEqual(response.header(b"x-content-type-options"), b"nosniff")
+        self.assertIsNotNone(response.header(b"content-security-policy"))
+        self.assertIn(b"OPTIONS", response.header(b"allow") or b"")
+        for port in (self.redirect_port, self.metrics_port):
+            raw = yield plain_exchange(port, ask)
+            self.assert_ours(raw, 200)
+            self.assertEqual(parse_response(raw).header(b"x-frame-options"), b"DENY")
+        raw = yield tls_exchange(
+            self, self.proxy, b"GET * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        self.assert_ours(raw, 400)
+
+    @defer.inlineCallbacks
+    def test_ordinary_answers_of_every_listener(self):  # type: ignore[no-untyped-def]
+        for target in (b"/metrics", b"/nothing"):
+            raw = yield plain_exchange(
+                self.metrics_port,
+                b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            self.assertNotIn(b"twisted", raw.split(b"\r\n\r\n", 1)[0].lower())
+            self.assertIsNone(parse_response(raw).header(b"server"))
+        raw = yield plain_exchange(
+            self.redirect_port, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        self.assert_ours(raw, 308)
+        raw = yield tls_exchange(
+            self, self.proxy, b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        self.assert_ours(raw, 404)
