@@ -30,9 +30,9 @@ from typing import Any
 
 import h11
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -382,7 +382,7 @@ class _Handshake:
             self.route.port,
             timeout=self.relay.connect_timeout,
         )
-        d = connectProtocol(endpoint, _BackendProtocol(self))
+        d = endpoint.connect(_quiet_factory(_BackendProtocol(self)))
         d.addTimeout(self.relay.connect_timeout, self.relay.clock)
         self._connecting = d
         d.addErrback(self._connect_failed)
@@ -621,6 +621,14 @@ class _Handshake:
                 self.backend.wire.abortConnection()
             else:
                 self.backend.wire.loseConnection()
+
+
+def _quiet_factory(protocol: _BackendProtocol) -> Any:
+    """A one-connection factory, like ``connectProtocol``'s but not ``noisy``: Twisted would log
+    "Starting factory" and "Stopping factory" for every backend WebSocket connection."""
+    factory: Factory[_BackendProtocol] = Factory.forProtocol(lambda: protocol)
+    factory.noisy = False
+    return factory
 
 
 def _peer_ip(request: ProxyRequest) -> str:

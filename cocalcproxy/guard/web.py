@@ -424,7 +424,15 @@ class GuardPages:
             )
             return
         self.guard.forget_session(session)
+        account = yield self.directory.account_for_session(session)
         yield self.directory.delete_session(session)
+        if account is not None:
+            # The counterpart of the sign-in line: who ended which session, from where.
+            log.info(
+                "{name} signed out from {address}",
+                name=account.name,
+                address=client_address(request),
+            )
         expire_cookie(request, SESSION_COOKIE)
         _redirect(request, b"/_/login")
 

@@ -64,7 +64,7 @@ class StartupErrorTests(unittest.TestCase):
                 "--listen",
                 "tcp:0:interface=127.0.0.1",
                 *args,
-            ],  # fmt: skip
+            ],
             cwd=self.cwd,
             env=child_environment(),
             capture_output=True,
@@ -103,23 +103,33 @@ class StartupErrorTests(unittest.TestCase):
                     self.assert_one_line(self.twistd(f"--{name}", value), f"--{name}")
 
     def test_missing_value_and_unknown_option(self) -> None:
-        self.assert_one_line(self.twistd("--state-dir", "s", "--shutdown-timeout"),
-                             "--shutdown-timeout")  # fmt: skip
+        self.assert_one_line(
+            self.twistd("--state-dir", "s", "--shutdown-timeout"), "--shutdown-timeout"
+        )
         self.assert_one_line(self.twistd("--no-such-option"), "--no-such-option")
 
     def test_state_dir_through_a_regular_file(self) -> None:
         afile = self.cwd / "afile"
         afile.write_text("x")
         self.assert_one_line(self.twistd("--state-dir", str(afile / "state")), "--state-dir")
-        self.assert_one_line(self.twistd("--state-dir", str(afile)), "--state-dir",
-                             "not a directory")  # fmt: skip
+        self.assert_one_line(
+            self.twistd("--state-dir", str(afile)), "--state-dir", "not a directory"
+        )
 
     def test_unreadable_state_dir(self) -> None:
         state = self.cwd / "locked"
         state.mkdir(mode=0o000)
         self.addCleanup(state.chmod, 0o700)
-        argv = [TWISTD, "-n", "--pidfile=", "cocalcproxy", "--listen", "tcp:0", "--state-dir",
-                str(state)]  # fmt: skip
+        argv = [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "cocalcproxy",
+            "--listen",
+            "tcp:0",
+            "--state-dir",
+            str(state),
+        ]
         result = subprocess.run(
             _without_root_override(argv),
             cwd=self.cwd,
