@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -142,52 +144,153 @@ def format_line(facts: RequestFacts) -> str:
     return _ENCODER.encode(record) + "\n"
 
 
+class _FileSink:
+    """An access-log file written with one ``write(2)`` per batch of whole lines.
+
+    No user-space buffer sits between the proxy and the file: a write that fails (a full disk)
+    loses exactly the lines it carried, nothing is left behind to fail again later, and closing
+    cannot raise (Python's buffered file re-raises the failed flush on ``close()``, which is how
+    a full disk once kept SIGHUP from ever opening the new file). ``O_APPEND`` keeps lines whole
+    when several processes share the file.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        # The file ends inside a line that a failed write cut short: finish it before the next.
+        self.torn = False
+
+    def write(self, data: bytes) -> None:
+        if self.torn:
+            data = b"\n" + data
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self.fd, view)
+            except OSError:
+                if len(view) < len(data):
+                    self.torn = True
+                raise
+            view = view[written:]
+        self.torn = False
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+class _StreamSink:
+    """Standard output (or a stream given by a test)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def write(self, data: bytes) -> None:
+        self.stream.write(data.decode("ascii"))
+        self.stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
 class AccessLog:
     """Writes access-log lines to standard output (``"-"``) or appends to a file.
 
-    A file is reopened by ``reopen()`` (the service calls it on SIGHUP) so logrotate can move it.
+    A file is opened afresh by ``reopen()`` (the service calls it on SIGHUP) so logrotate can move
+    it: the new file is opened first, then the old one is closed, whatever closing it says.
     Standard output is the real one (``sys.__stdout__``): twistd redirects ``sys.stdout`` into its
     own log, which would wrap every line in a second timestamp.
+
+    While writing fails (a full disk, a file that cannot be opened) the lines are counted as lost
+    (``on_lost``, the ``cocalcproxy_access_log_lines_lost_total`` metric) and the service log gets
+    one line when the failure starts and one when writing works again, not one per request.
+
+    Every line goes through ``_emit(data, lines)``, which takes whole lines (one or a batch), so
+    buffering lines and writing them out in batches is a change to ``write`` and a timer only.
     """
 
-    def __init__(self, target: str = "-", stream: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "-",
+        stream: IO[str] | None = None,
+        on_lost: Callable[[int], object] | None = None,
+    ) -> None:
         self.target = target
-        self._owned = False
-        self._stream: IO[str] | None = stream
-        if self._stream is None:
-            self._open()
-
-    def _open(self) -> None:
-        if self.target == "-":
-            self._stream = sys.__stdout__
-            self._owned = False
+        self.on_lost = on_lost
+        self._sink: _FileSink | _StreamSink | None = None
+        self._failing = False
+        self._lost = 0
+        if stream is not None:
+            self._sink = _StreamSink(stream)
+        elif target == "-":
+            assert sys.__stdout__ is not None
+            self._sink = _StreamSink(sys.__stdout__)
         else:
-            self._stream = open(self.target, "a", encoding="ascii", buffering=1)
-            self._owned = True
+            self._sink = _FileSink(target)
+
+    @property
+    def failing(self) -> bool:
+        return self._failing
 
     def write(self, facts: RequestFacts) -> None:
-        stream = self._stream
-        if stream is None:
+        self._emit(format_line(facts).encode("ascii"), 1)
+
+    def _emit(self, data: bytes, lines: int) -> None:
+        sink = self._sink
+        if sink is None:
+            self._failed(lines, "no file is open")
             return
         try:
-            stream.write(format_line(facts))
-            stream.flush()
+            sink.write(data)
         except (OSError, ValueError) as e:
-            log.error("access log write failed: {why}", why=str(e))
+            self._failed(lines, getattr(e, "strerror", None) or str(e))
+            return
+        if self._failing:
+            self._failing = False
+            log.info(
+                "access log {target}: writing again ({lost} line(s) were lost)",
+                target=self.target,
+                lost=self._lost,
+            )
+            self._lost = 0
+
+    def _failed(self, lines: int, why: str) -> None:
+        self._lost += lines
+        if self.on_lost is not None:
+            self.on_lost(lines)
+        if not self._failing:
+            self._failing = True
+            log.error(
+                "access log {target}: cannot write ({why}); lines are lost until it works "
+                "again (counted in cocalcproxy_access_log_lines_lost_total)",
+                target=self.target,
+                why=why,
+            )
 
     def reopen(self) -> None:
-        if not self._owned:
+        """Open the configured file afresh (SIGHUP). If it cannot be opened, keep writing to the
+        old one, which is better than nothing; without an old one, lines count as lost."""
+        if self.target == "-" or isinstance(self._sink, _StreamSink):
             return
-        self.close()
         try:
-            self._open()
+            fresh = _FileSink(self.target)
         except OSError as e:
-            log.error("cannot reopen access log {path}: {why}", path=self.target, why=str(e))
+            log.error(
+                "access log {target}: cannot open it afresh ({why}); "
+                + ("still writing to the previous file" if self._sink else "nothing is written"),
+                target=self.target,
+                why=e.strerror or str(e),
+            )
+            return
+        old, self._sink = self._sink, fresh
+        if old is not None:
+            old.close()
 
     def close(self) -> None:
-        if self._owned and self._stream is not None:
-            self._stream.close()
-        self._stream = None
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.close()
 
 
 class QuietSite(server.Site):

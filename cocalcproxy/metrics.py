@@ -6,6 +6,7 @@ Other parts of the proxy report through small methods, so none of them imports p
   not call it: a request whose ``log_info.extra["backend"]`` names a reason (the forwarder sets
   "refused", "connect-timeout", "response-timeout", "no-response", "error", "failed-mid-body")
   is counted from the request-done hook. Reasons must come from a fixed vocabulary.
+* ``access_log_lines_lost(lines)``: access-log lines that could not be written.
 * ``signin_failure()``: a wrong name, password, token or session at sign-in (guard).
 * ``cache_hit(cache)`` / ``cache_miss(cache)``: decision caches (guard); ``cache`` is a fixed
   name such as "account" or "project".
@@ -133,6 +134,11 @@ class Metrics:
         self._cache_hits = _Children(self.cache_hits)
         self._cache_misses = _Children(self.cache_misses)
         self._directory_query = _Children(self.directory_query)
+        self.access_log_lost = Counter(
+            "cocalcproxy_access_log_lines_lost",
+            "Access-log lines that could not be written (full disk, file not open).",
+            registry=r,
+        )
         self.certificate_expiry = Gauge(
             "cocalcproxy_tls_certificate_expiry_timestamp_seconds",
             "When the served TLS certificate expires (Unix time).",
@@ -157,6 +163,9 @@ class Metrics:
 
     def signin_failure(self) -> None:
         self.signin_failures.inc()
+
+    def access_log_lines_lost(self, lines: int) -> None:
+        self.access_log_lost.inc(lines)
 
     def cache_hit(self, cache: str) -> None:
         self._cache_hits(cache).inc()

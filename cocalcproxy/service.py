@@ -462,7 +462,9 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     site.on_request_done.append(proxy.request_done)
     if options["access-log"] != "off":
         try:
-            proxy.access_log = accesslog.AccessLog(options["access-log"])
+            proxy.access_log = accesslog.AccessLog(
+                options["access-log"], on_lost=proxy.metrics.access_log_lines_lost
+            )
         except OSError as e:
             raise usage.UsageError(
                 f"--access-log {options['access-log']}: cannot open it: {e.strerror}"

@@ -13,6 +13,7 @@ from twisted.trial import unittest
 
 from cocalcproxy import accesslog
 from cocalcproxy import directory as directory_module
+from tests.fullfs import SmallDisk
 from tests.support import https_client, start_proxy
 
 
@@ -191,3 +192,89 @@ class EndToEndTests(unittest.TestCase):
         response = yield client.get(proxy.url + "/_/health")
         yield response.content()
         self.assertFalse(os.path.exists(self.log_path))
+
+
+class FullDiskTests(unittest.TestCase):
+    """The writer on a real filesystem that runs full (a 64 KiB tmpfs)."""
+
+    def setUp(self) -> None:
+        self.disk = SmallDisk(self)
+        self.path = str(self.disk.path / "access.log")
+        self.lost: list[int] = []
+        self.events: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("log_namespace") == "cocalcproxy.accesslog":
+                self.events.append(formatEventAsClassicLogText(event) or "")
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def lines_of(self, path: str) -> list[str]:
+        with open(path) as f:
+            return f.read().splitlines()
+
+    def write_until_lost(self, log: accesslog.AccessLog) -> None:
+        """Write until a line is lost: the file's last page may still take a few lines."""
+        for _ in range(1000):
+            log.write(sample())
+            if self.lost:
+                return
+        raise AssertionError("the full disk never refused a line")
+
+    def test_lost_lines_counted_and_logged_once_each_way(self) -> None:
+        log = accesslog.AccessLog(self.path, on_lost=self.lost.append)
+        self.addCleanup(log.close)
+        log.write(sample(status=201))
+        self.disk.fill()
+        self.write_until_lost(log)
+        before = sum(self.lost)
+        for _ in range(10):
+            log.write(sample(status=507))
+        self.assertEqual(sum(self.lost) - before, 10)
+        self.assertTrue(log.failing)
+        self.assertEqual(len(self.events), 1, self.events)
+        self.assertIn("cannot write (No space left on device)", self.events[0])
+
+        self.disk.free()
+        log.write(sample(status=202))
+        log.write(sample(status=203))
+        self.assertFalse(log.failing)
+        self.assertEqual(len(self.events), 2, self.events)
+        self.assertIn(f"writing again ({sum(self.lost)} line(s) were lost)", self.events[1])
+        lines = self.lines_of(self.path)
+        self.assertEqual(json.loads(lines[0])["status"], 201)
+        # A line cut short by the full disk stays a fragment on its own; the lines after the
+        # recovery are whole lines of their own.
+        self.assertEqual([json.loads(x)["status"] for x in lines[-2:]], [202, 203])
+        broken = []
+        for line in lines:
+            try:
+                json.loads(line)
+            except ValueError:
+                broken.append(line)
+        self.assertLessEqual(len(broken), 1, broken)
+
+    def test_sighup_opens_a_new_file_even_after_a_full_disk(self) -> None:
+        log = accesslog.AccessLog(self.path, on_lost=self.lost.append)
+        self.addCleanup(log.close)
+        self.disk.fill()
+        self.write_until_lost(log)
+        os.rename(self.path, self.path + ".1")
+        log.reopen()  # closing the old file must not keep the new one from opening
+        self.assertTrue(os.path.exists(self.path))
+        self.disk.free()
+        log.write(sample(status=299))
+        self.assertEqual([json.loads(x)["status"] for x in self.lines_of(self.path)], [299])
+
+    def test_reopen_failure_keeps_the_old_file(self) -> None:
+        log = accesslog.AccessLog(self.path, on_lost=self.lost.append)
+        self.addCleanup(log.close)
+        os.rename(self.path, self.path + ".1")
+        os.mkdir(self.path)  # the configured path cannot be opened as a file now
+        log.reopen()
+        self.assertIn("cannot open it afresh", self.events[-1])
+        self.assertIn("still writing to the previous file", self.events[-1])
+        log.write(sample(status=298))
+        self.assertEqual(self.lost, [])
+        self.assertEqual([json.loads(x)["status"] for x in self.lines_of(self.path + ".1")], [298])
