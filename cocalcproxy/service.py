@@ -428,6 +428,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         metrics=proxy.metrics,
         hostname=options["hostname"],
         public_port=lambda: _public_https_port(options, proxy),
+        change_listener=opened.change_listener,
     )
     backend_pool = forward.make_pool(reactor, options["backend-pool-size"])
     forwarder = forward.Forwarder(

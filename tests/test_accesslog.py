@@ -29,6 +29,9 @@ class QuietDirectory:
     def change_counter(self) -> defer.Deferred[int]:
         return defer.succeed(0)
 
+    def change_listener(self, on_change: Any) -> None:
+        return None  # like SQLite: no change notifications, the guard polls
+
     def __getattr__(self, name: str) -> Any:
         return lambda *args, **kwargs: defer.succeed(None)
 

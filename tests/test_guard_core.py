@@ -268,6 +268,32 @@ class Caching(GuardTestCase):
         self.world.clock.advance(1.0)
         self.assertEqual(self.world.directory.calls["change_counter"], before + 2)
 
+    def test_wake_polls_at_once(self) -> None:
+        """A change notification (PostgreSQL NOTIFY) makes the guard read the counter now."""
+        token = self.world.directory.add_session("bob")
+        self.poll()
+        self.assert_reached_backend(self.get(cookie(token)), "bob")
+        self.world.directory.remove_collaborator(PID, "bob")
+        self.world.guard.wake()  # no clock tick
+        self.assertEqual(self.get(cookie(token)).status, 404)
+
+    def test_wakes_during_a_poll_make_one_more_poll_not_a_pile(self) -> None:
+        directory = self.world.directory
+        before = directory.calls["change_counter"]
+        directory.hold = True
+        self.world.guard.wake()
+        for _ in range(5):
+            self.world.guard.wake()
+        self.assertEqual(directory.calls["change_counter"], before + 1)
+        # The change behind the later wakes may have come after the first read: read again.
+        directory.remove_collaborator(PID, "bob")
+        directory.release()
+        self.assertEqual(directory.calls["change_counter"], before + 2)
+        directory.hold = False
+        directory.release()
+        self.assertEqual(directory.calls["change_counter"], before + 2)
+        self.assertEqual(self.get(basic("bob", "bob-password")).status, 404)
+
 
 class Revocation(GuardTestCase):
     def watched_access(self, headers: dict[bytes, bytes]):  # type: ignore[no-untyped-def]

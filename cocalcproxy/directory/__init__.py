@@ -12,7 +12,7 @@ decisions.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.defer import Deferred
 
@@ -111,9 +111,13 @@ class IDirectory(Protocol):
     def projects_for(self, account_id: int) -> Deferred[list[Project]]: ...
 
 
-def open_directory(url: str, reactor: object) -> IDirectory:
-    """Open (and migrate) the directory at ``url``; the directory issue provides it."""
+if TYPE_CHECKING:
+    from cocalcproxy.directory.store import Directory
+
+
+def open_directory(url: str, reactor: object) -> Directory:
+    """Open (and migrate) the directory at ``url``: an ``IDirectory`` that also offers
+    ``change_listener`` (the proxy's service wires it to the guard)."""
     from cocalcproxy.directory.store import open_directory as _open
 
-    opened: IDirectory = _open(url, reactor)
-    return opened
+    return _open(url, reactor)

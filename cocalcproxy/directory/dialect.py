@@ -20,6 +20,9 @@ POSTGRES_CONNECT_TIMEOUT_S = 10
 # Taken by every migration run so two processes starting at once migrate one after the other.
 POSTGRES_MIGRATION_LOCK = 0x636F63616C63  # "cocalc"
 
+# PostgreSQL: every change-counter bump sends NOTIFY on this channel (directory/notify.py).
+CHANGES_CHANNEL = "cocalcproxy_changes"
+
 URL_HELP = "use sqlite:///ABSOLUTE/PATH or postgresql://USER@HOST[:PORT]/DATABASE"
 
 
@@ -50,6 +53,15 @@ class Dialect:
 
     def table_exists(self, cursor: Any, table: str) -> bool:
         raise NotImplementedError
+
+    def announce_change(self, cursor: Any) -> None:
+        """Called in every write transaction right after the change counter is bumped: tell
+        running proxies, where the backend can (delivered on commit, never on rollback)."""
+
+    @property
+    def notifies_changes(self) -> bool:
+        """True when ``announce_change`` reaches listeners (``directory/notify.py``)."""
+        return False
 
     def translate_error(self, error: BaseException) -> DirectoryError | None:
         """A DirectoryError for a database exception, or None when it is not a database one."""
@@ -200,11 +212,20 @@ class PostgresDialect(Dialect):
     def describe(self) -> str:
         return redact(self.url)
 
-    def connect(self) -> Any:
+    def connect(self, **defaults: str | int) -> Any:
+        """A new connection in autocommit mode; ``defaults`` are connection parameters used
+        where the URL does not set them (the change listener's TCP keepalives)."""
         import psycopg
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+        conninfo = self.conninfo
+        if defaults:
+            given = conninfo_to_dict(conninfo)
+            conninfo = make_conninfo(
+                conninfo, **{k: v for k, v in defaults.items() if k not in given}
+            )
         try:
-            return psycopg.connect(self.conninfo, autocommit=True)
+            return psycopg.connect(conninfo, autocommit=True)
         except psycopg.Error as e:
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise Unavailable(f"cannot connect to {self.describe()}: {message}") from None
@@ -227,6 +248,18 @@ class PostgresDialect(Dialect):
         cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
         row = cursor.fetchone()
         return bool(row and row[0])
+
+    def announce_change(self, cursor: Any) -> None:
+        # The payload is the new counter value: listeners need only the wake-up, but it lets an
+        # operator (or a test) tell one change's notification from another's.
+        cursor.execute(
+            "SELECT pg_notify(%s, value::text) FROM change_counter WHERE id = 1",
+            (CHANGES_CHANNEL,),
+        )
+
+    @property
+    def notifies_changes(self) -> bool:
+        return True
 
     def is_disconnect(self, error: BaseException) -> bool:
         import psycopg

@@ -15,7 +15,9 @@ Choices worth knowing:
   without an owner would be unreachable, and silently deleting projects is worse. The user's
   sessions, API tokens and collaborations go with the account.
 * Every write bumps the change counter, session creation included, except rehashing a password
-  whose Argon2 parameters changed (it cannot change any decision).
+  whose Argon2 parameters changed (it cannot change any decision). On PostgreSQL the same
+  transaction sends ``NOTIFY`` (``Dialect.announce_change``), so running proxies that listen
+  (``Directory.change_listener``) read the counter at once instead of at their next poll.
 * User names are unique regardless of case but looked up exactly.
 """
 
@@ -49,6 +51,7 @@ from cocalcproxy.directory.model import (
     TokenInfo,
     Unavailable,
 )
+from cocalcproxy.directory.notify import ChangeListener
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -174,6 +177,7 @@ class SyncDirectory:
             try:
                 if write and bump:
                     tx.run("UPDATE change_counter SET value = value + 1 WHERE id = 1")
+                    self.dialect.announce_change(cursor)
                 result = work(tx)
                 cursor.execute("COMMIT")
             except BaseException:
@@ -735,6 +739,14 @@ class Directory:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(None)
+
+    def change_listener(self, on_change: Callable[[], object]) -> ChangeListener | None:
+        """A listener that calls ``on_change()`` as soon as any process commits a change (not
+        started), or None when the backend cannot announce changes (SQLite: poll instead)."""
+        dialect = self.sync.dialect
+        if not dialect.notifies_changes:
+            return None
+        return ChangeListener(dialect.connect, self.reactor, on_change, dialect.describe())
 
     def ping(self) -> Deferred[None]:
         return self._call(self.sync.ping)

@@ -11,10 +11,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application import service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 
 from cocalcproxy.directory import IDirectory
 from cocalcproxy.guard.core import Clock, Guard
@@ -29,19 +29,34 @@ __all__ = ["Guard", "GuardPages", "GuardService", "build_guard"]
 SECONDS_PER_DAY = 86400.0
 
 
-class GuardService(service.Service):
-    """Polls the directory's change counter while the proxy runs."""
+class ChangeNotifications(Protocol):
+    """Calls its ``on_change`` when the directory announces a change (``directory.notify``)."""
 
-    def __init__(self, guard: Guard) -> None:
+    def start(self) -> None: ...
+
+    def stop(self) -> Deferred[None]: ...
+
+
+class GuardService(service.Service):
+    """Polls the directory's change counter while the proxy runs, and listens for the
+    directory's change notifications where it has them (PostgreSQL)."""
+
+    def __init__(self, guard: Guard, notifications: ChangeNotifications | None = None) -> None:
         self.guard = guard
+        self.notifications = notifications
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
         self.guard.start()
+        if self.notifications is not None:
+            self.notifications.start()
 
     def stopService(self) -> Deferred[Any]:  # noqa: N802
         super().stopService()
-        return self.guard.stop()
+        stopped = [self.guard.stop()]
+        if self.notifications is not None:
+            stopped.append(self.notifications.stop())
+        return gatherResults(stopped)
 
 
 def build_guard(
@@ -54,8 +69,13 @@ def build_guard(
     metrics: Metrics | None = None,
     hostname: str = "localhost",
     public_port: Callable[[], int | None] = lambda: None,
+    change_listener: Callable[[Callable[[], object]], ChangeNotifications | None] | None = None,
 ) -> tuple[Guard, GuardPages, GuardService]:
+    """The guard, its pages and the service that keeps it current. ``change_listener`` makes
+    the directory's change notifications (``Directory.change_listener``; None where it has
+    none) wake the guard's poll at once."""
     guard = Guard(directory, clock)
+    notifications = change_listener(guard.wake) if change_listener is not None else None
     if metrics is not None:
         guard.identities.observer = metrics
         guard.projects.observer = metrics
@@ -81,4 +101,4 @@ def build_guard(
             project_domain=project_domain,
             session_lifetime=session_lifetime,
         ).install(guard_pages)
-    return guard, guard_pages, GuardService(guard)
+    return guard, guard_pages, GuardService(guard, notifications)

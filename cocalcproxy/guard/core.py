@@ -8,11 +8,12 @@ else ``credential_ttl`` (10 s), so an expired session or token is refused from t
 most that long after its expiry. (The directory's lookups return the account, not the expiry;
 returning the expiry too would make this exact.)
 
-Once a second the guard reads the directory's change counter. When it moved (any admin change,
-sign-in or sign-out anywhere), every cache is dropped and every live ``Access`` that somebody
-watches (WebSocket relays register ``on_revoked``) is checked again; those no longer allowed are
-revoked. A generation number tells lookups that began before a change not to fill the new cache
-with old answers, and marks grants made from such answers for checking again.
+Once a second the guard reads the directory's change counter, and at once when the directory
+announces a change (PostgreSQL's NOTIFY calls ``wake``; the poll is the fallback). When it moved
+(any admin change, sign-in or sign-out anywhere), every cache is dropped and every live ``Access``
+that somebody watches (WebSocket relays register ``on_revoked``) is checked again; those no
+longer allowed are revoked. A generation number tells lookups that began before a change not to
+fill the new cache with old answers, and marks grants made from such answers for checking again.
 """
 
 from __future__ import annotations
@@ -249,6 +250,8 @@ class Guard:
         self._directory_down = False
         self._loop: LoopingCall | None = None
         self._loop_done: Deferred[Any] | None = None
+        self._woken: Deferred[None] | None = None
+        self._wake_again = False
 
     def _identity_ttl(self, identity: Identity | None) -> float:
         if identity is None:
@@ -423,6 +426,26 @@ class Guard:
         if loop.running:
             loop.stop()
         return done
+
+    def wake(self) -> None:
+        """The directory announced a change: poll now rather than at the next tick. While such
+        a poll runs, further wakes make one more poll after it (the change may have been
+        committed after it read the counter), never a pile of them."""
+        if self._woken is not None:
+            self._wake_again = True
+            return
+        self._wake_again = False
+        polled = self.poll()
+        if polled.called:
+            self._after_wake(None)
+            return
+        self._woken = polled
+        polled.addBoth(self._after_wake)
+
+    def _after_wake(self, _: object) -> None:
+        self._woken = None
+        if self._wake_again:
+            self.wake()
 
     def invalidate(self) -> None:
         """Forget every cached decision; grants made before now get checked again."""
