@@ -31,6 +31,7 @@ setup(
         "argon2-cffi>=23",
         "treq>=24",
         "prometheus_client>=0.20",
+        "joserfc>=1.0",
     ],
     extras_require={
         "postgresql": ["psycopg[binary]>=3.1"],

@@ -239,6 +239,7 @@ class _Exchange:
             proto=b"https" if request.isSecure() else b"http",
             host=hosts[0] if hosts else None,
             strip_authorization=request.authorization_is_proxy_credential,
+            identity=request.identity_assertion,
         )
         backend_headers = Headers()
         for name, value in outgoing:

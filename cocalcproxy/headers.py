@@ -22,7 +22,9 @@ Towards the backend (:func:`backend_request_headers`):
 * ``Authorization`` is removed when it carried the proxy's own credentials;
 * ``X-Forwarded-*``, ``Forwarded`` and ``X-Real-IP`` from the client are dropped, and the proxy
   sets ``X-Forwarded-For``, ``-Proto``, ``-Host`` and (server form) ``-Prefix`` itself;
-* ``Host`` is the original one the client sent.
+* ``Host`` is the original one the client sent;
+* ``X-Cocalcproxy-Identity`` from the client is always dropped (its underscore spellings go
+  with every underscore name); with ``--identity-assertion`` the proxy sets its own.
 
 Towards the client (:func:`client_response_headers`):
 
@@ -142,6 +144,11 @@ SHARED_ORIGIN_ONLY: frozenset[bytes] = frozenset(
 #: the body) and ``Cookie2`` (obsolete; not filtered like ``Cookie``).
 REQUEST_ONLY: frozenset[bytes] = frozenset({b"expect", b"cookie2"})
 
+#: The signed identity assertion (cocalcproxy.identity) only the proxy may send to a backend.
+IDENTITY_HEADER = b"X-Cocalcproxy-Identity"
+#: Request headers only the proxy sets (their underscore spellings go with every other one).
+PROXY_ONLY: frozenset[bytes] = frozenset({b"x-cocalcproxy-identity"})
+
 _LOOPBACK_NAMES: frozenset[bytes] = frozenset(
     {b"localhost", b"127.0.0.1", b"[::1]", b"::1", b"0.0.0.0", b"[::]"}
 )
@@ -237,6 +244,7 @@ def backend_request_headers(
     host: bytes | None,
     strip_authorization: bool,
     websocket: bool = False,
+    identity: bytes | None = None,
 ) -> list[Header]:
     """The headers to send to the backend for one request.
 
@@ -246,7 +254,8 @@ def backend_request_headers(
     client's Host header (None if absent: then no Host and no X-Forwarded-Host are sent, and the
     HTTP client fills in the backend's address). ``strip_authorization`` is
     ``request.authorization_is_proxy_credential``. ``websocket=True`` keeps the upgrade
-    handshake (``Upgrade``, ``Connection: Upgrade``, ``Sec-WebSocket-*``).
+    handshake (``Upgrade``, ``Connection: Upgrade``, ``Sec-WebSocket-*``). ``identity`` is the
+    proxy's signed assertion (``X-Cocalcproxy-Identity``), added last when given.
 
     Body framing (``Content-Length``) is kept: a forwarder that lets its HTTP client frame the
     body itself must remove it (see forward.py).
@@ -259,7 +268,7 @@ def backend_request_headers(
             continue
         if lname in FORWARDING_CLAIMS or lname.startswith(_FORWARDING_PREFIX):
             continue
-        if lname in REQUEST_ONLY:
+        if lname in REQUEST_ONLY or lname in PROXY_ONLY:
             continue
         if lname == b"authorization" and strip_authorization:
             continue
@@ -281,6 +290,8 @@ def backend_request_headers(
         out.append((b"X-Forwarded-Host", host))
     if route.kind == "server" and route.prefix and not route.subdomain:
         out.append((b"X-Forwarded-Prefix", route.prefix))
+    if identity is not None:
+        out.append((IDENTITY_HEADER, identity))
     return out
 
 

@@ -110,6 +110,15 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = __doc__
 
+    optFlags: list[list[Any]] = [
+        [
+            "identity-assertion",
+            None,
+            "Send every proxied request and WebSocket handshake a signed X-Cocalcproxy-Identity "
+            "JWT (ES256, 60 s) saying who is calling; public keys at /_/jwks.json.",
+        ],
+    ]
+
     optParameters: list[list[Any]] = [
         [
             "state-dir",

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 
 from cocalcproxy import pages, routing
 from cocalcproxy.directory import IDirectory
+from cocalcproxy.identity import IdentityAssertions
 from cocalcproxy.site import ProxyRequest
 
 log = Logger()
@@ -21,9 +22,16 @@ _STATIC_TYPES = {".css": b"text/css; charset=utf-8", ".svg": b"image/svg+xml", "
 
 
 class OwnPages:
-    def __init__(self, directory: IDirectory, guard_pages: object | None = None) -> None:
+    def __init__(
+        self,
+        directory: IDirectory,
+        guard_pages: object | None = None,
+        identity: IdentityAssertions | None = None,
+    ) -> None:
         self.directory = directory
         self.guard_pages = guard_pages
+        # --identity-assertion: its public keys are served at /_/jwks.json.
+        self.identity = identity
 
     def handle(self, request: ProxyRequest, page: routing.OwnPage) -> None:
         request.log_info.form = "own"
@@ -31,6 +39,8 @@ class OwnPages:
             self.health(request)
         elif page.name == "static":
             self.static(request, page.rest)
+        elif page.name == "jwks":
+            self.jwks(request)
         elif page.name == "hop_landing" and hasattr(self.guard_pages, "hop_landing"):
             getattr(self.guard_pages, "hop_landing")(request, page.rest.decode("ascii"))  # noqa: B009
         elif self.guard_pages is not None and hasattr(self.guard_pages, page.name):
@@ -61,6 +71,26 @@ class OwnPages:
             answer(False)
 
         d.addCallbacks(lambda _: answer(True), failed)
+
+    def jwks(self, request: ProxyRequest) -> None:
+        """The identity assertions' public keys, for anyone (backends fetch them unsigned-in)."""
+        if self.identity is None:
+            pages.not_found(request)
+            return
+        if request.method not in (b"GET", b"HEAD"):
+            pages.method_not_allowed(request)
+            return
+        body = self.identity.jwks_body
+        request.setResponseCode(200)
+        pages.set_own_page_headers(request)
+        request.setHeader(b"Content-Type", b"application/jwk-set+json")
+        request.setHeader(b"Cache-Control", b"public, max-age=60")
+        request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        request.setHeader(b"Cross-Origin-Resource-Policy", b"cross-origin")
+        request.setHeader(b"Content-Length", str(len(body)).encode())
+        if request.method != b"HEAD":
+            request.write(body)
+        request.finish()
 
     def static(self, request: ProxyRequest, name: bytes) -> None:
         text = name.decode("ascii", "replace")

@@ -365,6 +365,7 @@ class _Handshake:
             host=hosts[0] if hosts else None,
             strip_authorization=request.authorization_is_proxy_credential,
             websocket=True,
+            identity=request.identity_assertion,
         )
         try:
             self._head = self.conn.send(

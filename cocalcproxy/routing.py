@@ -41,6 +41,9 @@ _OWN_PAGES = {
     b"/_/logout": "logout",
     b"/_/health": "health",
     b"/_/hop": "hop",
+    b"/_/jwks.json": "jwks",
+    b"/_/oidc/login": "oidc_login",
+    b"/_/oidc/callback": "oidc_callback",
 }
 #: The one path on a project subdomain that the proxy answers itself (the sign-in hop lands
 #: there, see cocalcproxy.guard.hop); everything else on a subdomain is the project's.

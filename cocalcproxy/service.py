@@ -21,6 +21,7 @@ from cocalcproxy import accesslog, forward, raw, relay, systemd, tls
 from cocalcproxy import directory as directory_module
 from cocalcproxy import metrics as metrics_module
 from cocalcproxy.guard import build_guard
+from cocalcproxy.identity import IdentityAssertions
 from cocalcproxy.ownpages import OwnPages
 from cocalcproxy.redirect import RedirectResource
 from cocalcproxy.site import ProxySite, Root
@@ -263,6 +264,21 @@ class DirectoryService(service.Service):
         return defer.maybeDeferred(self.directory.close)
 
 
+class IdentityService(service.Service):
+    """Re-reads (and when due rotates) the identity assertion keys while the proxy runs."""
+
+    def __init__(self, identity: IdentityAssertions) -> None:
+        self.identity = identity
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self.identity.start()
+
+    def stopService(self) -> defer.Deferred[Any]:  # noqa: N802
+        super().stopService()
+        return self.identity.stop()
+
+
 class BackendPoolService(service.Service):
     """Closes the forwarder's idle backend connections on stop (after requests have drained)."""
 
@@ -430,6 +446,19 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         public_port=lambda: _public_https_port(options, proxy),
         change_listener=opened.change_listener,
     )
+    identity: IdentityAssertions | None = None
+    if options["identity-assertion"]:
+        identity = IdentityAssertions(
+            opened,
+            reactor,
+            hostname=options["hostname"],
+            project_domain=options["project-domain"],
+            public_port=lambda: _public_https_port(options, proxy),
+        )
+        try:
+            identity.prepare(cast(Any, opened).sync)
+        except directory_module.DirectoryError as e:
+            raise usage.UsageError(f"cannot load the identity assertion keys: {e}") from None
     backend_pool = forward.make_pool(reactor, options["backend-pool-size"])
     forwarder = forward.Forwarder(
         reactor,
@@ -451,9 +480,10 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         forwarder=forwarder,
         relay=websocket_relay,
         raw=raw.RawHandler(reactor),
-        own_pages=OwnPages(directory, guard_pages),
+        own_pages=OwnPages(directory, guard_pages, identity),
         project_domain=options["project-domain"],
         main_host=options["hostname"],
+        identity=identity.assertion if identity is not None else None,
     )
     site = ProxySite(root, reactor=reactor)
     site.hsts_max_age = options["hsts-max-age"]
@@ -481,6 +511,8 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     DirectoryService(opened).setServiceParent(proxy)
     guard_service.setServiceParent(proxy)
     BackendPoolService(backend_pool).setServiceParent(proxy)
+    if identity is not None:
+        IdentityService(identity).setServiceParent(proxy)
     factories: list[TrackingTLSFactory] = []
     DrainService(
         reactor, site, options["shutdown-timeout"], factories, proxy.on_shutdown

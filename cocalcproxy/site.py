@@ -113,6 +113,8 @@ class ProxyRequest(BannerlessRequest):
         self.authorization_is_proxy_credential = False
         # The guard's decision when it was taken on the headers, before the body (prebody).
         self.early_access: tuple[routing.Route, Access] | None = None
+        # The signed X-Cocalcproxy-Identity for the backend (--identity-assertion), set by Root.
+        self.identity_assertion: bytes | None = None
         self._gate: prebody.BodyGate | None = None
         self.site_started = False
 
@@ -253,8 +255,11 @@ class Root(resource.Resource):
         own_pages: OwnPages,
         project_domain: str | None = None,
         main_host: str | None = None,
+        identity: Callable[[routing.Route, Access], bytes | None] | None = None,
     ) -> None:
         super().__init__()
+        # --identity-assertion: the signed statement of who is calling, for proxied requests.
+        self.identity = identity
         self.guard = guard
         self.forwarder = forwarder
         self.relay = relay
@@ -323,6 +328,8 @@ class Root(resource.Resource):
             handler = self.relay
         else:
             handler = self.forwarder
+        if self.identity is not None and route.kind != "raw":
+            request.identity_assertion = self.identity(route, access)
         handler.handle(request, route, access)
 
     def _failed(self, failure: Failure, request: ProxyRequest) -> None:

@@ -143,6 +143,23 @@ class RequestHeaders(unittest.TestCase):
         self.assertEqual(values(to_backend(h), b"authorization"), [b"Bearer app-token"])
         self.assertEqual(values(to_backend(h, strip_authorization=True), b"authorization"), [])
 
+    def test_identity_assertion_only_from_the_proxy(self) -> None:
+        sent = [
+            (b"X-Cocalcproxy-Identity", b"forged"),
+            (b"x_cocalcproxy_identity", b"forged"),
+            (b"X-COCALCPROXY_IDENTITY", b"forged"),
+            (b"X-Other", b"kept"),
+        ]
+        for websocket in (False, True):
+            out = to_backend(sent, websocket=websocket)
+            self.assertNotIn(b"forged", [v for _, v in out])
+            self.assertEqual(values(out, b"x-other"), [b"kept"])
+            out = to_backend(sent, websocket=websocket, identity=b"signed")
+            self.assertEqual(
+                [(n, v) for n, v in out if b"identity" in n.lower()],
+                [(b"X-Cocalcproxy-Identity", b"signed")],
+            )
+
     def test_repetition_and_order_survive(self) -> None:
         h = [(b"X-A", b"1"), (b"Accept", b"x"), (b"X-A", b"2"), (b"X-A", b"3")]
         self.assertEqual(values(to_backend(h), b"x-a"), [b"1", b"2", b"3"])

@@ -12,6 +12,7 @@ decisions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.defer import Deferred
@@ -50,7 +51,27 @@ class IDirectory(Protocol):
     def close(self) -> Deferred[None]: ...
 
     # accounts
-    def add_user(self, name: str, password: str) -> Deferred[Account]: ...
+    def add_user(
+        self,
+        name: str,
+        password: str | None,
+        oidc_subject: str | None = None,
+        email: str | None = None,
+    ) -> Deferred[Account]: ...
+
+    # OpenID Connect: binding accounts to the provider's subject, and the sign-in policy
+    def link_oidc_subject(self, name: str, subject: str | None) -> Deferred[Account]: ...
+
+    def account_for_oidc_subject(self, subject: str) -> Deferred[Account | None]: ...
+
+    def oidc_sign_in(self, subject: str, username: str, email: str | None) -> Deferred[Account]: ...
+
+    # identity assertion keys: (kid, private JWK as JSON, created) triples
+    def identity_keys(self) -> Deferred[list[tuple[str, str, float]]]: ...
+
+    def rotate_identity_keys(
+        self, rotate_after: float, keep_for: float, make_key: Callable[[], tuple[str, str]]
+    ) -> Deferred[list[tuple[str, str, float]]]: ...
 
     def set_password(self, name: str, password: str) -> Deferred[None]: ...
 

@@ -19,6 +19,7 @@ from cocalcproxy.directory.model import Unavailable
 STEPS: tuple[tuple[int, str], ...] = (
     (1, "0001_base.sql"),
     (2, "0002_expiry_and_titles.sql"),
+    (3, "0003_identity.sql"),
 )
 LATEST = STEPS[-1][0]
 

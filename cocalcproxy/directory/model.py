@@ -7,8 +7,15 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Account:
+    """An account. ``email`` is known for accounts that signed in with the OpenID provider
+    (its verified address, kept fresh at each sign-in); ``oidc_subject`` is the provider's
+    ``sub`` the account is bound to (None: not bound). Both are left out of equality so an
+    Account read with or without them compares the same."""
+
     id: int
     name: str
+    email: str | None = field(default=None, compare=False)
+    oidc_subject: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from cocalcproxy.directory.model import (
     Account,
     Conflict,
     DirectoryError,
+    InvalidInput,
     NotFound,
     Project,
     TokenInfo,
@@ -57,6 +58,16 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 TOKEN_MAX = 512  # longer "tokens" are refused without touching the database
+
+_ACCOUNT_COLUMNS = "a.id, a.name, a.email, a.oidc_subject"
+#: The password_hash of an account that has no password (made by signing in with the provider,
+#: or added with an OpenID subject and no password): no password ever verifies against it.
+NO_PASSWORD = ""
+
+
+def _account(row: Any) -> Account:
+    return Account(int(row[0]), row[1], row[2], row[3])
+
 
 _PROJECT_COLUMNS = (
     "SELECT p.id, p.owner_id, a.name, p.host, p.home, p.title "
@@ -240,15 +251,37 @@ class SyncDirectory:
         return tx.one("SELECT id, name, password_hash FROM accounts WHERE name = ?", name)
 
     def _require_account(self, tx: Tx, name: str) -> Account:
-        row = tx.one("SELECT id, name FROM accounts WHERE name = ?", name)
+        row = tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts a WHERE a.name = ?", name)  # noqa: S608
         if row is None:
             raise NotFound(f"no user named {name!r}")
-        return Account(int(row[0]), row[1])
+        return _account(row)
 
-    def add_user(self, name: str, password: str) -> Account:
+    @staticmethod
+    def _subject_free(tx: Tx, subject: str) -> None:
+        holder = tx.one("SELECT name FROM accounts WHERE oidc_subject = ?", subject)
+        if holder is not None:
+            raise Conflict(f"the OpenID subject {subject!r} is already bound to {holder[0]!r}")
+
+    def add_user(
+        self,
+        name: str,
+        password: str | None,
+        oidc_subject: str | None = None,
+        email: str | None = None,
+    ) -> Account:
+        """A new account. ``password`` None makes an account without a password, which only
+        signing in with the OpenID provider can reach (so ``oidc_subject`` is then required)."""
         validate.name(name)
-        validate.password(password)
-        hashed = self.passwords.hash(password)
+        if password is None:
+            if oidc_subject is None:
+                raise InvalidInput("an account without a password needs an OpenID subject")
+            hashed = NO_PASSWORD
+        else:
+            validate.password(password)
+            hashed = self.passwords.hash(password)
+        if oidc_subject is not None:
+            validate.oidc_subject(oidc_subject)
+        email = validate.email(email)
         now = self.clock()
 
         def work(tx: Tx) -> Account:
@@ -259,15 +292,153 @@ class SyncDirectory:
                 raise Conflict(
                     f"a user named {existing[0]!r} already exists (names are case-insensitive)"
                 )
+            if oidc_subject is not None:
+                self._subject_free(tx, oidc_subject)
             row = tx.one(
-                "INSERT INTO accounts (name, password_hash, created) VALUES (?, ?, ?) RETURNING id",
+                "INSERT INTO accounts (name, password_hash, created, oidc_subject, email) "
+                "VALUES (?, ?, ?, ?, ?) RETURNING id",
                 name,
                 hashed,
                 now,
+                oidc_subject,
+                email,
             )
-            return Account(int(row[0]), name)
+            return Account(int(row[0]), name, email, oidc_subject)
 
         return self._write(work)
+
+    def link_oidc_subject(self, name: str, subject: str | None) -> Account:
+        """Bind the account to the provider's subject, or (``subject`` None) unbind it. An
+        account without a password cannot be unbound: nothing could sign in to it any more.
+        Ends the account's sessions either way, as a password change does."""
+        validate.name(name)
+        if subject is not None:
+            validate.oidc_subject(subject)
+
+        def work(tx: Tx) -> Account:
+            account = self._require_account(tx, name)
+            if subject is not None and account.oidc_subject != subject:
+                self._subject_free(tx, subject)
+            if subject is None:
+                row = tx.one("SELECT password_hash FROM accounts WHERE id = ?", account.id)
+                if row[0] == NO_PASSWORD:
+                    raise Conflict(
+                        f"user {name!r} has no password; set one with 'cocalcproxy user passwd' "
+                        "before unbinding the OpenID subject"
+                    )
+            tx.run("UPDATE accounts SET oidc_subject = ? WHERE id = ?", subject, account.id)
+            tx.run("DELETE FROM sessions WHERE account_id = ?", account.id)
+            return Account(account.id, account.name, account.email, subject)
+
+        return self._write(work)
+
+    def account_for_oidc_subject(self, subject: str) -> Account | None:
+        if not isinstance(subject, str) or not subject or len(subject) > validate.SUBJECT_MAX:
+            return None
+        row = self._read(
+            lambda tx: tx.one(
+                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts a WHERE a.oidc_subject = ?",  # noqa: S608
+                subject,
+            )
+        )
+        return None if row is None else _account(row)
+
+    def oidc_sign_in(self, subject: str, username: str, email: str | None) -> Account:
+        """The account for someone the OpenID provider vouched for, in one transaction.
+
+        * An account bound to ``subject`` is theirs (its e-mail address is brought up to date);
+          the name the provider states now does not matter, so renaming oneself at the provider
+          can never reach someone else's account.
+        * Otherwise a new account named ``username``, without a password, bound to ``subject``.
+        * An existing account of that name that is not bound to ``subject`` is never taken
+          over (Conflict): the operator binds it with ``cocalcproxy user link``.
+        """
+        validate.oidc_subject(subject)
+        email = validate.email(email)
+        now = self.clock()
+
+        def work(tx: Tx) -> Account:
+            row = tx.one(
+                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts a WHERE a.oidc_subject = ?",  # noqa: S608
+                subject,
+            )
+            if row is not None:
+                account = _account(row)
+                if email is not None and account.email != email:
+                    tx.run("UPDATE accounts SET email = ? WHERE id = ?", email, account.id)
+                return Account(account.id, account.name, email or account.email, subject)
+            validate.name(username)
+            existing = tx.one("SELECT name FROM accounts WHERE lower(name) = lower(?)", username)
+            if existing is not None:
+                raise Conflict(
+                    f"an account named {existing[0]!r} already exists and is not bound to this "
+                    "identity at the provider"
+                )
+            created = tx.one(
+                "INSERT INTO accounts (name, password_hash, created, oidc_subject, email) "
+                "VALUES (?, ?, ?, ?, ?) RETURNING id",
+                username,
+                NO_PASSWORD,
+                now,
+                subject,
+                email,
+            )
+            return Account(int(created[0]), username, email, subject)
+
+        return self._write(work)
+
+    # identity assertion keys
+
+    def identity_keys(self) -> list[tuple[str, str, float]]:
+        """Every stored identity key as (kid, private JWK as JSON, created), oldest first."""
+        rows = self._read(
+            lambda tx: tx.all(
+                "SELECT kid, private_jwk, created FROM identity_keys ORDER BY created, kid"
+            )
+        )
+        return [(r[0], r[1], float(r[2])) for r in rows]
+
+    def rotate_identity_keys(
+        self,
+        rotate_after: float,
+        keep_for: float,
+        make_key: Callable[[], tuple[str, str]],
+    ) -> list[tuple[str, str, float]]:
+        """Add a key when the newest is older than ``rotate_after`` seconds (or there is none)
+        and drop keys that have had a newer one for longer than ``keep_for``; returns the keys
+        as ``identity_keys`` does. One write transaction, so proxies sharing the directory
+        agree on one new key however many of them rotate at once."""
+        now = self.clock()
+
+        def work(tx: Tx) -> list[tuple[str, str, float]]:
+            # A write that changes nothing, for its row lock: it makes concurrent rotations on
+            # PostgreSQL take turns (SQLite's BEGIN IMMEDIATE already does) without moving the
+            # change counter, which would drop every proxy's cached decisions.
+            tx.run("UPDATE change_counter SET value = value WHERE id = 1")
+            rows = tx.all(
+                "SELECT kid, private_jwk, created FROM identity_keys ORDER BY created, kid"
+            )
+            keys = [(r[0], r[1], float(r[2])) for r in rows]
+            if not keys or keys[-1][2] <= now - rotate_after:
+                kid, jwk = make_key()
+                tx.run(
+                    "INSERT INTO identity_keys (kid, private_jwk, created) VALUES (?, ?, ?)",
+                    kid,
+                    jwk,
+                    now,
+                )
+                keys.append((kid, jwk, now))
+            kept = [
+                key
+                for key, newer in zip(keys, keys[1:] + [None], strict=True)
+                if newer is None or newer[2] > now - keep_for
+            ]
+            for kid, _, _ in keys:
+                if all(k[0] != kid for k in kept):
+                    tx.run("DELETE FROM identity_keys WHERE kid = ?", kid)
+            return kept
+
+        return self._write(work, bump=False)
 
     def set_password(self, name: str, password: str) -> None:
         """Set a new password and end every session of the user (API tokens stay)."""
@@ -307,14 +478,18 @@ class SyncDirectory:
         self._write(work)
 
     def list_users(self) -> list[Account]:
-        rows = self._read(lambda tx: tx.all("SELECT id, name FROM accounts ORDER BY name, id"))
-        return [Account(int(r[0]), r[1]) for r in rows]
+        rows = self._read(
+            lambda tx: tx.all(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts a ORDER BY a.name, a.id")  # noqa: S608
+        )
+        return [_account(r) for r in rows]
 
     def get_user(self, name: str) -> Account | None:
         if not validate.is_name(name):
             return None
-        row = self._read(lambda tx: tx.one("SELECT id, name FROM accounts WHERE name = ?", name))
-        return None if row is None else Account(int(row[0]), row[1])
+        row = self._read(
+            lambda tx: tx.one(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts a WHERE a.name = ?", name)  # noqa: S608
+        )
+        return None if row is None else _account(row)
 
     def check_password(self, name: str, password: str) -> Account | None:
         """The account when the password is right, else None. Exactly one Argon2 verification
@@ -326,7 +501,8 @@ class SyncDirectory:
         except DirectoryError:
             return None
         row = self._read(lambda tx: self._account_row(tx, name)) if validate.is_name(name) else None
-        stored = None if row is None else str(row[2])
+        # No password (NO_PASSWORD) burns the dummy hash like an unknown name.
+        stored = None if row is None or not row[2] else str(row[2])
         if not self.passwords.verify(stored, password):
             return None
         assert row is not None and stored is not None
@@ -407,12 +583,12 @@ class SyncDirectory:
         digest = token_hash(secret)
         now = self.clock()
         row = self._read(lambda tx: tx.one(query, digest, now))
-        return None if row is None else Account(int(row[0]), row[1])
+        return None if row is None else _account(row)
 
     def account_for_token(self, token: str) -> Account | None:
         return self._account_for_secret(
             token,
-            "SELECT a.id, a.name FROM api_tokens t JOIN accounts a ON a.id = t.account_id "
+            f"SELECT {_ACCOUNT_COLUMNS} FROM api_tokens t JOIN accounts a ON a.id = t.account_id "  # noqa: S608 - constant text
             "WHERE t.token_hash = ? AND (t.expires IS NULL OR t.expires > ?)",
         )
 
@@ -444,7 +620,7 @@ class SyncDirectory:
     def account_for_session(self, token: str) -> Account | None:
         return self._account_for_secret(
             token,
-            "SELECT a.id, a.name FROM sessions s JOIN accounts a ON a.id = s.account_id "
+            f"SELECT {_ACCOUNT_COLUMNS} FROM sessions s JOIN accounts a ON a.id = s.account_id "  # noqa: S608 - constant text
             "WHERE s.token_hash = ? AND s.expires > ?",
         )
 
@@ -754,8 +930,31 @@ class Directory:
     def change_counter(self) -> Deferred[int]:
         return self._call(self.sync.change_counter)
 
-    def add_user(self, name: str, password: str) -> Deferred[Account]:
-        return self._call(self.sync.add_user, name, password)
+    def add_user(
+        self,
+        name: str,
+        password: str | None,
+        oidc_subject: str | None = None,
+        email: str | None = None,
+    ) -> Deferred[Account]:
+        return self._call(self.sync.add_user, name, password, oidc_subject, email)
+
+    def link_oidc_subject(self, name: str, subject: str | None) -> Deferred[Account]:
+        return self._call(self.sync.link_oidc_subject, name, subject)
+
+    def account_for_oidc_subject(self, subject: str) -> Deferred[Account | None]:
+        return self._call(self.sync.account_for_oidc_subject, subject)
+
+    def oidc_sign_in(self, subject: str, username: str, email: str | None) -> Deferred[Account]:
+        return self._call(self.sync.oidc_sign_in, subject, username, email)
+
+    def identity_keys(self) -> Deferred[list[tuple[str, str, float]]]:
+        return self._call(self.sync.identity_keys)
+
+    def rotate_identity_keys(
+        self, rotate_after: float, keep_for: float, make_key: Callable[[], tuple[str, str]]
+    ) -> Deferred[list[tuple[str, str, float]]]:
+        return self._call(self.sync.rotate_identity_keys, rotate_after, keep_for, make_key)
 
     def set_password(self, name: str, password: str) -> Deferred[None]:
         return self._call(self.sync.set_password, name, password)

@@ -139,6 +139,34 @@ def password(value: str) -> str:
     return value
 
 
+SUBJECT_MAX = 255
+EMAIL_MAX = 254
+
+
+def oidc_subject(value: str) -> str:
+    """An OpenID Connect ``sub``: 1-255 printable ASCII characters (OpenID Connect Core 2)."""
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= SUBJECT_MAX
+        or not all(0x21 <= ord(c) <= 0x7E for c in value)
+    ):
+        raise InvalidInput(
+            f"invalid OpenID subject {_shown(str(value))}: use 1-{SUBJECT_MAX} printable "
+            "ASCII characters without spaces"
+        )
+    return value
+
+
+def email(value: str | None) -> str | None:
+    """An e-mail address as the provider stated it, or None when it is not plausible."""
+    if not isinstance(value, str) or not 3 <= len(value) <= EMAIL_MAX:
+        return None
+    if value.count("@") != 1 or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in value):
+        return None
+    local, _, domain = value.partition("@")
+    return value if local and domain else None
+
+
 def expires_in_days(value: float | None) -> float | None:
     if value is None:
         return None
