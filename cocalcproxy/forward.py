@@ -49,6 +49,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from cocalcproxy import headers, pages, routing
+from cocalcproxy.headlimit import HeadLimit, HeadTooLarge
 from cocalcproxy.site import Access, ProxyRequest
 
 log = Logger()
@@ -62,14 +63,22 @@ BODY_CHUNK = 64 * 1024
 
 
 class _BackendProtocol(HTTP11ClientProtocol):
-    """Keeps the response's connection-control headers (Connection, Keep-Alive, ...).
+    """Keeps the response's connection-control headers, and bounds the response head.
 
-    Twisted's parser files them away from ``response.headers``; the header policy needs them to
-    drop every header a backend names in ``Connection``. They are attached to the response as
-    ``connection_headers``.
+    Twisted's parser files the connection-control headers (Connection, Keep-Alive, ...) away from
+    ``response.headers``; the header policy needs them to drop every header a backend names in
+    ``Connection``. They are attached to the response as ``connection_headers``.
+
+    Twisted's parser bounds each header line but neither their number nor the head's size (see
+    :mod:`cocalcproxy.headlimit`): every byte is counted here before the parser sees it, until
+    the head is complete, and a head over the bound fails the request with :class:`HeadTooLarge`
+    (a 502) and closes the connection.
     """
 
+    _head_limit: HeadLimit | None = None
+
     def request(self, request: Any) -> Deferred[IResponse]:
+        self._head_limit = HeadLimit()
         d = super().request(request)
         parser = getattr(self, "_parser", None)
 
@@ -78,6 +87,18 @@ class _BackendProtocol(HTTP11ClientProtocol):
             return response
 
         return d.addCallback(keep)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        limit = self._head_limit
+        if limit is not None:
+            try:
+                if limit.feed(data):
+                    self._head_limit = None
+            except HeadTooLarge as e:
+                self._head_limit = None
+                self._giveUp(Failure(e))
+                return
+        super().dataReceived(data)
 
 
 class _BackendProtocolFactory(_HTTP11ClientFactory):
@@ -368,6 +389,21 @@ class _Exchange:
                 "example --bind 0.0.0.0 or --ip=0.0.0.0.",
                 **facts,
             )
+        elif (too_large := _head_too_large(failure)) is not None:
+            log.info(
+                "backend on port {port} sent too large a response head: {why}",
+                port=port,
+                why=too_large,
+            )
+            self.request.log_info.extra["backend"] = "head-too-large"
+            pages.write_error(
+                request,
+                502,
+                "The project's server sent too large an answer head",
+                f"The server on port {port} of this project answered with a response head "
+                f"over the proxy's limit ({too_large}).",
+                **facts,
+            )
         elif failure.check(
             ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed, error.ConnectionLost
         ):
@@ -413,6 +449,15 @@ class _Exchange:
         transport = getattr(request.channel, "transport", None)
         if transport is not None:
             transport.abortConnection()
+
+
+def _head_too_large(failure: Failure) -> str | None:
+    """The reason when the request failed because the response head was over the bound."""
+    if isinstance(failure.value, ResponseFailed):
+        for reason in failure.value.reasons:
+            if isinstance(reason.value, HeadTooLarge):
+                return str(reason.value)
+    return None
 
 
 @implementer(IPushProducer)

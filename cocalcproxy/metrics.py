@@ -4,7 +4,8 @@ Other parts of the proxy report through small methods, so none of them imports p
 
 * ``backend_failure(reason)``: a backend connection could not be made or broke. Handlers need
   not call it: a request whose ``log_info.extra["backend"]`` names a reason (the forwarder sets
-  "refused", "connect-timeout", "response-timeout", "no-response", "error", "failed-mid-body")
+  "refused", "connect-timeout", "response-timeout", "no-response", "error", "failed-mid-body",
+  "head-too-large")
   is counted from the request-done hook. Reasons must come from a fixed vocabulary.
 * ``access_log_lines_lost(lines)``: access-log lines that could not be written.
 * ``signin_failure()``: a wrong name, password, token or session at sign-in (guard).
