@@ -124,7 +124,19 @@ class ProxyRequest(BannerlessRequest):
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
             self._set_transport_security()
+            self._say_if_closing()
         super().write(data)
+
+    def _say_if_closing(self) -> None:
+        """``Connection: close`` on every answer after which this connection closes: the request
+        said ``Connection: close``, it was HTTP/1.0 (never kept alive), or the proxy decided to
+        close (a refused body, shutdown), so clients and load balancers do not reuse it. This is
+        the one place: answers whose headers were replaced (the forwarder puts the backend's,
+        policed, in their place) get it too."""
+        if self.clientproto not in (b"HTTP/1.0", b"HTTP/1.1") or self.code == 101:
+            return
+        if not getattr(self.channel, "persistent", True):
+            self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
 
     def _set_transport_security(self) -> None:
         """HSTS on every HTTPS answer, proxied or our own, replacing any a backend sent."""
