@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
@@ -72,10 +72,12 @@ def load_material(cert_path: str, key_path: str | None = None) -> Material:
         serialization.Encoding.DER, public
     ) != key.public_key().public_bytes(serialization.Encoding.DER, public):
         raise TLSConfigError(f"{cert_path}: the private key does not match the certificate")
+    # pyOpenSSL takes cryptography's objects directly (its own X509/PKey are deprecated);
+    # Twisted only hands these to the SSL.Context.
     options = ssl.CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
-        certificate=crypto.X509.from_cryptography(leaf),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in certs[1:]],
+        privateKey=key,  # type: ignore[arg-type]
+        certificate=leaf,  # type: ignore[arg-type]
+        extraCertChain=list(certs[1:]),  # type: ignore[arg-type]
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
         acceptableProtocols=[b"http/1.1"],

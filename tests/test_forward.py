@@ -9,7 +9,7 @@ from typing import Any
 
 from twisted.internet import error, task
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool, ResponseDone, ResponseFailed
@@ -314,7 +314,7 @@ class Glue(unittest.TestCase):
 
 class Endpoints(unittest.TestCase):
     def test_one_endpoint_per_backend_reused(self) -> None:
-        clock = task.Clock()
+        clock = MemoryReactorClock()
         forwarder = forward.Forwarder(clock, pool=HTTPConnectionPool(clock, persistent=False))
         first = forwarder._endpoint("127.0.0.1", 8000)
         self.assertIs(forwarder._endpoint("127.0.0.1", 8000), first)
