@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import getpass
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any, NoReturn
@@ -301,7 +302,20 @@ def cmd_token_list(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> 
         )
 
 
+def _existing_home(home: str | None) -> None:
+    """Refuse a --home that is not a folder here: /raw/ would only ever answer 404 for it.
+
+    The proxy serves /raw/ from its own file system, so the check is made on the machine the
+    command runs on, which should be the proxy's."""
+    if not home or not os.path.isabs(home):
+        return  # "" removes the home; a relative path is refused by the directory
+    if not os.path.isdir(home):
+        why = "is not a folder" if os.path.exists(home) else "does not exist"
+        raise InvalidInput(f"--home {home} {why} on this machine (the proxy serves /raw/ from it)")
+
+
 def cmd_project_add(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    _existing_home(args.home)
     project = d.add_project(
         args.owner, host=args.host, home=args.home, project_id=args.project_id, title=args.title
     )
@@ -314,6 +328,7 @@ def cmd_project_add(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) ->
 def cmd_project_set(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
     if args.host is None and args.home is None and args.title is None:
         raise InvalidInput("nothing to change: give --host, --home or --title")
+    _existing_home(args.home)
     project = d.set_project(args.project_id, host=args.host, home=args.home, title=args.title)
     if out.as_json:
         out.document(project_json(project))

@@ -51,6 +51,11 @@ def _non_negative_int(value: str) -> int:
         raise ValueError("must not be negative")
     return number
 
+def _on_off(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise ValueError(f"expected on or off, not {value!r}")
+    return value == "on"
+
 
 def _positive_float(value: str) -> float:
     """A duration or other positive quantity: finite and above zero (``inf``, ``nan`` and
@@ -213,6 +218,15 @@ class Options(usage.Options):
             _positive_float,
         ],
         [
+            "absolute-url-redirect",
+            None,
+            "on",
+            "on: a main-host request that matches nothing and whose same-origin Referer lies "
+            "under /<pid>/server/<port>/ is redirected (307) into that prefix; off: a 404 that "
+            "explains the absolute URL.",
+            _on_off,
+        ],
+        [
             "backend-pool-size",
             None,
             64,
@@ -235,6 +249,8 @@ class Options(usage.Options):
         self["listen"].append(endpoint)
 
     def postOptions(self) -> None:
+        if isinstance(self["absolute-url-redirect"], str):  # the default is not coerced
+            self["absolute-url-redirect"] = _on_off(self["absolute-url-redirect"])
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         if self["state-dir"] is None:

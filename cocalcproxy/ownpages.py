@@ -18,7 +18,14 @@ from cocalcproxy.site import ProxyRequest
 
 log = Logger()
 
-_STATIC_TYPES = {".css": b"text/css; charset=utf-8", ".svg": b"image/svg+xml", ".png": b"image/png"}
+_STATIC_TYPES = {
+    ".css": b"text/css; charset=utf-8",
+    ".svg": b"image/svg+xml",
+    ".png": b"image/png",
+    ".ico": b"image/x-icon",
+}
+#: /favicon.ico changes only with a release: browsers may keep it for a day.
+FAVICON_MAX_AGE = 86400
 
 
 class OwnPages:
@@ -41,6 +48,8 @@ class OwnPages:
             self.static(request, page.rest)
         elif page.name == "jwks":
             self.jwks(request)
+        elif page.name == "favicon":
+            self.static(request, b"favicon.ico", max_age=FAVICON_MAX_AGE)
         elif page.name == "hop_landing" and hasattr(self.guard_pages, "hop_landing"):
             getattr(self.guard_pages, "hop_landing")(request, page.rest.decode("ascii"))  # noqa: B009
         elif self.guard_pages is not None and hasattr(self.guard_pages, page.name):
@@ -92,7 +101,7 @@ class OwnPages:
             request.write(body)
         request.finish()
 
-    def static(self, request: ProxyRequest, name: bytes) -> None:
+    def static(self, request: ProxyRequest, name: bytes, max_age: int = 3600) -> None:
         text = name.decode("ascii", "replace")
         suffix = "." + text.rsplit(".", 1)[-1] if "." in text else ""
         if (
@@ -109,7 +118,7 @@ class OwnPages:
             pages.not_found(request)
             return
         request.setHeader(b"Content-Type", _STATIC_TYPES[suffix])
-        request.setHeader(b"Cache-Control", b"public, max-age=3600")
+        request.setHeader(b"Cache-Control", b"public, max-age=%d" % max_age)
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         request.setHeader(b"Content-Length", str(len(data)).encode())
         if request.method != b"HEAD":

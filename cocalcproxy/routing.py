@@ -20,6 +20,7 @@ proxy attempt. The decision is made on the raw bytes the client sent, before any
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote_to_bytes
@@ -44,7 +45,13 @@ _OWN_PAGES = {
     b"/_/jwks.json": "jwks",
     b"/_/oidc/login": "oidc_login",
     b"/_/oidc/callback": "oidc_callback",
+    b"/_/open": "open",
 }
+#: Own pages outside ``/_/`` (browsers ask for these by name).
+FAVICON = b"/favicon.ico"
+#: The reason of the 404 for a main-host path that names no route and no own page: only these
+#: are candidates for the absolute-URL redirect (see :func:`absolute_url`).
+NO_ROUTE = "no such route"
 #: The one path on a project subdomain that the proxy answers itself (the sign-in hop lands
 #: there, see cocalcproxy.guard.hop); everything else on a subdomain is the project's.
 HOP_LANDING = b"/.cocalcproxy/hop"
@@ -175,6 +182,8 @@ def _parse_subdomain(label: bytes, path: bytes, query: bytes, target: bytes) -> 
 def _parse_main(path: bytes, query: bytes, target: bytes) -> Outcome:
     if path == b"/":
         return OwnPage("index")
+    if path == FAVICON:
+        return OwnPage("favicon")
     if path.startswith(b"/_/"):
         name = _OWN_PAGES.get(path)
         if name is not None:
@@ -205,7 +214,7 @@ def _parse_main(path: bytes, query: bytes, target: bytes) -> Outcome:
         if not _safe_raw_path(rest):
             return NotFound("unsafe file path")
         return Route(pid.decode(), "raw", None, prefix, rest + query)
-    return NotFound("no such route")
+    return NotFound(NO_ROUTE)
 
 
 def _safe_raw_path(path: bytes) -> bool:
@@ -217,3 +226,72 @@ def _safe_raw_path(path: bytes) -> bool:
         if b"/" in decoded or b"\\" in decoded or b"\x00" in decoded:
             return False
     return True
+
+
+# --- absolute URLs from apps in the server form ---------------------------------------------
+
+_REFERER = re.compile(rb"\Ahttps://([^/?#\s]+)(/" + _UUID + rb"/server/(" + _PORT + rb"))/")
+
+
+@dataclass(frozen=True)
+class AbsoluteUrl:
+    """A main-host request that names no route, seemingly written by an app in the server form.
+
+    ``prefix`` is ``/<pid>/server/<port>`` taken from the request's same-origin ``Referer`` (None
+    when there is none, as for every browser WebSocket handshake). ``location`` is where to send
+    the request with a 307 (``prefix`` plus the request's path and query), or None when the answer
+    must be a 404 that explains instead: a WebSocket cannot follow a redirect, and the redirect
+    may be turned off.
+    """
+
+    prefix: bytes | None
+    location: bytes | None
+    target: bytes
+
+
+def referer_prefix(referer: bytes, host: bytes | None) -> bytes | None:
+    """``/<pid>/server/<port>`` when ``referer`` is ``https://<host>/<pid>/server/<port>/...``
+    on exactly this request's ``host`` (same origin), else None."""
+    if not host:
+        return None
+    m = _REFERER.match(referer.strip())
+    if m is None or m.group(1).lower() != host.strip().lower():
+        return None
+    if int(m.group(3)) > 65535:
+        return None
+    return m.group(2)
+
+
+def absolute_url(
+    outcome: Outcome,
+    host: bytes | None,
+    target: bytes,
+    referers: Sequence[bytes],
+    fetch_sites: Sequence[bytes] = (),
+    *,
+    websocket: bool = False,
+    redirect: bool = True,
+) -> AbsoluteUrl | None:
+    """Decide whether a 404 is an app's absolute URL, and whether to redirect it.
+
+    Only a :data:`NO_ROUTE` 404 qualifies (never an own page, a malformed project path or a
+    project subdomain). The prefix comes only from one ``Referer`` on this request's own origin,
+    and only when the browser does not say the request came from another site
+    (``Sec-Fetch-Site``), so the ``Location`` is always a path on this host under a well-formed
+    server-form prefix: the redirected request is authorised like any other, nothing is
+    forwarded on the Referer's word.
+    """
+    if not isinstance(outcome, NotFound) or outcome.reason != NO_ROUTE:
+        return None
+    prefix = None
+    if len(referers) == 1 and len(fetch_sites) <= 1:
+        site = fetch_sites[0].strip().lower() if fetch_sites else b"same-origin"
+        if site == b"same-origin":
+            prefix = referer_prefix(referers[0], host)
+    if prefix is None:
+        if websocket:
+            return AbsoluteUrl(None, None, target)
+        return None
+    if websocket or not redirect:
+        return AbsoluteUrl(prefix, None, target)
+    return AbsoluteUrl(prefix, prefix + target, target)

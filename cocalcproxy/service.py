@@ -484,6 +484,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         project_domain=options["project-domain"],
         main_host=options["hostname"],
         identity=identity.assertion if identity is not None else None,
+        absolute_url_redirect=options["absolute-url-redirect"],
     )
     site = ProxySite(root, reactor=reactor)
     site.hsts_max_age = options["hsts-max-age"]

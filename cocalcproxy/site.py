@@ -268,6 +268,7 @@ class Root(resource.Resource):
         project_domain: str | None = None,
         main_host: str | None = None,
         identity: Callable[[routing.Route, Access], bytes | None] | None = None,
+        absolute_url_redirect: bool = True,
     ) -> None:
         super().__init__()
         # --identity-assertion: the signed statement of who is calling, for proxied requests.
@@ -279,6 +280,8 @@ class Root(resource.Resource):
         self.own_pages = own_pages
         self.project_domain = project_domain
         self.main_host = main_host
+        #: --absolute-url-redirect: 307 an app's absolute URL into its server-form prefix.
+        self.absolute_url_redirect = absolute_url_redirect
 
     def render(self, request: server.Request) -> int:
         assert isinstance(request, ProxyRequest)
@@ -295,11 +298,10 @@ class Root(resource.Resource):
         if len(hosts) > 1:
             pages.write_error(request, 400, "Bad request", "More than one Host header.")
             return
-        outcome = routing.parse(
-            hosts[0] if hosts else None, request.uri, self.project_domain, self.main_host
-        )
+        host = hosts[0] if hosts else None
+        outcome = routing.parse(host, request.uri, self.project_domain, self.main_host)
         if isinstance(outcome, routing.NotFound):
-            pages.not_found(request)
+            self._not_found(request, outcome, host)
         elif isinstance(outcome, routing.Redirect):
             request.setResponseCode(308 if request.method not in (b"GET", b"HEAD") else 301)
             request.setHeader(b"Location", outcome.location)
@@ -310,6 +312,36 @@ class Root(resource.Resource):
             self.own_pages.handle(request, outcome)
         else:
             self._authorize(request, outcome)
+
+    def _not_found(
+        self, request: ProxyRequest, outcome: routing.NotFound, host: bytes | None
+    ) -> None:
+        """A 404, unless it is an app's absolute URL (routing.absolute_url): then a 307 into
+        the app's server-form prefix, or a 404 that says what happened and how to fix it."""
+        headers = request.requestHeaders
+        found = routing.absolute_url(
+            outcome,
+            host,
+            request.uri,
+            headers.getRawHeaders(b"referer", []),
+            headers.getRawHeaders(b"sec-fetch-site", []),
+            websocket=is_websocket_upgrade(request),
+            redirect=self.absolute_url_redirect,
+        )
+        if found is None:
+            pages.not_found(request)
+            return
+        request.log_info.form = "absolute-url"
+        # The answer depends on the Referer: no shared cache may keep it for other pages.
+        request.setHeader(b"Vary", b"Referer")
+        if found.location is None:
+            pages.absolute_url_not_found(request, found, host, self.project_domain)
+            return
+        request.setResponseCode(307)
+        request.setHeader(b"Location", found.location)
+        pages.set_own_page_headers(request)
+        request.setHeader(b"Content-Length", b"0")
+        request.finish()
 
     def answer_without_body(self, request: ProxyRequest) -> None:
         """Answer a request that is not for a project nor a form page (404, redirect, 400);

@@ -230,8 +230,10 @@ class ProjectCommandTests(AdminMixin):
         )
 
     def test_project_add_everything(self) -> None:
+        home = os.path.abspath(self.mktemp())
+        os.makedirs(home)
         result = self.ok(
-            "project", "add", "--owner", "alice", "--host", "10.1.2.3", "--home", "/srv/a",
+            "project", "add", "--owner", "alice", "--host", "10.1.2.3", "--home", home,
             "--id", PID, "--title", "My project",
         )  # fmt: skip
         self.assertEqual(result.out, PID + "\n")
@@ -252,7 +254,7 @@ class ProjectCommandTests(AdminMixin):
         project = self.d.get_project(PID)
         assert project is not None
         self.assertEqual(
-            (project.host, project.home, project.title), ("10.1.2.3", "/srv/a", "My project")
+            (project.host, project.home, project.title), ("10.1.2.3", home, "My project")
         )
 
     def test_project_add_refusals(self) -> None:
@@ -269,6 +271,17 @@ class ProjectCommandTests(AdminMixin):
         )
         self.refused("invalid host", "project", "add", "--owner", "alice", "--host", "x:8080")
         self.refused("invalid home", "project", "add", "--owner", "alice", "--home", "rel/path")
+        missing = os.path.abspath(self.mktemp())
+        self.refused(
+            f"--home {missing} does not exist on this machine",
+            "project", "add", "--owner", "alice", "--home", missing,
+        )  # fmt: skip
+        with open(missing, "w") as f:
+            f.write("a file")
+        self.refused(
+            f"--home {missing} is not a folder", "project", "add", "--owner", "alice", "--home",
+            missing,
+        )  # fmt: skip
         self.refused("invalid title", "project", "add", "--owner", "alice", "--title", "t" * 300)
 
     def test_project_set(self) -> None:
@@ -287,6 +300,8 @@ class ProjectCommandTests(AdminMixin):
         )
         self.refused("invalid project id", "project", "set", "nope", "--title", "x")
         self.refused("invalid host", "project", "set", PID, "--title", "ok", "--host", "a b")
+        missing = os.path.abspath(self.mktemp())
+        self.refused(f"--home {missing} does not exist", "project", "set", PID, "--home", missing)
 
     def test_collaborators(self) -> None:
         self.d.add_project("alice", project_id=PID)

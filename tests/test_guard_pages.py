@@ -349,3 +349,119 @@ class Index(SignInTestCase):
 
     def test_other_methods(self) -> None:
         self.assertEqual(self.world.request(b"POST", b"/").status, 405)
+
+
+class SignedInAtTheForm(SignInTestCase):
+    """/_/login for someone who is already signed in (issue #14)."""
+
+    def session(self) -> dict[bytes, bytes]:
+        token = self.sign_in().cookie_value("cocalcproxy_session")
+        return {**HTML, b"Cookie": f"cocalcproxy_session={token}".encode()}
+
+    def test_sent_on_to_next(self) -> None:
+        target = f"/{PID}/server/8888/lab?x=1"
+        response = self.world.request(
+            b"GET", b"/_/login?" + urlencode({"next": target}).encode(), headers=self.session()
+        )
+        self.assertEqual(response.status, 303)
+        self.assertEqual(response.header(b"location"), target.encode())
+
+    def test_unsafe_next_is_not_followed(self) -> None:
+        for attempt in OPEN_REDIRECTS:
+            response = self.world.request(
+                b"GET", b"/_/login?" + urlencode({"next": attempt}).encode(), headers=self.session()
+            )
+            self.assertEqual(response.status, 200, attempt)
+            self.assertIsNone(response.header(b"location"))
+
+    def test_without_next_says_who_they_are(self) -> None:
+        self.world.directory.add_user("<b>eve</b>", "eve-password")
+        token = self.sign_in("<b>eve</b>", "eve-password").cookie_value("cocalcproxy_session")
+        cookie = f"cocalcproxy_session={token}".encode()
+        page = self.world.request(b"GET", b"/_/login", headers={**HTML, b"Cookie": cookie})
+        self.assertEqual(page.status, 200)
+        body = page.body.decode()
+        self.assertIn("You are signed in as <strong>&lt;b&gt;eve&lt;/b&gt;</strong>", body)
+        self.assertIn('href="/"', body)
+        self.assertIn('method="post" action="/_/login"', body)  # still a form: switch accounts
+
+    def test_signed_out_or_stale_sees_the_plain_form(self) -> None:
+        for headers in (
+            HTML,
+            {**HTML, b"Cookie": b"cocalcproxy_session=stale"},
+        ):
+            page = self.world.request(b"GET", b"/_/login?next=%2Fx", headers=headers)
+            self.assertEqual(page.status, 200)
+            self.assertNotIn(b"You are signed in", page.body)
+
+    def test_an_api_token_is_not_a_browser_session(self) -> None:
+        _, token = self.world.directory.create_token("bob")
+        page = self.world.request(
+            b"GET",
+            b"/_/login?next=%2Fx",
+            headers={**HTML, b"Authorization": f"Bearer {token}".encode()},
+        )
+        self.assertEqual(page.status, 200)
+        self.assertNotIn(b"You are signed in", page.body)
+
+
+class OpenPort(SignInTestCase):
+    """The start page's "open port N" form and /_/open (issue #14)."""
+
+    def open(self, **fields: str) -> Response:
+        return self.world.request(b"GET", b"/_/open?" + urlencode(fields).encode(), headers=HTML)
+
+    def test_the_start_page_has_a_form_per_project(self) -> None:
+        token = self.sign_in().cookie_value("cocalcproxy_session")
+        page = self.world.request(
+            b"GET", b"/", headers={**HTML, b"Cookie": f"cocalcproxy_session={token}".encode()}
+        )
+        body = page.body.decode()
+        for pid in (PID, OTHER_PID):
+            self.assertIn(f'<input type="hidden" name="project" value="{pid}" />', body)
+        self.assertEqual(body.count('action="/_/open"'), 2)
+        self.assertIn('name="form" value="server"', body)
+        self.assertIn('name="form" value="port"', body)
+        self.assertNotIn('value="subdomain"', body)  # no --project-domain here
+
+    def test_path_forms(self) -> None:
+        for form in ("server", "port"):
+            response = self.open(project=PID, port="8888", form=form)
+            self.assertEqual(response.status, 303)
+            self.assertEqual(response.header(b"location"), f"/{PID}/{form}/8888/".encode())
+        typed = self.open(project=PID, port=" 08888 ", form="server")
+        self.assertEqual(typed.header(b"location"), f"/{PID}/server/8888/".encode())
+
+    def test_bad_values_are_a_400_never_a_redirect(self) -> None:
+        for fields in [
+            {"project": PID, "port": "0", "form": "server"},
+            {"project": PID, "port": "65536", "form": "server"},
+            {"project": PID, "port": "", "form": "server"},
+            {"project": PID, "port": "80/../../evil", "form": "server"},
+            {"project": PID, "port": "8\u0668", "form": "server"},  # a non-ASCII digit
+            {"project": PID, "port": "8888", "form": "raw"},
+            {"project": PID, "port": "8888", "form": "subdomain"},  # not configured
+            {"project": "//evil.example", "port": "8888", "form": "server"},
+            {"project": PID.upper(), "port": "8888", "form": "server"},
+            {"project": PID, "port": "8888"},
+        ]:
+            response = self.open(**fields)
+            self.assertEqual(response.status, 400, fields)
+            self.assertIsNone(response.header(b"location"), fields)
+        twice = self.world.request(
+            b"GET", f"/_/open?project={PID}&port=1&port=2&form=server".encode(), headers=HTML
+        )
+        self.assertEqual(twice.status, 400)
+        self.assertEqual(self.world.request(b"POST", b"/_/open").status, 405)
+
+
+class Favicon(unittest.TestCase):
+    def test_served_small_and_cacheable(self) -> None:
+        world = make_world()
+        response = world.request(b"GET", b"/favicon.ico")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.header(b"content-type"), b"image/x-icon")
+        self.assertEqual(response.header(b"cache-control"), b"public, max-age=86400")
+        self.assertTrue(response.body.startswith(b"\x00\x00\x01\x00"))  # an ICO header
+        self.assertLess(len(response.body), 2048)
+        self.assertEqual(world.request(b"HEAD", b"/favicon.ico").body, b"")

@@ -384,3 +384,21 @@ class SubdomainCookieEverywhereOnItsHost(unittest.TestCase):
         wrong = world.request(b"GET", b"/f.txt", headers={b"Cookie": cookie}, host=raw_host)
         self.assertEqual(wrong.status, 401)
         self.assertEqual(len(world.handler.seen), 2)
+
+
+class OpenOnASubdomain(unittest.TestCase):
+    """The start page's "open port N" form offers the project's subdomain (issue #14)."""
+
+    def test_index_offers_it_and_open_goes_there(self) -> None:
+        world, _ = hop_world()
+        session = world.directory.add_session("alice")
+        page = world.request(
+            b"GET", b"/", headers={**HTML, b"Cookie": f"cocalcproxy_session={session}".encode()}
+        )
+        self.assertEqual(page.status, 200)
+        self.assertIn(b'name="form" value="subdomain"', page.body)
+        r = world.request(
+            b"GET", f"/_/open?project={PID}&port=8888&form=subdomain".encode(), headers=HTML
+        )
+        self.assertEqual(r.status, 303)
+        self.assertEqual(r.header(b"location"), f"https://{PID}-8888.{DOMAIN}:8443/".encode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import quote
 
 MAX_NEXT_LENGTH = 4096
@@ -59,3 +60,30 @@ def same_origin_post(origin: bytes | None, fetch_site: bytes | None, host: bytes
             return False
         return origin.strip().lower() == b"https://" + host.strip().lower()
     return True
+
+
+_PROJECT_ID = re.compile(r"\A[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+OPEN_FORMS = ("server", "port", "subdomain")
+
+
+def open_port(
+    project: str | None, port: str | None, form: str | None
+) -> tuple[str, int, str] | None:
+    """The start page's "open port N" form, checked: ``(project id, port, form)`` or None.
+
+    The project id must be a canonical UUID, the port a decimal 1..65535 (spaces around it and
+    leading zeros forgiven, as a person types), the form one of :data:`OPEN_FORMS`. The caller
+    builds the URL from these values only, so it is always a path on this proxy or one of its
+    project hosts, never an open redirect.
+    """
+    if project is None or port is None or form not in OPEN_FORMS:
+        return None
+    project = project.strip()
+    port = port.strip()
+    if not _PROJECT_ID.match(project) or not port.isascii() or not port.isdigit() or len(port) > 5:
+        return None
+    number = int(port)
+    if not 1 <= number <= 65535:
+        return None
+    assert form is not None
+    return project, number, form

@@ -22,6 +22,7 @@ from cocalcproxy.directory import IDirectory, Project
 from cocalcproxy.guard import policy
 from cocalcproxy.guard.checkers import Identity
 from cocalcproxy.guard.core import (
+    Authenticated,
     Clock,
     Guard,
     client_address,
@@ -57,12 +58,34 @@ _INDEX = _template("index.html")
 class LoginPage(Element):
     loader = _LOGIN
 
-    def __init__(self, csrf: str, next_path: str, name: str, message: str | None) -> None:
+    def __init__(
+        self,
+        csrf: str,
+        next_path: str,
+        name: str,
+        message: str | None,
+        signed_in_as: str | None = None,
+    ) -> None:
         super().__init__()
         self.csrf = csrf
         self.next_path = next_path
         self.name = name
         self.message_text = message
+        self.account = signed_in_as
+
+    @renderer
+    def signed_in_as(self, request: IRequest | None, tag: Tag) -> Tag | str:
+        if self.account is None:
+            return ""
+        return tags.p(
+            "You are signed in as ",
+            tags.strong(self.account),
+            ". ",
+            tags.a("Go to your projects", href="/"),
+            ", or sign in as someone else below.",
+            class_="notice",
+            role="status",
+        )
 
     @renderer
     def message(self, request: IRequest | None, tag: Tag) -> Tag | str:
@@ -84,8 +107,10 @@ class IndexPage(Element):
         projects: list[Project],
         logout_csrf: str | None,
         project_domain: str | None,
+        open_subdomain: bool = False,
     ) -> None:
         super().__init__()
+        self.open_subdomain = open_subdomain
         self.account = account
         self.project_list = projects
         self.logout_csrf = logout_csrf
@@ -110,6 +135,7 @@ class IndexPage(Element):
                     tags.td(tags.code(p.id)),
                     tags.td(role),
                     tags.td(tags.a("files", href=f"/{p.id}/raw/")),
+                    tags.td(self._open_form(p)),
                 )
             )
         return tags.table(
@@ -119,9 +145,40 @@ class IndexPage(Element):
                     tags.th("Id", scope="col"),
                     tags.th("You are", scope="col"),
                     tags.th("Raw files", scope="col"),
+                    tags.th("Open a server", scope="col"),
                 )
             ),
             tags.tbody(*rows),
+        )
+
+    def _open_form(self, project: Project) -> Tag:
+        """GET /_/open?project=...&port=N&form=...: the proxy builds the URL (no script)."""
+        field_id = f"port-{project.id}"
+        buttons = [
+            tags.button("/server/", type="submit", name="form", value="server"),
+            tags.button("/port/", type="submit", name="form", value="port"),
+        ]
+        if self.open_subdomain:
+            buttons.append(tags.button("subdomain", type="submit", name="form", value="subdomain"))
+        return tags.form(
+            tags.input(type="hidden", name="project", value=project.id),
+            tags.label("Port", for_=field_id, class_="inline"),
+            " ",
+            tags.input(
+                type="number",
+                id=field_id,
+                name="port",
+                min="1",
+                max="65535",
+                required="required",
+                placeholder="8888",
+                class_="port",
+            ),
+            " ",
+            *buttons,
+            method="get",
+            action="/_/open",
+            class_="open-port",
         )
 
     @renderer
@@ -254,16 +311,69 @@ class GuardPages:
         else:
             self.hop_pages.land(request, label)
 
+    # -- /_/open: the start page's "open port N" form ----------------------------------------
+
+    def open(self, request: Request) -> None:
+        if request.method not in (b"GET", b"HEAD"):
+            pages.method_not_allowed(request)
+            return
+        query = urlsplit(request.uri.decode("latin-1")).query
+        try:
+            fields = parse_qsl(query, max_num_fields=10, errors="strict")
+        except (ValueError, UnicodeDecodeError):
+            fields = []
+        values: dict[str, list[str]] = {}
+        for key, value in fields:
+            values.setdefault(key, []).append(value)
+
+        def one(name: str) -> str | None:
+            found = values.get(name, [])
+            return found[0] if len(found) == 1 else None
+
+        chosen = policy.open_port(one("project"), one("port"), one("form"))
+        if chosen is None or (chosen[2] == "subdomain" and self.hop_pages is None):
+            pages.write_error(
+                request,
+                400,
+                "Cannot open that",
+                "Give a port from 1 to 65535 and choose one of the offered forms.",
+            )
+            return
+        project_id, port, form = chosen
+        if form == "subdomain":
+            location = self.hop_pages.project_origin(f"{project_id}-{port}") + "/"
+        else:
+            location = f"/{project_id}/{form}/{port}/"
+        _redirect(request, location.encode("ascii"))
+
     # -- /_/login -----------------------------------------------------------------------------
 
     def login(self, request: Request) -> None:
         if request.method in (b"GET", b"HEAD"):
-            self._login_form(request, 200, _query_next(request), "", None)
+            d = self._login_page(request)
+            d.addErrback(self._failed, request)
         elif request.method == b"POST":
             d = self._sign_in(request)
             d.addErrback(self._failed, request)
         else:
             pages.method_not_allowed(request, b"GET, HEAD, POST")
+
+    @inlineCallbacks
+    def _login_page(self, request: Request):  # type: ignore[no-untyped-def]
+        """Someone already signed in (by the session cookie) is sent on to a ``next`` they asked
+        for, or told who they are above the form (to sign in as someone else)."""
+        next_path = _query_next(request)
+        account = None
+        if session_cookie(request.requestHeaders.getRawHeaders(b"cookie", [])) is not None:
+            outcome = yield self.guard.authenticate(request)
+            if isinstance(outcome, Authenticated) and not outcome.presented.from_authorization:
+                account = outcome.identity.account.name
+        if request._disconnected:
+            return
+        if account is not None and next_path != "/":
+            _redirect(request, policy.location(next_path))
+            return
+        self._login_form(request, 200, next_path, "", None, signed_in_as=account)
 
     def _presession(self, request: Request) -> str:
         """The browser's pre-session value, or a new one set as the CSRF cookie."""
@@ -282,10 +392,18 @@ class GuardPages:
         return value
 
     def _login_form(
-        self, request: Request, status: int, next_path: str, name: str, message: str | None
+        self,
+        request: Request,
+        status: int,
+        next_path: str,
+        name: str,
+        message: str | None,
+        signed_in_as: str | None = None,
     ) -> None:
         presession = self._presession(request)
-        element = LoginPage(self.csrf.login_token(presession), next_path, name, message)
+        element = LoginPage(
+            self.csrf.login_token(presession), next_path, name, message, signed_in_as
+        )
         d = flattenString(None, cast(IRenderable, element))
         # With the sign-in hop, signing in may end on a project host (POST -> 303 /_/hop -> 302
         # https://<project host>/...): browsers check every hop of a form's redirects against
@@ -479,6 +597,12 @@ class GuardPages:
             if isinstance(credentials, SessionToken)
             else None
         )
-        element = IndexPage(account.name, projects, logout_csrf, self.project_domain)
+        element = IndexPage(
+            account.name,
+            projects,
+            logout_csrf,
+            self.project_domain,
+            open_subdomain=self.hop_pages is not None,
+        )
         html = yield flattenString(None, cast(IRenderable, element))
         _send(request, 200, b"<!DOCTYPE html>\n" + html, b"text/html; charset=utf-8")

@@ -114,6 +114,14 @@ class WebDriver:
         return str(self._session("GET", "/url"))
 
     @property
+    def title(self) -> str:
+        return str(self._session("GET", "/title"))
+
+    def execute(self, script: str, *args: Any) -> Any:
+        """Run ``script`` (a function body; ``arguments`` holds args) in the page."""
+        return self._session("POST", "/execute/sync", {"script": script, "args": list(args)})
+
+    @property
     def source(self) -> str:
         return str(self._session("GET", "/source"))
 
