@@ -9,6 +9,8 @@ from typing import Any
 
 from twisted.python import usage
 
+from cocalcproxy.site import MIN_BODY_RATE, REQUEST_HEAD_TIMEOUT
+
 DEFAULT_LISTEN = "tcp:8443"
 
 
@@ -202,6 +204,15 @@ class Options(usage.Options):
             31536000,
             "Strict-Transport-Security max-age in seconds on every HTTPS answer (0 turns it off).",
             _non_negative_int,
+        ],
+        [
+            "request-head-timeout",
+            None,
+            REQUEST_HEAD_TIMEOUT,
+            "Seconds a client has to send a whole request head (from its first byte; for a new "
+            "connection, from its start); a request body gets as long again, plus 1 second per "
+            f"{MIN_BODY_RATE:g} bytes. Slower clients get 408 and are disconnected.",
+            _positive_float,
         ],
         [
             "websocket-idle-timeout",

@@ -15,6 +15,15 @@ on its method, target and headers alone:
 * everything else (404, redirects, a doubled Host): answered as ``Root`` would, without the body.
 
 Requests without a body take the ordinary path, unchanged.
+
+A refused body is never read to its end. Once the proxy has answered a request whose body it will
+not take (any refusal above, a ``413`` over ``--max-body-size``, a malformed body, a timed-out
+head or body), it parses nothing more on that connection (:func:`stop_parsing`): it discards at
+most :data:`DRAIN_LIMIT` further bytes and waits at most :data:`LINGER_SECONDS` for the client to
+close, then aborts the connection. (A short linger, as nginx's ``lingering_close`` does, lets a
+client that stops sending read the answer before the connection goes; closing at once would
+reset it. Without a bound, a client that never reads could make the proxy receive and decrypt
+gigabytes after the answer: TLS waits for the client's ``close_notify``.)
 """
 
 from __future__ import annotations
@@ -38,6 +47,10 @@ FORM_BODY_LIMIT = 16 * 1024
 #: Body bytes held in memory while the guard decides: only what had already been read when the
 #: transport was paused (one network read), so more than this means something is wrong.
 HOLD_LIMIT = 256 * 1024
+#: After refusing a request, at most this many more bytes are read (and discarded) ...
+DRAIN_LIMIT = 64 * 1024
+#: ... and the client has at most this many seconds to close before the connection is aborted.
+LINGER_SECONDS = 5.0
 
 FORM_PAGES = frozenset({"login", "logout"})
 
@@ -63,11 +76,48 @@ def request_line(channel: Any) -> tuple[bytes, bytes, bytes] | None:
 
 def stop_parsing(channel: Any) -> None:
     """Never parse another byte of this connection: neither the rest of a refused body nor
-    anything after it can become a request (no smuggling). The connection is being closed."""
-    ignore = _ignore
-    channel.dataReceived = ignore
-    channel.rawDataReceived = ignore
-    channel.lineReceived = ignore
+    anything after it can become a request (no smuggling). The connection is being closed: what
+    still arrives is discarded, up to :data:`DRAIN_LIMIT` bytes and for :data:`LINGER_SECONDS`;
+    then the connection is aborted."""
+    if getattr(channel, "_draining", False):
+        return
+    channel._draining = True
+    channel.persistent = False
+    left = DRAIN_LIMIT
+    aborted = False
+
+    def abort() -> None:
+        nonlocal aborted
+        if aborted:
+            return
+        aborted = True
+        transport = getattr(channel, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+
+    def drain(data: bytes) -> None:
+        nonlocal left
+        left -= len(data)
+        if left < 0:
+            abort()
+
+    channel.dataReceived = drain
+    channel.rawDataReceived = _ignore
+    channel.lineReceived = _ignore
+    call_later = getattr(channel, "callLater", None)
+    if call_later is None:
+        return
+    timer = call_later(LINGER_SECONDS, abort)
+    lost = channel.connectionLost
+
+    def connection_lost(reason: Any) -> None:
+        nonlocal aborted
+        aborted = True
+        if timer.active():
+            timer.cancel()
+        lost(reason)
+
+    channel.connectionLost = connection_lost
 
 
 def _ignore(data: bytes) -> None:
@@ -128,6 +178,8 @@ class BodyGate:
     def __init__(self, request: ProxyRequest, root: Root, length: int | None) -> None:
         self.request = request
         self.root = root
+        # Kept here: once the refusal is finished, Twisted detaches the request from it.
+        self.channel: Any = request.channel
         self.length = length
         self.holding = True
         self.held: list[bytes] = []
@@ -209,13 +261,14 @@ class BodyGate:
         self.held = []
         if request._disconnected:
             return
-        channel: Any = getattr(request, "channel", None)
+        channel = self.channel
         if not request.finished:
             if channel is not None:
                 stop_parsing(channel)
             pages.write_error(request, 503, "Service unavailable", "Please try again shortly.")
             return
-        # finish() has handed the connection back: it closes, as persistent is off.
+        # finish() has handed the connection back: it closes, as persistent is off; what the
+        # client still sends is drained within bounds, never parsed.
         if channel is not None:
             stop_parsing(channel)
 
@@ -224,18 +277,18 @@ class BodyGate:
         request = self.request
         self.holding = False
         self.held = []
-        if request._disconnected or request.finished:
-            return
-        channel: Any = getattr(request, "channel", None)
+        channel = self.channel
         if channel is not None:
             stop_parsing(channel)
+        if request._disconnected or request.finished:
+            return
         if not request.startedWriting:
             pages.write_error(request, 503, "Service unavailable", "Please try again shortly.")
 
     def _abort(self) -> None:
         self.holding = False
         self.held = []
-        channel: Any = getattr(self.request, "channel", None)
+        channel = self.channel
         if channel is not None:
             stop_parsing(channel)
             if channel.transport is not None:

@@ -489,6 +489,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     site = ProxySite(root, reactor=reactor)
     site.hsts_max_age = options["hsts-max-age"]
     site.max_body_size = options["max-body-size"]
+    site.request_head_timeout = options["request-head-timeout"]
     proxy.site = site
     site.metrics = proxy.metrics
     site.on_request_done.append(proxy.request_done)

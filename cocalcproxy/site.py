@@ -9,9 +9,11 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
@@ -232,6 +234,8 @@ class ProxyRequest(BannerlessRequest):
     def _refuse_body(self) -> None:
         """Answer 413 at once (headers only seen so far) and close: nothing is forwarded."""
         self.body_refused = True
+        if self.finished or getattr(self, "channel", None) is None:
+            return  # answered already; the connection is closing
         self.requestHeaders.removeHeader(b"expect")  # no 100-continue for a refused body
         limit = self._body_limit
         body = pages.error_body(
@@ -249,6 +253,7 @@ class ProxyRequest(BannerlessRequest):
         transport: Any = self.channel.transport
         if transport is not None:
             transport.write(b"\r\n".join(lines))
+        prebody.stop_parsing(self.channel)
         self.channel.loseConnection()
 
 
@@ -391,6 +396,164 @@ def is_websocket_upgrade(request: server.Request) -> bool:
 
 
 KEEPALIVE_IDLE_TIMEOUT = 75.0
+#: Default of --request-head-timeout: seconds from the first byte of a request (for the first
+#: request of a connection: from the connection's start, TLS handshake included) to the end of
+#: its head. See ProxyChannel.
+REQUEST_HEAD_TIMEOUT = 20.0
+#: The slowest a request body may arrive, on average, after a grace of --request-head-timeout:
+#: the body's deadline moves one second later for every MIN_BODY_RATE bytes received
+#: (Apache's mod_reqtimeout rule, with its default rate).
+MIN_BODY_RATE = 500.0
+
+
+def _timeout_answer(detail: str) -> bytes:
+    """A complete 408 written straight to the transport (there may be no whole request)."""
+    body = (
+        b'{"status": 408, "error": "Request timeout", "detail": "'
+        + detail.encode("ascii")
+        + b'"}\n'
+    )
+    lines = [b"HTTP/1.1 408 Request Timeout"]
+    lines += [name + b": " + value for name, value in pages.OWN_PAGE_HEADERS]
+    lines += [
+        b"Content-Type: application/json",
+        b"Content-Length: %d" % len(body),
+        b"Connection: close",
+        b"",
+        body,
+    ]
+    return b"\r\n".join(lines)
+
+
+class ProxyChannel(HTTPChannel):
+    """HTTP/1.1 with a deadline for each request head and a minimum rate for bodies.
+
+    Twisted's idle timeout restarts with every byte, so a client sending one byte every few
+    seconds (slowloris) could hold a connection for ever. Here:
+
+    * the whole head of a request must arrive within ``site.request_head_timeout`` seconds of
+      its first byte (of the connection's start, for the first request);
+    * a body may take ``site.request_head_timeout`` seconds plus one second per
+      :data:`MIN_BODY_RATE` bytes received (time the proxy itself holds the body back, while
+      the guard decides on the headers, does not count).
+
+    Past either deadline the client gets a ``408`` with ``Connection: close`` and the connection
+    is closed as after any refusal (``prebody.stop_parsing``). Between requests on a kept-alive
+    connection the idle timeout (``KEEPALIVE_IDLE_TIMEOUT``) applies, as before.
+    """
+
+    _head_timer: Any = None
+    _body_timer: Any = None
+    _awaiting_head = True
+    _body_start = 0.0
+    _body_bytes = 0
+
+    def _head_timeout(self) -> float | None:
+        value = getattr(getattr(self, "site", None), "request_head_timeout", None)
+        return float(value) if value else None
+
+    def _now(self) -> float:
+        clock: Any = getattr(getattr(self, "site", None), "reactor", None)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        return float(clock.seconds())
+
+    def connectionMade(self) -> None:  # noqa: N802
+        super().connectionMade()
+        self._start_head_clock()
+
+    def _start_head_clock(self) -> None:
+        timeout = self._head_timeout()
+        if timeout is not None and self._head_timer is None:
+            self._head_timer = self.callLater(timeout, partial(self._timed_out, "head", timeout))
+
+    def _stop_head_clock(self) -> None:
+        timer, self._head_timer = self._head_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _stop_body_clock(self) -> None:
+        timer, self._body_timer = self._body_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self._awaiting_head and data:
+            self._start_head_clock()
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:  # noqa: N802
+        self._awaiting_head = False
+        self._stop_head_clock()
+        super().allHeadersReceived()
+        timeout = self._head_timeout()
+        if self.length != 0 and timeout is not None and not getattr(self, "_draining", False):
+            self._body_start = self._now()
+            self._body_bytes = 0
+            self._body_timer = self.callLater(timeout, partial(self._check_body, timeout))
+
+    def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self._body_timer is not None and not self._handlingRequest:
+            self._body_bytes += len(data)
+        super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:  # noqa: N802
+        self._stop_body_clock()
+        super().allContentReceived()
+
+    def requestDone(self, request: http.Request) -> None:  # noqa: N802
+        self._awaiting_head = True
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        self._stop_head_clock()
+        self._stop_body_clock()
+        super().connectionLost(reason)
+
+    def _check_body(self, grace: float) -> None:
+        self._body_timer = None
+        request = self.requests[-1] if self.requests else None
+        if request is None or request.finished or request.startedWriting:
+            return  # answered already (refused before its body, or 413)
+        now = self._now()
+        gate = getattr(request, "_gate", None)
+        if gate is not None and gate.holding:
+            # The proxy holds the body back while the guard decides: not the client's time.
+            self._body_start = now - self._body_bytes / MIN_BODY_RATE
+            self._body_timer = self.callLater(grace, partial(self._check_body, grace))
+            return
+        deadline = self._body_start + grace + self._body_bytes / MIN_BODY_RATE
+        if now < deadline:
+            self._body_timer = self.callLater(deadline - now, partial(self._check_body, grace))
+            return
+        self._timed_out("body", grace)
+
+    def _timed_out(self, what: str, timeout: float) -> None:
+        self._head_timer = None
+        transport: Any = self.transport
+        if transport is None or getattr(self, "_draining", False):
+            return
+        peer = getattr(transport.getPeer(), "host", "?")
+        if what == "head":
+            detail = f"The request head did not arrive within {timeout:g} seconds."
+        else:
+            detail = f"The request body arrived slower than {MIN_BODY_RATE:g} bytes a second."
+        log.info("closing a connection from {peer}: {detail}", peer=peer, detail=detail)
+        transport.write(_timeout_answer(detail))
+        prebody.stop_parsing(self)
+        self.loseConnection()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:  # noqa: N802
+        # Twisted's 400 for a malformed request, body or chunk: parse nothing more, and bound
+        # how much is read before the connection goes (prebody.stop_parsing).
+        super()._respondToBadRequestAndDisconnect()
+        prebody.stop_parsing(self)
+
+
+def _proxy_channel_protocol(factory: Any) -> Any:
+    """The site's protocol: Twisted's HTTP/1.1-or-HTTP/2 wrapper around a ProxyChannel (ALPN
+    offers only http/1.1, see tls.py)."""
+    return http._GenericHTTPChannelProtocol(ProxyChannel())
 
 
 class ProxySite(server.Site):
@@ -403,6 +566,11 @@ class ProxySite(server.Site):
 
     #: Largest request body accepted (--max-body-size); None for no limit.
     max_body_size: int | None = None
+    #: Deadline for a whole request head, and the grace before a body's minimum rate applies
+    #: (--request-head-timeout); None turns both off.
+    request_head_timeout: float | None = REQUEST_HEAD_TIMEOUT
+
+    protocol = _proxy_channel_protocol
 
     def __init__(self, root: resource.Resource, **kwargs: Any) -> None:
         # Twisted keeps an idle keep-alive connection (or one trickling a request head) for 12 hours

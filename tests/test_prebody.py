@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import task
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web import http
 
@@ -70,6 +73,8 @@ class ChannelState(unittest.TestCase):
         Recording.seen = []
         channel = http.HTTPChannel()
         channel.requestFactory = Recording  # type: ignore[assignment]
+        self.clock = task.Clock()
+        channel.callLater = self.clock.callLater  # type: ignore[method-assign]
         transport = StringTransport()
         channel.makeConnection(transport)
         channel.dataReceived(data)
@@ -95,3 +100,27 @@ class ChannelState(unittest.TestCase):
         channel.dataReceived(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual(transport.value().count(b"HTTP/1.1 204"), 1)
         self.assertEqual(len(Recording.seen), 1)
+
+    def test_stop_parsing_reads_a_bounded_amount_then_aborts(self) -> None:
+        # Issue #11 item 6: at most DRAIN_LIMIT more bytes are read after a refusal.
+        channel, transport = self.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        prebody.stop_parsing(channel)
+        channel.dataReceived(b"x" * prebody.DRAIN_LIMIT)
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"x")
+        self.assertTrue(transport.disconnecting)
+
+    def test_stop_parsing_lingers_a_bounded_time(self) -> None:
+        channel, transport = self.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        prebody.stop_parsing(channel)
+        self.clock.advance(prebody.LINGER_SECONDS - 0.1)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_linger_timer_cancelled_when_the_client_closes(self) -> None:
+        channel, transport = self.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        prebody.stop_parsing(channel)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])

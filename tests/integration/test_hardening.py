@@ -5,15 +5,25 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import ssl as stdlib_ssl
+import time
 from typing import Any
 
-from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet import defer, reactor, ssl, task
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 from twisted.web import resource, server
 
 from tests.forward_harness import RawClient, raw_connect
-from tests.rawsupport import Exchange, parse_response
+from tests.rawsupport import Exchange, parse_response, poll
 from tests.support import https_client, start_proxy
 
 
@@ -206,3 +216,177 @@ class NoBanner(unittest.TestCase):
             self, self.proxy, b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
         )
         self.assert_ours(raw, 404)
+
+
+class SlowClient(Protocol):
+    """Sends ``first`` at once, then one more byte of ``rest`` every ``interval`` seconds."""
+
+    def __init__(self, first: bytes, rest: bytes, interval: float) -> None:
+        self.first = first
+        self.rest = rest
+        self.interval = interval
+        self.received = b""
+        self.closed: defer.Deferred[float] = defer.Deferred()
+        self.loop: task.LoopingCall | None = None
+
+    def connectionMade(self) -> None:  # noqa: N802
+        assert self.transport is not None
+        self.transport.write(self.first)
+        self.loop = task.LoopingCall(self.trickle)
+        self.loop.start(self.interval, now=False)
+
+    def trickle(self) -> None:
+        if self.rest and self.transport is not None:
+            byte, self.rest = self.rest[:1], self.rest[1:]
+            self.transport.write(byte)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        if self.loop is not None and self.loop.running:
+            self.loop.stop()
+        self.closed.callback(time.monotonic())
+
+
+@defer.inlineCallbacks
+def connect_tls(case: unittest.TestCase, proxy: Any, protocol: Any):  # type: ignore[no-untyped-def]
+    with open(proxy.cert_path, "rb") as f:
+        authority = ssl.Certificate.loadPEM(f.read())
+    options = ssl.optionsForClientTLS("localhost", trustRoot=authority)
+    endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port))
+    yield endpoint.connect(Factory.forProtocol(lambda: protocol))
+
+    def cleanup() -> Any:
+        if protocol.closed.called:
+            return None
+        if protocol.transport is not None:
+            protocol.transport.abortConnection()
+        return protocol.closed
+
+    case.addCleanup(cleanup)
+    return protocol
+
+
+HEAD_TIMEOUT = 3.0
+
+
+class SlowClients(unittest.TestCase):
+    """Item 4: --request-head-timeout bounds a whole head, and bodies have a minimum rate."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.proxy = yield start_proxy(self, "--request-head-timeout", str(HEAD_TIMEOUT))
+
+    @defer.inlineCallbacks
+    def test_slowloris_heads_are_closed_at_the_deadline(self):  # type: ignore[no-untyped-def]
+        # 100 connections each sending one byte a second: every byte restarts Twisted's idle
+        # timer (75 s), so before issue #11 they stayed open for good.
+        head = b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 200
+        started = time.monotonic()
+        clients = []
+        for _ in range(100):
+            client = yield connect_tls(self, self.proxy, SlowClient(head[:1], head[1:], 1.0))
+            clients.append(client)
+        closed_at = yield defer.gatherResults([c.closed for c in clients])
+        elapsed = [t - started for t in closed_at]
+        self.assertGreater(min(elapsed), HEAD_TIMEOUT - 0.5, elapsed)
+        self.assertLess(max(elapsed), HEAD_TIMEOUT + 5.0, elapsed)
+        for client in clients:
+            self.assertTrue(client.received.startswith(b"HTTP/1.1 408 "), client.received[:200])
+            self.assertIn(b"\r\nConnection: close\r\n", client.received)
+            self.assertIn(b"\r\nX-Content-Type-Options: nosniff\r\n", client.received)
+            self.assertNotIn(b"twisted", client.received.lower())
+
+    @defer.inlineCallbacks
+    def test_idle_kept_alive_connection_is_not_a_slow_head(self):  # type: ignore[no-untyped-def]
+        ask = b"GET /_/health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        client = yield connect_tls(self, self.proxy, SlowClient(ask, b"", 60.0))
+        yield poll(lambda: client.received.count(b"HTTP/1.1 200") == 1, "first answer")
+        yield task.deferLater(reactor, HEAD_TIMEOUT + 1.0, lambda: None)
+        self.assertFalse(client.closed.called)
+        assert client.transport is not None
+        client.transport.write(ask)
+        yield poll(lambda: client.received.count(b"HTTP/1.1 200") == 2, "second answer")
+
+    @defer.inlineCallbacks
+    def test_a_trickling_body_is_cut_off(self):  # type: ignore[no-untyped-def]
+        head = (
+            b"POST /_/login HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 10000\r\n\r\n"
+        )
+        started = time.monotonic()
+        client = SlowClient(head + b"n", b"a" * 9999, 0.1)  # 10 bytes a second
+        yield connect_tls(self, self.proxy, client)
+        closed_at = yield client.closed
+        # Allowed: HEAD_TIMEOUT plus one second per MIN_BODY_RATE bytes (about 0.1 s here).
+        self.assertGreater(closed_at - started, HEAD_TIMEOUT - 0.5)
+        self.assertLess(closed_at - started, HEAD_TIMEOUT + 5.0)
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 408 "), client.received[:200])
+
+
+def upload_without_reading(port: int, head: bytes, cap: int) -> tuple[int, str]:
+    """Blocking (run in a thread): send ``head`` then an endless chunked body over TLS without
+    ever reading, as a client that reads only after sending does. How many body bytes went out
+    before the connection broke (or ``cap`` was reached), and how it ended."""
+    context = stdlib_ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = stdlib_ssl.CERT_NONE
+    chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(head)
+            try:
+                while sent < cap:
+                    tls.sendall(chunk)
+                    sent += len(chunk)
+            except (OSError, stdlib_ssl.SSLError) as e:
+                return sent, type(e).__name__
+    return sent, "cap reached"
+
+
+class RefusedBodies(unittest.TestCase):
+    """Item 6: after refusing a request, at most prebody.DRAIN_LIMIT more bytes are read."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.proxy = yield start_proxy(self, "--max-body-size", "1M")
+        yield self.proxy.directory.add_user("alice", "alice-password")
+        project = yield self.proxy.directory.add_project("alice", host="127.0.0.1", title="t")
+        self.pid = project.id
+
+    @defer.inlineCallbacks
+    def assert_cut_off(self, target: bytes, *headers: bytes):  # type: ignore[no-untyped-def]
+        head = b"\r\n".join(
+            [
+                b"POST " + target + b" HTTP/1.1",
+                b"Host: localhost",
+                b"Transfer-Encoding: chunked",
+                *headers,
+                b"",
+                b"",
+            ]
+        )
+        cap = 256 * 1024 * 1024
+        sent, how = yield deferToThread(upload_without_reading, self.proxy.port, head, cap)
+        # What the client could push into socket buffers (a few MiB on loopback) plus the
+        # proxy's DRAIN_LIMIT; before issue #11 the proxy read all of it (the cap).
+        self.assertLess(sent, 24 * 1024 * 1024, (target, how))
+        self.assertNotEqual(how, "cap reached")
+
+    def test_unauthenticated_upload(self) -> Any:
+        return self.assert_cut_off(f"/{self.pid}/server/9/upload".encode())
+
+    def test_upload_to_nowhere(self) -> Any:
+        return self.assert_cut_off(b"/nowhere")
+
+    def test_upload_over_the_size_limit(self) -> Any:
+        return self.assert_cut_off(
+            f"/{self.pid}/server/9/upload".encode(),
+            b"Authorization: " + basic("alice", "alice-password"),
+        )
