@@ -49,6 +49,9 @@ notes:
   it is refused while the user still owns projects ('project remove' them first).
   'user passwd' ends all of the user's sign-in sessions; API tokens keep working.
   'project set PID --home ""' removes the project's home directory (no /raw/ access).
+  'project set PID --ports default' gives the project the proxy's --default-ports again;
+  on a host shared by several projects the default is no port at all: give each project
+  its own --ports (disjoint sets) or a --socket-dir.
 """
 
 
@@ -166,11 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--home", metavar="DIR", help="absolute path served under /<pid>/raw/")
     sub.add_argument("--id", metavar="UUID", dest="project_id", help="a lower-case UUID")
     sub.add_argument("--title", metavar="TEXT", default="", help="a short description")
-    sub = leaf(projects, "set", "change a project's host, home or title", cmd_project_set)
+    _backend_arguments(sub, setting=False)
+    sub = leaf(
+        projects,
+        "set",
+        "change a project's host, home, title, ports or socket folder",
+        cmd_project_set,
+    )
     sub.add_argument("project_id", metavar="PID")
     sub.add_argument("--host", metavar="HOST")
     sub.add_argument("--home", metavar="DIR", help='absolute path, or "" for none')
     sub.add_argument("--title", metavar="TEXT")
+    _backend_arguments(sub, setting=True)
     collaborators = projects.add_parser(
         "collaborator", help="add or remove a collaborator", description="manage collaborators"
     ).add_subparsers(dest="collaborator_action", metavar="ACTION", required=True)
@@ -185,6 +195,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("project_id", metavar="PID")
     leaf(projects, "list", "list the projects", cmd_project_list)
     return parser
+
+
+def _backend_arguments(sub: Any, setting: bool) -> None:
+    sub.add_argument(
+        "--ports",
+        metavar="LIST",
+        help="ports the project's routes may reach, e.g. 8000-8099,8888; 'none' for no port"
+        + ("; 'default' for the proxy's --default-ports" if setting else "")
+        + " [default: the proxy's --default-ports]",
+    )
+    sub.add_argument(
+        "--socket-dir",
+        metavar="DIR",
+        help="serve the project's ports from the Unix sockets DIR/<port> instead of TCP"
+        + (' ("" for TCP again)' if setting else ""),
+    )
+    sub.add_argument(
+        "--socket-owner",
+        metavar="UID",
+        help="numeric uid that must own the socket folder and its sockets"
+        + (' ("" for the folder\'s owner)' if setting else "")
+        + " [default: the socket folder's owner]",
+    )
 
 
 class Output:
@@ -223,6 +256,9 @@ def project_json(project: Project) -> dict[str, object]:
         "home": project.home,
         "title": project.title,
         "collaborators": list(project.collaborators),
+        "ports": None if project.ports is None else str(project.ports),
+        "socket_dir": project.socket_dir,
+        "socket_owner": project.socket_owner,
     }
 
 
@@ -317,7 +353,14 @@ def _existing_home(home: str | None) -> None:
 def cmd_project_add(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
     _existing_home(args.home)
     project = d.add_project(
-        args.owner, host=args.host, home=args.home, project_id=args.project_id, title=args.title
+        args.owner,
+        host=args.host,
+        home=args.home,
+        project_id=args.project_id,
+        title=args.title,
+        ports=args.ports,
+        socket_dir=args.socket_dir,
+        socket_owner=args.socket_owner,
     )
     if out.as_json:
         out.document(project_json(project))
@@ -326,10 +369,22 @@ def cmd_project_add(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) ->
 
 
 def cmd_project_set(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
-    if args.host is None and args.home is None and args.title is None:
-        raise InvalidInput("nothing to change: give --host, --home or --title")
+    fields = (args.host, args.home, args.title, args.ports, args.socket_dir, args.socket_owner)
+    if all(value is None for value in fields):
+        raise InvalidInput(
+            "nothing to change: give --host, --home, --title, --ports, --socket-dir or "
+            "--socket-owner"
+        )
     _existing_home(args.home)
-    project = d.set_project(args.project_id, host=args.host, home=args.home, title=args.title)
+    project = d.set_project(
+        args.project_id,
+        host=args.host,
+        home=args.home,
+        title=args.title,
+        ports=args.ports,
+        socket_dir=args.socket_dir,
+        socket_owner=args.socket_owner,
+    )
     if out.as_json:
         out.document(project_json(project))
 
@@ -369,6 +424,8 @@ def cmd_project_list(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -
                         f"owner={p.owner_name}",
                         f"host={p.host}",
                         f"home={p.home or '-'}",
+                        f"ports={'default' if p.ports is None else p.ports}",
+                        f"sockets={p.socket_dir or '-'}",
                         f"collaborators={','.join(p.collaborators) or '-'}",
                         f"title={p.title}",
                     )

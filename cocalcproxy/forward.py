@@ -26,7 +26,6 @@ from typing import Any
 
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -48,7 +47,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from cocalcproxy import headers, pages, routing
+from cocalcproxy import backendio, backends, headers, pages, routing, socketdir
 from cocalcproxy.headlimit import HeadLimit, HeadTooLarge
 from cocalcproxy.site import Access, ProxyRequest
 
@@ -56,8 +55,8 @@ log = Logger()
 
 #: Idle backend connections are dropped after this many seconds (servers close them anyway).
 CACHED_CONNECTION_TIMEOUT = 60.0
-#: Backends whose endpoint is kept for reuse (the cache is simply emptied when full).
-ENDPOINT_CACHE_SIZE = 4096
+#: Host names whose IDNA form is kept for reuse (the cache is simply emptied when full).
+HOST_CACHE_SIZE = 4096
 #: Bytes read from the spooled request body per write to the backend.
 BODY_CHUNK = 64 * 1024
 
@@ -129,14 +128,20 @@ class Forwarder:
         connect_timeout: float = 10.0,
         response_timeout: float = 300.0,
         public_hosts: Sequence[bytes] = (),
+        backends: backendio.Backends | None = None,
     ) -> None:
         self.reactor = reactor
         self.pool = pool
         self.connect_timeout = connect_timeout
         self.response_timeout = response_timeout
         self.public_hosts = tuple(public_hosts)
+        self.backends = (
+            backends
+            if backends is not None
+            else backendio.Backends(reactor, connect_timeout=connect_timeout)
+        )
         self._agent = Agent(reactor, pool=pool)
-        self._endpoints: dict[tuple[str, int], tuple[Any, bytes]] = {}
+        self._hosts: dict[str, bytes] = {}
 
     def handle(self, request: ProxyRequest, route: routing.Route, access: Access) -> None:
         assert route.port is not None and route.kind != "raw"
@@ -145,34 +150,40 @@ class Forwarder:
     def backend_request(
         self,
         method: bytes,
-        host: str,
-        port: int,
+        backend: backends.Target,
         target: bytes,
         request_headers: Headers,
         body: IBodyProducer | None,
     ) -> Deferred[IResponse]:
-        """Send ``method target`` to ``host:port`` over the pool, with ``target`` byte for byte.
+        """Send ``method target`` to ``backend`` over the pool, with ``target`` byte for byte.
 
         ``Agent.request`` would reparse a URL and may re-serialise the path (an empty ``?``
         vanishes), so the request goes through the Agent's endpoint-level entry point with the
-        routing layer's exact origin-form target.
+        routing layer's exact origin-form target. The endpoint comes from the backend policy
+        (cocalcproxy.backendio): TCP with screened addresses, or a checked Unix socket.
         """
-        endpoint, host_b = self._endpoint(host, port)
+        endpoint = self.backends.endpoint(backend)
+        port = backend.port
+        key: tuple[bytes, bytes, int]
+        if isinstance(backend, backends.UnixTarget):
+            host_b = b"localhost"
+            owner = -1 if backend.owner is None else backend.owner
+            key = (b"unix:" + backend.path.encode("utf-8", "surrogateescape"), b"", owner)
+        else:
+            host_b = self._host_bytes(backend.host)
+            key = (b"http", host_b, port)
         uri = URI(b"http", b"%s:%d" % (host_b, port), host_b, port, target, b"", b"", b"")
         return self._agent._requestWithEndpoint(
-            (b"http", host_b, port), endpoint, method, uri, request_headers, body, target
+            key, endpoint, method, uri, request_headers, body, target
         )
 
-    def _endpoint(self, host: str, port: int) -> tuple[Any, bytes]:
-        """One reusable endpoint per backend (building one costs an IDNA encoding each time)."""
-        key = (host, port)
-        found = self._endpoints.get(key)
+    def _host_bytes(self, host: str) -> bytes:
+        """The host as the Agent wants it (IDNA costs enough to keep the answers)."""
+        found = self._hosts.get(host)
         if found is None:
-            if len(self._endpoints) >= ENDPOINT_CACHE_SIZE:
-                self._endpoints.clear()
-            endpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
-            host_b = host.encode() if _is_ipv6(host) else host.encode("idna")
-            found = self._endpoints[key] = (endpoint, host_b)
+            if len(self._hosts) >= HOST_CACHE_SIZE:
+                self._hosts.clear()
+            found = self._hosts[host] = host.encode() if _is_ipv6(host) else host.encode("idna")
         return found
 
 
@@ -232,6 +243,7 @@ class _Exchange:
         self.route = route
         self.project = access.project
         self.port: int = route.port or 0
+        self.backend: backends.Target | None = None
         self.pending: Deferred[IResponse] | None = None
         self.delivery: _Delivery | None = None
         self.watchdog: Any = None
@@ -245,6 +257,11 @@ class _Exchange:
 
     def start(self) -> None:
         request = self.request
+        decision = self.forwarder.backends.decide(self.route, self.project)
+        if isinstance(decision, backends.Refused):
+            backendio.refuse(request, decision)
+            return
+        self.backend = decision
         request.notifyFinish().addErrback(self._client_lost)
         client_headers = [
             (name, value)
@@ -276,7 +293,7 @@ class _Exchange:
         self._progress()
         method = request.method
         self.pending = self.forwarder.backend_request(
-            method, self.project.host, self.port, self.route.backend_target, backend_headers, body
+            method, decision, self.route.backend_target, backend_headers, body
         )
         self.pending.addCallbacks(self._got_response, self._failed)
 
@@ -358,6 +375,17 @@ class _Exchange:
             return
         port = self.port
         facts: dict[str, object] = {"project": self.project.id, "port": port}
+        if isinstance(failure.value, backendio.BackendRefused):
+            backendio.refuse(request, failure.value.refusal)
+            return
+        if isinstance(failure.value, socketdir.SocketRefused):
+            socketdir.write_refused(request, failure.value, **facts)
+            return
+        if isinstance(self.backend, backends.UnixTarget) and failure.check(
+            error.ConnectError, error.DNSLookupError
+        ):
+            socketdir.write_not_listening(request, self.backend, **facts)
+            return
         if self.timed_out:
             self.request.log_info.extra["backend"] = "response-timeout"
             pages.write_error(

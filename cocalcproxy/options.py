@@ -9,6 +9,8 @@ from typing import Any
 
 from twisted.python import usage
 
+from cocalcproxy.backends import DEFAULT_DENY_PORTS
+from cocalcproxy.ports import PortSet, parse_ports
 from cocalcproxy.site import MIN_BODY_RATE, REQUEST_HEAD_TIMEOUT
 
 DEFAULT_LISTEN = "tcp:8443"
@@ -52,6 +54,7 @@ def _non_negative_int(value: str) -> int:
     if number < 0:
         raise ValueError("must not be negative")
     return number
+
 
 def _on_off(value: str) -> bool:
     if value not in ("on", "off"):
@@ -105,6 +108,13 @@ class _NamedCoerce(usage.CoerceParameter):
         except ValueError as e:
             raise usage.UsageError(f"--{parameterName} {value!r}: {e}") from None
         self.options.opts[parameterName] = coerced
+
+
+def _default_ports(value: str) -> PortSet | None:
+    """``auto`` (None) or a port list."""
+    if value.strip().lower() == "auto":
+        return None
+    return parse_ports(value)
 
 
 class Options(usage.Options):
@@ -244,6 +254,24 @@ class Options(usage.Options):
             "Idle persistent connections kept per backend host and port.",
             _positive_int,
         ],
+        [
+            "default-ports",
+            None,
+            "auto",
+            "Ports a project without its own --ports may reach: a list such as 8000-8099,8888, "
+            "none, all, or auto (1024-65535 for a project alone on its host, none for a project "
+            "that shares its host with another; see docs/security.rst).",
+            _default_ports,
+        ],
+        [
+            "deny-ports",
+            None,
+            DEFAULT_DENY_PORTS,
+            "Ports no project route ever reaches over TCP, whatever its port set (none to deny "
+            "nothing). The default lists well-known infrastructure: SSH, mail, DNS, NFS, SMB, "
+            "databases, caches, message brokers, Docker, etcd, Kubernetes, Consul, Vault.",
+            parse_ports,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -268,6 +296,11 @@ class Options(usage.Options):
             self["state-dir"] = default_state_dir()
         if self["database"] is None:
             self["database"] = default_database_url(self["state-dir"])
+        # Defaults are not passed through the coercers: make them the same types as given values.
+        if isinstance(self["default-ports"], str):
+            self["default-ports"] = _default_ports(self["default-ports"])
+        if isinstance(self["deny-ports"], str):
+            self["deny-ports"] = parse_ports(self["deny-ports"])
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs --tls-cert")
         if self["project-domain"] is not None:

@@ -30,14 +30,13 @@ from typing import Any
 
 import h11
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from cocalcproxy import headers, pages, routing, takeover
+from cocalcproxy import backendio, backends, headers, pages, routing, socketdir, takeover
 from cocalcproxy.site import Access, ProxyRequest
 
 log = Logger()
@@ -243,8 +242,14 @@ class Relay:
         idle_timeout: float = 3600.0,
         public_hostname: str | None = None,
         clock: Any = None,
+        backends: backendio.Backends | None = None,
     ) -> None:
         self.reactor = reactor
+        self.backends = (
+            backends
+            if backends is not None
+            else backendio.Backends(reactor, connect_timeout=connect_timeout)
+        )
         # Timeouts run on ``clock`` (the reactor unless a test injects a task.Clock).
         self.clock = reactor if clock is None else clock
         self.connect_timeout = connect_timeout
@@ -275,7 +280,11 @@ class Relay:
         if access.revoked or route.port is None:
             pages.not_found(request)
             return
-        handshake = _Handshake(self, request, route, access)
+        decision = self.backends.decide(route, access.project)
+        if isinstance(decision, backends.Refused):
+            backendio.refuse(request, decision)
+            return
+        handshake = _Handshake(self, request, route, access, decision)
         self._pending.add(handshake)
         handshake.start()
 
@@ -333,12 +342,18 @@ class _Handshake:
     """One upgrade request from connect to 101 (then a Splice) or to an ordinary HTTP answer."""
 
     def __init__(
-        self, relay: Relay, request: ProxyRequest, route: routing.Route, access: Access
+        self,
+        relay: Relay,
+        request: ProxyRequest,
+        route: routing.Route,
+        access: Access,
+        target: backends.Target,
     ) -> None:
         self.relay = relay
         self.request = request
         self.route = route
         self.access = access
+        self.target = target
         self.key = request.requestHeaders.getRawHeaders(b"sec-websocket-key", [b""])[0]
         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
         self.backend: _BackendProtocol | None = None
@@ -376,13 +391,7 @@ class _Handshake:
             self._fail(400, "Bad request", "The handshake cannot be forwarded as it was sent.")
             return
         request.notifyFinish().addErrback(self._client_gone)
-        assert self.route.port is not None
-        endpoint = HostnameEndpoint(
-            self.relay.reactor,
-            self.access.project.host,
-            self.route.port,
-            timeout=self.relay.connect_timeout,
-        )
+        endpoint = self.relay.backends.endpoint(self.target)
         d = endpoint.connect(_quiet_factory(_BackendProtocol(self)))
         d.addTimeout(self.relay.connect_timeout, self.relay.clock)
         self._connecting = d
@@ -393,6 +402,18 @@ class _Handshake:
         if self.phase != "connecting":
             return
         port = self.route.port
+        if isinstance(failure.value, backendio.BackendRefused):
+            self._done_without_backend()
+            backendio.refuse(self.request, failure.value.refusal)
+            return
+        if isinstance(failure.value, socketdir.SocketRefused):
+            self._done_without_backend()
+            socketdir.write_refused(self.request, failure.value, port=port)
+            return
+        if isinstance(self.target, backends.UnixTarget) and failure.check(error.ConnectError):
+            self._done_without_backend()
+            socketdir.write_not_listening(self.request, self.target, port=port)
+            return
         if failure.check(
             defer.TimeoutError,
             error.TimeoutError,
@@ -415,6 +436,11 @@ class _Handshake:
             backend="refused",
             port=port,
         )
+
+    def _done_without_backend(self) -> None:
+        self.phase = "done"
+        self.relay._pending.discard(self)
+        self._cancel_timer()
 
     def backend_connected(self, backend: _BackendProtocol) -> None:
         self._connecting = None

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -17,9 +19,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from cocalcproxy import accesslog, forward, raw, relay, systemd, tls
+from cocalcproxy import accesslog, backendio, backends, forward, raw, relay, systemd, tls
 from cocalcproxy import directory as directory_module
 from cocalcproxy import metrics as metrics_module
+from cocalcproxy.addresses import always_local
 from cocalcproxy.guard import build_guard
 from cocalcproxy.identity import IdentityAssertions
 from cocalcproxy.ownpages import OwnPages
@@ -32,12 +35,22 @@ log = Logger()
 class ListenerService(service.Service):
     """Listens on one endpoint; startService raises if the endpoint cannot be bound."""
 
-    def __init__(self, reactor: Any, description: str, factory: Any, label: str) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        description: str,
+        factory: Any,
+        label: str,
+        own: backends.OwnListeners | None = None,
+    ) -> None:
         self.reactor = reactor
         self.description = description
         self.factory = factory
         self.label = label
         self.port: IListeningPort | None = None
+        # The proxy's registry of its own endpoints, which no project route may reach.
+        self.own = own
+        self._unregister: Callable[[], None] | None = None
         # Fires once with the port or the failure; when_listening() hands out copies so that
         # every waiter sees the outcome (a consumed failure must not look like success).
         self.listening: defer.Deferred[IListeningPort] = defer.Deferred()
@@ -76,6 +89,8 @@ class ListenerService(service.Service):
 
         def listening(port: Any) -> Any:
             self.port = port
+            if self.own is not None:
+                self._unregister = register_own(self.own, f"{self.label} listener", port.getHost())
             log.info(
                 "{label} listening on {desc} ({host})",
                 label=self.label,
@@ -103,12 +118,63 @@ class ListenerService(service.Service):
 
     def stopService(self) -> defer.Deferred[None] | None:  # noqa: N802
         super().stopService()
+        if self._unregister is not None:
+            self._unregister()
+            self._unregister = None
         if self.port is not None:
             port: Any = self.port
             self.port = None
             stopped: defer.Deferred[None] = defer.maybeDeferred(port.stopListening)
             return stopped
         return None
+
+
+def register_own(own: backends.OwnListeners, label: str, address: Any) -> Callable[[], None]:
+    """Put a bound listener's address into the own-endpoint registry; returns the remover.
+
+    A TCP listener is protected on every address of this machine (a route to 10.0.0.5:8443
+    reaches a listener bound to 0.0.0.0:8443 just as well); a Unix one by its path.
+    """
+    port = getattr(address, "port", None)
+    if isinstance(port, int):
+        return own.add(label, port=port)
+    name = getattr(address, "name", None)
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "surrogateescape")
+    if isinstance(name, str) and name:
+        return own.add(label, path=name)
+    return lambda: None
+
+
+def register_database(own: backends.OwnListeners, url: str) -> None:
+    """The directory's PostgreSQL server is never a backend: its port on this machine (or on
+    the addresses its host name resolves to now), or its Unix socket."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        return
+    try:
+        port = parts.port or 5432
+    except ValueError:
+        return
+    host = parts.hostname or ""
+    if not host or host.startswith("/"):
+        folder = host or "/var/run/postgresql"
+        own.add("directory database", path=f"{folder}/.s.PGSQL.{port}")
+        return
+    if backendio.is_local_address(host) or always_local(host):
+        own.add("directory database", port=port)
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        log.warn("cannot resolve the database host {host}", host=host)
+        return
+    for info in infos:
+        address = str(info[4][0])
+        if backendio.is_local_address(address):
+            own.add("directory database", port=port)
+        else:
+            own.add("directory database", port=port, address=address)
 
 
 class TrackingTLSFactory(TLSMemoryBIOFactory):
@@ -316,6 +382,10 @@ class ProxyService(service.MultiService):
         self.on_shutdown: list[Callable[[], object]] = []
         # The WebSocket relay: close_all() at shutdown, open_count() for metrics.
         self.relay: relay.Relay | None = None
+        # The one registry of the proxy's own endpoints (listeners, database, and whatever an
+        # admin API or worker adds): no project route reaches them (cocalcproxy.backends).
+        self.own_listeners = backends.OwnListeners()
+        self.backends: backendio.Backends | None = None
         # Set by the twistd plugin: a listener that cannot listen makes the process exit 1 (so
         # systemd's Restart=on-failure and the operator see a failure), not 0.
         self.exit_on_listen_failure = False
@@ -459,6 +529,17 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
             identity.prepare(cast(Any, opened).sync)
         except directory_module.DirectoryError as e:
             raise usage.UsageError(f"cannot load the identity assertion keys: {e}") from None
+    register_database(proxy.own_listeners, options["database"])
+    backend_policy = backendio.Backends(
+        reactor,
+        backends.Policy(
+            default_ports=options["default-ports"],
+            deny_ports=options["deny-ports"],
+            own=proxy.own_listeners,
+        ),
+        connect_timeout=options["backend-connect-timeout"],
+    )
+    proxy.backends = backend_policy
     backend_pool = forward.make_pool(reactor, options["backend-pool-size"])
     forwarder = forward.Forwarder(
         reactor,
@@ -466,6 +547,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         connect_timeout=options["backend-connect-timeout"],
         response_timeout=options["backend-response-timeout"],
         public_hosts=[options["hostname"].encode("idna")],
+        backends=backend_policy,
     )
     websocket_relay = relay.Relay(
         reactor,
@@ -473,10 +555,11 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         response_timeout=options["backend-response-timeout"],
         idle_timeout=options["websocket-idle-timeout"],
         public_hostname=options["hostname"],
+        backends=backend_policy,
     )
     proxy.relay = websocket_relay
     root = Root(
-        guard=guard,
+        guard=backendio.PolicyGuard(guard, backend_policy),
         forwarder=forwarder,
         relay=websocket_relay,
         raw=raw.RawHandler(reactor),
@@ -522,7 +605,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     for description in options["listen"]:
         factory = TrackingTLSFactory(creator, site)
         factories.append(factory)
-        listener = ListenerService(reactor, description, factory, "HTTPS")
+        listener = ListenerService(reactor, description, factory, "HTTPS", proxy.own_listeners)
         listener.setServiceParent(proxy)
         proxy.listeners.append(listener)
     if options["redirect-http"]:
@@ -531,7 +614,11 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         )
         redirect_site.displayTracebacks = False
         proxy.redirect_listener = ListenerService(
-            reactor, options["redirect-http"], redirect_site, "HTTP redirect"
+            reactor,
+            options["redirect-http"],
+            redirect_site,
+            "HTTP redirect",
+            proxy.own_listeners,
         )
         proxy.redirect_listener.setServiceParent(proxy)
     if options["metrics"]:
@@ -540,6 +627,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
             options["metrics"],
             metrics_module.metrics_site(proxy.metrics, reactor),
             "Prometheus metrics",
+            proxy.own_listeners,
         )
         proxy.metrics_listener.setServiceParent(proxy)
     proxy.systemd = systemd.SystemdService(reactor, proxy.all_listening)

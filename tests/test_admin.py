@@ -249,6 +249,9 @@ class ProjectCommandTests(AdminMixin):
                 "home": None,
                 "title": "",
                 "collaborators": [],
+                "ports": None,
+                "socket_dir": None,
+                "socket_owner": None,
             },
         )
         project = self.d.get_project(PID)
@@ -327,8 +330,10 @@ class ProjectCommandTests(AdminMixin):
         self.assertEqual(
             lines,
             [
-                f"{PID}\towner=alice\thost=127.0.0.1\thome=/srv/a\tcollaborators=bob\ttitle=A",
-                f"{OTHER_PID}\towner=bob\thost=127.0.0.1\thome=-\tcollaborators=-\ttitle=",
+                f"{PID}\towner=alice\thost=127.0.0.1\thome=/srv/a\tports=default\tsockets=-\t"
+                "collaborators=bob\ttitle=A",
+                f"{OTHER_PID}\towner=bob\thost=127.0.0.1\thome=-\tports=default\tsockets=-\t"
+                "collaborators=-\ttitle=",
             ],
         )
         docs = json.loads(self.ok("project", "list", "--json").out)

@@ -469,6 +469,9 @@ class ProjectTests(SyncMixin):
         self.d.add_collaborator(OTHER_PID, "alice")
         second = self.d.get_project(OTHER_PID)
         assert second is not None
+        self.assertFalse(first.shares_host, "alone on 127.0.0.1 when it was made")
+        first = self.d.get_project(PID)  # now both share 127.0.0.1 (computed on each read)
+        assert first is not None and first.shares_host and second.shares_host
         self.assertEqual(self.d.projects_for(self.alice.id), [first, second])
         self.assertEqual(self.d.projects_for(self.bob.id), [second])
         self.assertEqual(self.d.projects_for(self.carol.id), [])

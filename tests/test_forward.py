@@ -17,6 +17,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from cocalcproxy import forward
+from cocalcproxy.backends import TcpTarget
 from cocalcproxy.site import ProxySite, Root
 from tests.forward_harness import PID, AllowGuard, NoPages
 
@@ -80,8 +81,7 @@ class ScriptedForwarder(forward.Forwarder):
     def backend_request(  # type: ignore[override]
         self,
         method: bytes,
-        host: str,
-        port: int,
+        backend: Any,
         target: bytes,
         request_headers: Headers,
         body: Any,
@@ -93,8 +93,8 @@ class ScriptedForwarder(forward.Forwarder):
         self.calls.append(
             dict(
                 method=method,
-                host=host,
-                port=port,
+                host=backend.host,
+                port=backend.port,
                 target=target,
                 headers=request_headers,
                 body=body,
@@ -316,8 +316,9 @@ class Endpoints(unittest.TestCase):
     def test_one_endpoint_per_backend_reused(self) -> None:
         clock = MemoryReactorClock()
         forwarder = forward.Forwarder(clock, pool=HTTPConnectionPool(clock, persistent=False))
-        first = forwarder._endpoint("127.0.0.1", 8000)
-        self.assertIs(forwarder._endpoint("127.0.0.1", 8000), first)
-        self.assertIsNot(forwarder._endpoint("127.0.0.1", 8001)[0], first[0])
-        self.assertEqual(forwarder._endpoint("::1", 8000)[1], b"::1")
-        self.assertEqual(forwarder._endpoint("bücher.example", 80)[1], b"xn--bcher-kva.example")
+        endpoint = forwarder.backends.endpoint
+        first = endpoint(TcpTarget("127.0.0.1", 8000))
+        self.assertIs(endpoint(TcpTarget("127.0.0.1", 8000)), first)
+        self.assertIsNot(endpoint(TcpTarget("127.0.0.1", 8001)), first)
+        self.assertEqual(forwarder._host_bytes("::1"), b"::1")
+        self.assertEqual(forwarder._host_bytes("bücher.example"), b"xn--bcher-kva.example")

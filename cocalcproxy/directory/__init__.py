@@ -105,6 +105,9 @@ class IDirectory(Protocol):
         home: str | None = None,
         project_id: str | None = None,
         title: str = "",
+        ports: str | None = None,
+        socket_dir: str | None = None,
+        socket_owner: int | str | None = None,
     ) -> Deferred[Project]: ...
 
     def set_project(
@@ -113,6 +116,9 @@ class IDirectory(Protocol):
         host: str | None = None,
         home: str | None = None,
         title: str | None = None,
+        ports: str | None = None,
+        socket_dir: str | None = None,
+        socket_owner: int | str | None = None,
     ) -> Deferred[Project]: ...
 
     def remove_project(self, project_id: str) -> Deferred[None]: ...

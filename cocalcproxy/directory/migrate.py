@@ -20,6 +20,7 @@ STEPS: tuple[tuple[int, str], ...] = (
     (1, "0001_base.sql"),
     (2, "0002_expiry_and_titles.sql"),
     (3, "0003_identity.sql"),
+    (4, "0004_ports_and_sockets.sql"),
 )
 LATEST = STEPS[-1][0]
 

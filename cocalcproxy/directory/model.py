@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cocalcproxy.ports import PortSet
+
 
 @dataclass(frozen=True)
 class Account:
@@ -27,6 +29,16 @@ class Project:
     home: str | None
     title: str
     collaborators: tuple[str, ...] = field(default=())
+    #: The ports the project's routes may reach; None: the operator's --default-ports.
+    ports: PortSet | None = None
+    #: Serve ``/<pid>/server/<port>/`` from the Unix socket ``<socket_dir>/<port>`` instead of TCP.
+    socket_dir: str | None = None
+    #: The uid that must own the socket folder's sockets; None: the folder's owner.
+    socket_owner: int | None = None
+    #: Another project has the same host (computed by the directory, not stored).
+    shares_host: bool = False
+    #: Another project's host is a loopback address or name (computed, not stored).
+    loopback_neighbours: bool = False
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from cocalcproxy.addresses import always_local, may_be_this_machine
 from cocalcproxy.directory import validate
 from cocalcproxy.directory.dialect import Dialect, dialect_for
 from cocalcproxy.directory.hashing import (
@@ -70,9 +71,15 @@ def _account(row: Any) -> Account:
 
 
 _PROJECT_COLUMNS = (
-    "SELECT p.id, p.owner_id, a.name, p.host, p.home, p.title "
-    "FROM projects p JOIN accounts a ON a.id = p.owner_id "
+    "SELECT p.id, p.owner_id, a.name, p.host, p.home, p.title, p.ports, p.socket_dir, "
+    "p.socket_owner FROM projects p JOIN accounts a ON a.id = p.owner_id "
 )
+# Hosts that may be loopback, as a coarse SQL filter (refined in Python with always_local).
+# (The patterns are parameters: psycopg would read a literal '%' as a placeholder.)
+_MAYBE_LOOPBACK = (
+    "SELECT host FROM projects WHERE host LIKE ? OR host LIKE ? OR host LIKE ? OR host LIKE ?"
+)
+_MAYBE_LOOPBACK_PATTERNS = ("%localhost", "127.%", "0.%", "::%")
 
 
 class _Retryable(Exception):
@@ -659,6 +666,23 @@ class SyncDirectory:
             *ids,
         ):
             collaborators[pid].append(name)
+        hosts = sorted({row[3] for row in rows})
+        host_marks = ", ".join("?" for _ in hosts)
+        counts = {
+            host: int(n)
+            for host, n in tx.all(
+                f"SELECT host, COUNT(*) FROM projects WHERE host IN ({host_marks}) "  # noqa: S608
+                "GROUP BY host",
+                *hosts,
+            )
+        }
+        loopback = 0
+        if any(may_be_this_machine(host) for host in hosts):
+            loopback = sum(
+                1
+                for (host,) in tx.all(_MAYBE_LOOPBACK, *_MAYBE_LOOPBACK_PATTERNS)
+                if always_local(host)
+            )
         return [
             Project(
                 id=row[0],
@@ -668,6 +692,11 @@ class SyncDirectory:
                 home=row[4],
                 title=row[5],
                 collaborators=tuple(collaborators[row[0]]),
+                ports=validate.ports(row[6]),
+                socket_dir=row[7],
+                socket_owner=None if row[8] is None else int(row[8]),
+                shares_host=counts.get(row[3], 0) > 1,
+                loopback_neighbours=loopback - (1 if always_local(row[3]) else 0) > 0,
             )
             for row in rows
         ]
@@ -690,11 +719,18 @@ class SyncDirectory:
         home: str | None = None,
         project_id: str | None = None,
         title: str = "",
+        ports: str | None = None,
+        socket_dir: str | None = None,
+        socket_owner: int | str | None = None,
     ) -> Project:
         validate.name(owner)
         host = validate.host(host)
         home = validate.home(home)
         title = validate.title(title)
+        port_set = validate.ports(ports)
+        stored_ports = None if port_set is None else str(port_set)
+        sockets = validate.socket_dir(socket_dir or None)
+        sockets_owner = validate.socket_owner(socket_owner)
         pid = validate.new_project_id() if project_id is None else validate.project_id(project_id)
         now = self.clock()
 
@@ -703,14 +739,17 @@ class SyncDirectory:
             if tx.one("SELECT 1 FROM projects WHERE id = ?", pid) is not None:
                 raise Conflict(f"a project with id {pid!r} already exists")
             tx.run(
-                "INSERT INTO projects (id, owner_id, host, home, title, created) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO projects (id, owner_id, host, home, title, created, ports, "
+                "socket_dir, socket_owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 pid,
                 account.id,
                 host,
                 home,
                 title,
                 now,
+                stored_ports,
+                sockets,
+                sockets_owner,
             )
             return self._require_project(tx, pid)
 
@@ -722,10 +761,29 @@ class SyncDirectory:
         host: str | None = None,
         home: str | None = None,
         title: str | None = None,
+        ports: str | None = None,
+        socket_dir: str | None = None,
+        socket_owner: int | str | None = None,
     ) -> Project:
-        """Change what is given; None leaves a field alone, ``home=""`` removes the home."""
+        """Change what is given; None leaves a field alone. ``home=""`` removes the home,
+        ``ports="default"`` the project's own port set, ``socket_dir=""`` the socket folder
+        (back to TCP) and ``socket_owner=""`` the required socket owner."""
         validate.project_id(project_id)
         changes: list[tuple[str, object]] = []
+        if ports is not None:
+            port_set = validate.ports(ports)
+            changes.append(("ports", None if port_set is None else str(port_set)))
+        if socket_dir is not None:
+            changes.append(
+                ("socket_dir", None if socket_dir == "" else validate.socket_dir(socket_dir))
+            )
+        if socket_owner is not None:
+            changes.append(
+                (
+                    "socket_owner",
+                    None if socket_owner == "" else validate.socket_owner(socket_owner),
+                )
+            )
         if host is not None:
             changes.append(("host", validate.host(host)))
         if home is not None:
@@ -1004,8 +1062,21 @@ class Directory:
         home: str | None = None,
         project_id: str | None = None,
         title: str = "",
+        ports: str | None = None,
+        socket_dir: str | None = None,
+        socket_owner: int | str | None = None,
     ) -> Deferred[Project]:
-        return self._call(self.sync.add_project, owner, host, home, project_id, title)
+        return self._call(
+            self.sync.add_project,
+            owner,
+            host,
+            home,
+            project_id,
+            title,
+            ports,
+            socket_dir,
+            socket_owner,
+        )
 
     def set_project(
         self,
@@ -1013,8 +1084,13 @@ class Directory:
         host: str | None = None,
         home: str | None = None,
         title: str | None = None,
+        ports: str | None = None,
+        socket_dir: str | None = None,
+        socket_owner: int | str | None = None,
     ) -> Deferred[Project]:
-        return self._call(self.sync.set_project, project_id, host, home, title)
+        return self._call(
+            self.sync.set_project, project_id, host, home, title, ports, socket_dir, socket_owner
+        )
 
     def remove_project(self, project_id: str) -> Deferred[None]:
         return self._call(self.sync.remove_project, project_id)

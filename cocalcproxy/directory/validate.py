@@ -11,6 +11,7 @@ import unicodedata
 import uuid
 
 from cocalcproxy.directory.model import InvalidInput
+from cocalcproxy.ports import PortListError, PortSet, parse_ports
 
 NAME_MAX = 64
 TITLE_MAX = 200
@@ -179,3 +180,50 @@ def lifetime_seconds(value: float) -> float:
     if not isinstance(value, int | float) or not (0 < value <= 36500 * 86400):
         raise InvalidInput("the session lifetime must be a positive number of seconds")
     return float(value)
+
+
+def ports(value: str | None) -> PortSet | None:
+    """A project's port list in its normal form (see cocalcproxy.ports); None or ``default``
+    for "use the operator's --default-ports"."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "default"):
+        return None
+    try:
+        return parse_ports(value)
+    except PortListError as e:
+        raise InvalidInput(f"invalid --ports: {e}") from None
+
+
+def socket_dir(value: str | None) -> str | None:
+    """An absolute folder for a project's Unix sockets (normalised), or None for TCP."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or not value.startswith("/")
+        or len(value) > HOME_MAX
+        or any(ord(c) < 32 or ord(c) == 127 for c in value)
+    ):
+        raise InvalidInput(
+            f"invalid socket folder {_shown(str(value))}: give an absolute path such as "
+            "/run/cocalc/alice"
+        )
+    normalised = os.path.normpath(value)
+    if normalised.startswith("//"):
+        normalised = "/" + normalised.lstrip("/")
+    if normalised == "/":
+        raise InvalidInput("invalid socket folder '/': give the project's own folder")
+    return normalised
+
+
+#: Largest uid accepted (uid_t is 32 bits; 2**32-1 is "no uid").
+UID_MAX = 2**32 - 2
+
+
+def socket_owner(value: int | str | None) -> int | None:
+    """A numeric uid, or None for "the socket folder's owner"."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if not text.isdigit() or (len(text) > 1 and text.startswith("0")) or int(text) > UID_MAX:
+        raise InvalidInput(f"invalid socket owner {_shown(str(value))}: give a numeric uid")
+    return int(text)

@@ -1,0 +1,64 @@
+"""Pure facts about backend host names and addresses. No Twisted imports, no I/O.
+
+Whether an address is one of *this machine's* other addresses (a LAN address) needs the
+operating system; that test lives with the Twisted glue (cocalcproxy.backendio.is_local_address)
+and is passed into the pure policy as a function.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def ip_of(host: str) -> IPAddress | None:
+    """The IP address a host literal names (brackets and a zone allowed), else None."""
+    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def unmapped(ip: IPAddress) -> IPAddress:
+    """The IPv4 address inside an IPv4-mapped (::ffff:a.b.c.d) or IPv4-compatible (::a.b.c.d)
+    IPv6 address; other addresses unchanged."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if int(ip) >> 32 == 0 and int(ip) > 1:
+            return ipaddress.IPv4Address(int(ip))
+    return ip
+
+
+def same_ip(a: str, b: str) -> bool:
+    x, y = ip_of(a), ip_of(b)
+    return x is not None and y is not None and unmapped(x) == unmapped(y)
+
+
+def is_loopback_name(host: str) -> bool:
+    """``localhost`` and names under ``.localhost`` (RFC 6761: they resolve to loopback)."""
+    name = host.lower().rstrip(".")
+    return name == "localhost" or name.endswith(".localhost")
+
+
+def always_local(host: str) -> bool:
+    """Hosts that reach this machine whatever its interfaces: loopback (127.0.0.0/8, ::1), the
+    unspecified addresses (connecting to 0.0.0.0 or :: reaches this machine on Linux),
+    0.0.0.0/8, their IPv4-mapped forms, and the localhost names."""
+    if is_loopback_name(host):
+        return True
+    ip = ip_of(host)
+    if ip is None:
+        return False
+    ip = unmapped(ip)
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    return isinstance(ip, ipaddress.IPv4Address) and int(ip) >> 24 == 0
+
+
+def may_be_this_machine(host: str) -> bool:
+    """Could the host be this machine without resolving a name: a local name or any IP literal
+    (a LAN address of this machine is only known to the operating system)."""
+    return always_local(host) or ip_of(host) is not None

@@ -1,0 +1,300 @@
+"""Shared hosts over real sockets: a project reaches only its own ports, never the proxy's own
+listeners nor denied infrastructure (issue 16). The whole proxy on loopback TLS, real backends,
+treq and ``websockets`` as clients."""
+
+from __future__ import annotations
+
+import base64
+import ssl
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.logger import formatEvent as format_event
+from twisted.logger import globalLogPublisher
+from twisted.trial import unittest
+from twisted.web import resource, server
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.relay_support import WSBackend, in_thread
+from tests.support import https_client, start_proxy
+
+
+class Hello(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, label: str) -> None:
+        super().__init__()
+        self.label = label
+
+    def render(self, request: server.Request) -> bytes:
+        request.setHeader(b"Content-Type", b"text/plain")
+        return f"{self.label} {request.uri.decode()}".encode()
+
+
+@defer.inlineCallbacks
+def http_backend(case: unittest.TestCase, label: str):  # type: ignore[no-untyped-def]
+    """A Twisted web server on a free loopback port answering ``<label> <path>``."""
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        server.Site(Hello(label))
+    )
+    case.addCleanup(port.stopListening)
+    return port.getHost().port
+
+
+async def echo(ws: Any) -> None:
+    try:
+        async for message in ws:
+            await ws.send(message)
+    except ConnectionClosed:
+        pass
+
+
+def basic(name: str) -> str:
+    return "Basic " + base64.b64encode(f"{name}:{name}-password".encode()).decode()
+
+
+class LogLines:
+    """Collects the proxy's log lines (formatted) while a test runs."""
+
+    def __init__(self, case: unittest.TestCase) -> None:
+        self.lines: list[str] = []
+        globalLogPublisher.addObserver(self)
+        case.addCleanup(globalLogPublisher.removeObserver, self)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        text = format_event(event)
+        if text:
+            self.lines.append(text)
+
+    def matching(self, *words: str) -> list[str]:
+        return [line for line in self.lines if all(w in line for w in words)]
+
+
+class ProxyCase(unittest.TestCase):
+    timeout = 60
+    extra: tuple[str, ...] = ()
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.log = LogLines(self)
+        self.proxy = yield start_proxy(self, *self.extra)
+        self.directory = self.proxy.directory
+        for name in ("alice", "bob"):
+            yield self.directory.add_user(name, f"{name}-password")
+        self.http = https_client(self, self.proxy.cert_path)
+        self.tls = ssl.create_default_context(cafile=self.proxy.cert_path)
+
+    @defer.inlineCallbacks
+    def get(self, path: str, user: str, host: str | None = None):  # type: ignore[no-untyped-def]
+        headers = {"Authorization": basic(user)}
+        if host is not None:
+            headers["Host"] = host
+        response = yield self.http.get(self.proxy.url + path, headers=headers)
+        body = yield response.content()
+        return response.code, body
+
+    @defer.inlineCallbacks
+    def websocket(self, path: str, user: str, host: str | None = None):  # type: ignore[no-untyped-def]
+        """101 and the echo of a message, or the refusal's status."""
+        target = f"wss://localhost:{self.proxy.port}{path}"
+
+        async def scenario() -> tuple[int, str | None]:
+            options: dict[str, Any] = {
+                "additional_headers": {"Authorization": basic(user)},
+                "proxy": None,
+                "open_timeout": 20,
+            }
+            if host is not None:
+                # Connect to the proxy, but name the project subdomain in Host (and SNI).
+                context = ssl.create_default_context(cafile=self.proxy.cert_path)
+                context.check_hostname = False
+                import socket
+
+                sock = socket.create_connection(("127.0.0.1", self.proxy.port), timeout=20)
+                target_host = f"wss://{host}{path}"
+                try:
+                    async with connect(
+                        target_host, ssl=context, sock=sock, server_hostname="localhost", **options
+                    ) as ws:
+                        await ws.send("ping")
+                        return 101, str(await ws.recv())
+                except InvalidStatus as e:
+                    return int(e.response.status_code), None
+            try:
+                async with connect(target, ssl=self.tls, **options) as ws:
+                    await ws.send("ping")
+                    return 101, str(await ws.recv())
+            except InvalidStatus as e:
+                return int(e.response.status_code), None
+
+        return (yield in_thread(scenario))
+
+
+class SharedLoopbackTests(ProxyCase):
+    """The default set-up: two projects on 127.0.0.1 (the issue's attack)."""
+
+    @defer.inlineCallbacks
+    def test_member_of_b_cannot_reach_a_by_port_on_shared_host(self):  # type: ignore[no-untyped-def]
+        a = yield self.directory.add_project("alice", host="127.0.0.1")
+        b = yield self.directory.add_project("bob", host="127.0.0.1")
+        jupyter_a = yield http_backend(self, "A's jupyter")
+        # Alone on 127.0.0.1, the default would allow it; shared, it allows no port at all.
+        code, body = yield self.get(f"/{b.id}/server/{jupyter_a}/api", "bob")
+        self.assertEqual(code, 404)
+        self.assertNotIn(b"jupyter", body)
+        unknown, unknown_body = yield self.get(
+            f"/00000000-0000-4000-8000-000000000000/server/{jupyter_a}/api", "bob"
+        )
+        self.assertEqual((unknown, unknown_body), (404, body), "same 404 as an unknown project")
+        code, _ = yield self.get(f"/{a.id}/server/{jupyter_a}/api", "alice")
+        self.assertEqual(code, 404, "A shares its host too: no default ports")
+        hint = self.log.matching(b.id, "--ports", "--socket-dir")
+        self.assertTrue(hint, "the log line says the project needs --ports or --socket-dir")
+        # With their own disjoint port sets each reaches its own servers only.
+        yield self.directory.set_project(a.id, ports=f"{jupyter_a}")
+        yield self.directory.set_project(b.id, ports=f"{jupyter_a + 1}-{jupyter_a + 5}")
+        yield self.wait_for_change()
+        code, body = yield self.get(f"/{a.id}/server/{jupyter_a}/api", "alice")
+        self.assertEqual((code, body), (200, b"A's jupyter /api"))
+        code, _ = yield self.get(f"/{b.id}/server/{jupyter_a}/api", "bob")
+        self.assertEqual(code, 404)
+
+    @defer.inlineCallbacks
+    def wait_for_change(self):  # type: ignore[no-untyped-def]
+        """Let the guard see the directory's change counter move (it polls once a second)."""
+        guard = self.proxy.service.site.resource.guard
+        counter = yield self.directory.change_counter()
+        deadline = reactor.seconds() + 10
+        while guard.last_counter != counter:
+            self.assertLess(reactor.seconds(), deadline, "the guard never polled")
+            from twisted.internet import task
+
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_project_alone_on_its_host_keeps_the_unprivileged_range(self):  # type: ignore[no-untyped-def]
+        a = yield self.directory.add_project("alice", host="127.0.0.1")
+        yield self.directory.add_project("bob", host="10.99.0.1")
+        port = yield http_backend(self, "alone")
+        code, body = yield self.get(f"/{a.id}/server/{port}/x", "alice")
+        self.assertEqual((code, body), (200, b"alone /x"))
+
+
+class PortSetFormsTests(ProxyCase):
+    """A port outside the set is a 404 on every form and on WebSocket upgrades; inside works."""
+
+    extra = ("--project-domain", "projects.test")
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        yield super().setUp()
+        self.inside = yield http_backend(self, "inside")
+        self.outside = yield http_backend(self, "outside")
+        self.ws = WSBackend(echo)
+        self.ws_port = self.ws.start(self)
+        self.ws_outside = WSBackend(echo)
+        self.ws_outside_port = self.ws_outside.start(self)
+        project = yield self.directory.add_project(
+            "alice", host="127.0.0.1", ports=f"{self.inside},{self.ws_port}"
+        )
+        self.pid = project.id
+
+    def sub(self, port: int) -> str:
+        return f"{self.pid}-{port}.projects.test:{self.proxy.port}"
+
+    @defer.inlineCallbacks
+    def test_http_forms(self):  # type: ignore[no-untyped-def]
+        for port, expected in ((self.inside, 200), (self.outside, 404)):
+            code, body = yield self.get(f"/{self.pid}/server/{port}/a", "alice")
+            self.assertEqual(code, expected, f"server form, port {port}")
+            code, body = yield self.get(f"/{self.pid}/port/{port}/b", "alice")
+            self.assertEqual(code, expected, f"port form, port {port}")
+            code, body = yield self.get("/c", "alice", host=self.sub(port))
+            self.assertEqual(code, expected, f"subdomain form, port {port}")
+            if expected == 200:
+                self.assertEqual(body, b"inside /c")
+            else:
+                self.assertNotIn(b"outside", body)
+
+    @defer.inlineCallbacks
+    def test_websocket_forms(self):  # type: ignore[no-untyped-def]
+        for port, expected in ((self.ws_port, 101), (self.ws_outside_port, 404)):
+            got = yield self.websocket(f"/{self.pid}/server/{port}/", "alice")
+            self.assertEqual(got[0], expected, f"server form, port {port}")
+            got = yield self.websocket(f"/{self.pid}/port/{port}/", "alice")
+            self.assertEqual(got[0], expected, f"port form, port {port}")
+            got = yield self.websocket("/", "alice", host=self.sub(port))
+            self.assertEqual(got[0], expected, f"subdomain form, port {port}")
+            if expected == 101:
+                self.assertEqual(got[1], "ping")
+        self.assertEqual(self.ws_outside.connections, 0, "the refused backend never saw a thing")
+
+
+class OwnListenersTests(ProxyCase):
+    """Even with every port allowed and nothing denied, a route never reaches the proxy's own
+    listeners: metrics, the HTTPS listener, the redirect listener; by address or by name."""
+
+    extra = (
+        "--metrics",
+        "tcp:0:interface=127.0.0.1",
+        "--redirect-http",
+        "tcp:0:interface=127.0.0.1",
+        "--deny-ports",
+        "none",
+    )
+
+    @defer.inlineCallbacks
+    def test_own_listeners_refused_through_routes(self):  # type: ignore[no-untyped-def]
+        service = self.proxy.service
+        metrics = service.metrics_listener.port.getHost().port
+        redirect = service.redirect_listener.port.getHost().port
+        main = self.proxy.port
+        by_ip = yield self.directory.add_project("alice", host="127.0.0.1", ports="all")
+        by_name = yield self.directory.add_project("bob", host="localhost", ports="all")
+        for project, user in ((by_ip, "alice"), (by_name, "bob")):
+            for port in (metrics, redirect, main):
+                code, body = yield self.get(f"/{project.id}/server/{port}/metrics", user)
+                self.assertEqual(code, 404, f"{project.host}:{port}")
+                self.assertNotIn(b"cocalcproxy_", body)
+                got = yield self.websocket(f"/{project.id}/port/{port}/", user)
+                self.assertEqual(got[0], 404, f"WebSocket to {project.host}:{port}")
+        self.assertTrue(self.log.matching("Prometheus metrics listener"))
+        # The same project reaches an ordinary server on its host.
+        port = yield http_backend(self, "app")
+        code, body = yield self.get(f"/{by_name.id}/server/{port}/", "bob")
+        self.assertEqual((code, body), (200, b"app /"))
+
+
+class DenyListTests(ProxyCase):
+    """The deny list applies whatever the project's port set."""
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.denied = yield http_backend(self, "denied")
+        self.extra = ("--deny-ports", f"1-1023,{self.denied}")
+        yield super().setUp()
+
+    @defer.inlineCallbacks
+    def test_denied_port_refused_allowed_port_served(self):  # type: ignore[no-untyped-def]
+        project = yield self.directory.add_project("alice", ports="all")
+        code, body = yield self.get(f"/{project.id}/server/{self.denied}/", "alice")
+        self.assertEqual(code, 404)
+        self.assertNotIn(b"denied", body)
+        got = yield self.websocket(f"/{project.id}/server/{self.denied}/", "alice")
+        self.assertEqual(got[0], 404)
+        other = yield http_backend(self, "fine")
+        code, body = yield self.get(f"/{project.id}/server/{other}/", "alice")
+        self.assertEqual((code, body), (200, b"fine /"))
+
+
+class DefaultDenyListTests(ProxyCase):
+    """The default deny list keeps PostgreSQL (running on 127.0.0.1:5432 here) out of reach."""
+
+    @defer.inlineCallbacks
+    def test_postgresql_port_refused_by_default(self):  # type: ignore[no-untyped-def]
+        project = yield self.directory.add_project("alice", ports="all")
+        code, _ = yield self.get(f"/{project.id}/server/5432/", "alice")
+        self.assertEqual(code, 404)
+        self.assertTrue(self.log.matching("5432", "deny list"))
