@@ -5,11 +5,15 @@ treq and ``websockets`` as clients."""
 from __future__ import annotations
 
 import base64
+import os
+import shutil
 import ssl
+import tempfile
 from typing import Any
 
-from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
+import treq
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.logger import formatEvent as format_event
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
@@ -155,23 +159,11 @@ class SharedLoopbackTests(ProxyCase):
         # With their own disjoint port sets each reaches its own servers only.
         yield self.directory.set_project(a.id, ports=f"{jupyter_a}")
         yield self.directory.set_project(b.id, ports=f"{jupyter_a + 1}-{jupyter_a + 5}")
-        yield self.wait_for_change()
+        yield wait_for_change(self)
         code, body = yield self.get(f"/{a.id}/server/{jupyter_a}/api", "alice")
         self.assertEqual((code, body), (200, b"A's jupyter /api"))
         code, _ = yield self.get(f"/{b.id}/server/{jupyter_a}/api", "bob")
         self.assertEqual(code, 404)
-
-    @defer.inlineCallbacks
-    def wait_for_change(self):  # type: ignore[no-untyped-def]
-        """Let the guard see the directory's change counter move (it polls once a second)."""
-        guard = self.proxy.service.site.resource.guard
-        counter = yield self.directory.change_counter()
-        deadline = reactor.seconds() + 10
-        while guard.last_counter != counter:
-            self.assertLess(reactor.seconds(), deadline, "the guard never polled")
-            from twisted.internet import task
-
-            yield task.deferLater(reactor, 0.05, lambda: None)
 
     @defer.inlineCallbacks
     def test_project_alone_on_its_host_keeps_the_unprivileged_range(self):  # type: ignore[no-untyped-def]
@@ -298,3 +290,226 @@ class DefaultDenyListTests(ProxyCase):
         code, _ = yield self.get(f"/{project.id}/server/5432/", "alice")
         self.assertEqual(code, 404)
         self.assertTrue(self.log.matching("5432", "deny list"))
+
+
+class Streaming(resource.Resource):
+    """``/stream`` sends one line, then the rest only when the test says so; other paths
+    answer ``socket <path>``."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[server.Request] = []
+
+    def render(self, request: server.Request) -> Any:
+        request.setHeader(b"Content-Type", b"text/plain")
+        if request.path.endswith(b"/stream"):
+            request.write(b"first\n")
+            self.waiting.append(request)
+            return server.NOT_DONE_YET
+        return b"socket " + request.uri
+
+    def finish_streams(self) -> None:
+        for request in self.waiting:
+            request.write(b"second\n")
+            request.finish()
+        self.waiting = []
+
+
+class SocketFolderTests(ProxyCase):
+    """Projects whose servers listen on Unix sockets ``<socket folder>/<port>``."""
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        yield super().setUp()
+        # Short paths under /tmp (root-owned and sticky): AF_UNIX names are at most 107 bytes.
+        self.folder = tempfile.mkdtemp(prefix="cp-sock-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        os.chmod(self.folder, 0o700)
+        # TEST-NET-1: nothing answers there, so anything served came over the socket.
+        project = yield self.directory.add_project(
+            "alice", host="192.0.2.1", socket_dir=self.folder
+        )
+        self.pid = project.id
+
+    @defer.inlineCallbacks
+    def serve_http(self, port: int, folder: str | None = None):  # type: ignore[no-untyped-def]
+        site = Streaming()
+        path = os.path.join(folder or self.folder, str(port))
+        listening = yield UNIXServerEndpoint(reactor, path).listen(server.Site(site))
+        self.addCleanup(listening.stopListening)
+        return site, path
+
+    @defer.inlineCallbacks
+    def test_http_streaming_and_websocket_over_the_socket(self):  # type: ignore[no-untyped-def]
+        site, _ = yield self.serve_http(8000)
+        code, body = yield self.get(f"/{self.pid}/server/8000/hello?x=1", "alice")
+        self.assertEqual((code, body), (200, b"socket /hello?x=1"))
+        code, body = yield self.get(f"/{self.pid}/port/8000/hello", "alice")
+        self.assertEqual((code, body), (200, f"socket /{self.pid}/port/8000/hello".encode()))
+        # Streaming: the first line arrives before the backend has written the second.
+        response = yield self.http.get(
+            f"{self.proxy.url}/{self.pid}/server/8000/stream",
+            headers={"Authorization": basic("alice")},
+        )
+        self.assertEqual(response.code, 200)
+        chunks: list[bytes] = []
+        first = defer.Deferred()
+
+        def got(data: bytes) -> None:
+            chunks.append(data)
+            if not first.called:
+                first.callback(None)
+
+        done = treq.collect(response, got)
+        yield first
+        self.assertEqual(b"".join(chunks), b"first\n")
+        site.finish_streams()
+        yield done
+        self.assertEqual(b"".join(chunks), b"first\nsecond\n")
+        # WebSocket: the relay connects to the socket too.
+        ws_path = os.path.join(self.folder, "8765")
+        backend = UnixWSBackend(echo, ws_path)
+        backend.start(self)
+        got_ws = yield self.websocket(f"/{self.pid}/server/8765/", "alice")
+        self.assertEqual(got_ws, (101, "ping"))
+
+    @defer.inlineCallbacks
+    def test_nothing_listening_names_the_socket_and_how(self):  # type: ignore[no-untyped-def]
+        response = yield self.http.get(
+            f"{self.proxy.url}/{self.pid}/server/8888/",
+            headers={"Authorization": basic("alice"), "Accept": "text/html"},
+        )
+        page = (yield response.content()).decode()
+        self.assertEqual(response.code, 502)
+        path = os.path.join(self.folder, "8888")
+        self.assertIn(path, page)
+        for how in ("--ServerApp.sock=", "--uds", "--bind unix:"):
+            self.assertIn(how, page)
+
+    @defer.inlineCallbacks
+    def refused(self, port: int, *why: str):  # type: ignore[no-untyped-def]
+        """The request is refused with a 502 page naming the socket and the reason, and one
+        log line; for HTTP and for a WebSocket handshake."""
+        path = os.path.join(self.folder, str(port))
+        response = yield self.http.get(
+            f"{self.proxy.url}/{self.pid}/server/{port}/",
+            headers={"Authorization": basic("alice"), "Accept": "text/html"},
+        )
+        page = (yield response.content()).decode()
+        self.assertEqual(response.code, 502, page)
+        self.assertIn(path, page)
+        self.assertIn("refused", page)
+        for word in why:
+            self.assertIn(word, page)
+        lines = self.log.matching("socket backend refused", path)
+        self.assertEqual(len(lines), 1, lines)
+        got = yield self.websocket(f"/{self.pid}/server/{port}/", "alice")
+        self.assertEqual(got[0], 502)
+
+    @defer.inlineCallbacks
+    def test_group_or_world_writable_folder_refused(self):  # type: ignore[no-untyped-def]
+        site, _ = yield self.serve_http(8001)
+        for mode in (0o770, 0o707, 0o1777):
+            os.chmod(self.folder, mode)
+            self.log.lines.clear()
+            yield self.refused(8001, "writable by group or others")
+        os.chmod(self.folder, 0o700)
+        code, body = yield self.get(f"/{self.pid}/server/8001/", "alice")
+        self.assertEqual((code, body), (200, b"socket /"))
+
+    @defer.inlineCallbacks
+    def test_regular_file_or_symlink_in_place_of_the_socket_refused(self):  # type: ignore[no-untyped-def]
+        with open(os.path.join(self.folder, "8002"), "w") as f:
+            f.write("not a socket")
+        yield self.refused(8002, "a regular file, not a socket")
+        # A symbolic link to a real, good socket elsewhere is refused too (never followed).
+        elsewhere = tempfile.mkdtemp(prefix="cp-else-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, elsewhere, True)
+        yield self.serve_http(8003, folder=elsewhere)
+        os.symlink(os.path.join(elsewhere, "8003"), os.path.join(self.folder, "8003"))
+        self.log.lines.clear()
+        yield self.refused(8003, "a symbolic link, not a socket")
+
+    @defer.inlineCallbacks
+    def test_socket_owned_by_another_user_refused(self):  # type: ignore[no-untyped-def]
+        _, path = yield self.serve_http(8004)
+        other = unused_uid()
+        os.chown(path, other, -1)
+        yield self.refused(8004, f"belongs to uid {other}", "not to the owner (uid 0)")
+        # With --socket-owner naming that account (and the folder its own), it is served.
+        os.chown(self.folder, other, -1)
+        yield self.directory.set_project(self.pid, socket_owner=str(other))
+        yield wait_for_change(self)
+        code, body = yield self.get(f"/{self.pid}/server/8004/", "alice")
+        self.assertEqual((code, body), (200, b"socket /"))
+        # ...and a socket of root's there is now the other account's problem: refused.
+        _, root_path = yield self.serve_http(8005)
+        self.log.lines.clear()
+        yield self.refused(8005, "belongs to uid 0", f"not to the owner (uid {other})")
+
+    @defer.inlineCallbacks
+    def test_symlinked_folder_refused(self):  # type: ignore[no-untyped-def]
+        """A folder swapped for a symbolic link to someone else's folder is refused."""
+        yield self.serve_http(8006)
+        link = self.folder + "-link"
+        os.symlink(self.folder, link)
+        self.addCleanup(os.unlink, link)
+        yield self.directory.set_project(self.pid, socket_dir=link)
+        yield wait_for_change(self)
+        response = yield self.http.get(
+            f"{self.proxy.url}/{self.pid}/server/8006/",
+            headers={"Authorization": basic("alice"), "Accept": "text/html"},
+        )
+        page = (yield response.content()).decode()
+        self.assertEqual(response.code, 502)
+        self.assertIn("symbolic link", page)
+
+
+def unused_uid() -> int:
+    import pwd
+
+    uid = 54321
+    while True:
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+        uid += 1
+
+
+@defer.inlineCallbacks
+def wait_for_change(case: ProxyCase):  # type: ignore[no-untyped-def]
+    """Let the guard see the directory's change counter move (it polls once a second)."""
+    guard = case.proxy.service.site.resource.guard
+    counter = yield case.directory.change_counter()
+    deadline = reactor.seconds() + 10
+    while guard.last_counter != counter:
+        case.assertLess(reactor.seconds(), deadline, "the guard never polled")
+        yield task.deferLater(reactor, 0.05, lambda: None)
+
+
+class UnixWSBackend(WSBackend):
+    """The ``websockets`` echo server on a Unix socket instead of TCP."""
+
+    def __init__(self, handler: Any, path: str) -> None:
+        super().__init__(handler)
+        self.path = path
+
+    async def _main(self) -> None:
+        import asyncio
+
+        from websockets.asyncio.server import unix_serve
+
+        self._stop = asyncio.Event()
+
+        async def handler(connection: Any) -> None:
+            self.connections += 1
+            await self.handler(connection)
+
+        async with unix_serve(handler, self.path) as ws_server:
+            self.ready.set()
+            await self._stop.wait()
+            ws_server.close()
+            await ws_server.wait_closed()
