@@ -7,7 +7,11 @@ Routes (any prefix before them is ignored, so the same server answers direct and
 * ``POST|PUT .../upload``         reads and counts the body (Content-Length or chunked), answers
                                   ``{"received": N}``.
 
-Run: ``python3 bench/backend.py [--host 127.0.0.1] [--port 0]``; prints ``PORT <n>`` when ready.
+A second listener is a WebSocket echo server (the ``websockets`` library, no compression): every
+message comes back as it was sent.
+
+Run: ``python3 bench/backend.py [--host 127.0.0.1] [--port 0]``; prints ``PORT <n>`` and then
+``WSPORT <n>`` when ready.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import asyncio
 import json
 import sys
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 SMALL = b"hello, world\n"
@@ -99,11 +104,24 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
 
 
+async def echo(connection: Any) -> None:
+    async for message in connection:
+        await connection.send(message)
+
+
 async def serve(host: str, port: int) -> None:
-    server = await asyncio.start_server(handle, host, port, limit=MAX_HEAD, backlog=1024)
+    from websockets.asyncio.server import serve as ws_serve
+
+    server = await asyncio.start_server(handle, host, port, limit=MAX_HEAD, backlog=4096)
     bound = server.sockets[0].getsockname()[1]
+    # No ping timeouts: thousands of idle connections must stay open for the memory figure.
+    ws = await ws_serve(
+        echo, host, 0, compression=None, ping_interval=None, max_size=None, backlog=4096
+    )
+    ws_bound = next(iter(ws.sockets)).getsockname()[1]
     print(f"PORT {bound}", flush=True)
-    async with server:
+    print(f"WSPORT {ws_bound}", flush=True)
+    async with server, ws:
         await server.serve_forever()
 
 

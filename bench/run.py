@@ -1,52 +1,560 @@
-"""Benchmark cocalcproxy on loopback against a direct connection to the same backend.
+"""Benchmark cocalcproxy against configurable-http-proxy and nginx, side by side, in one run.
 
-Starts bench/backend.py, a fresh proxy (``twistd -n cocalcproxy`` in a subprocess with its own
-temporary state directory, a user, a project on 127.0.0.1 and an API token), then measures:
+All three proxies run at once, each terminating TLS with the same certificate in front of the same
+backend (bench/backend.py), pinned to the same CPU; the load generators and the backend are pinned
+to another. Every scenario measures the peers in interleaved rounds (A B C A B C ...) and reports
+the median and range over rounds, the proxy's CPU time per request from /proc (the whole process
+tree: nginx's master and workers), and the ratio of cocalcproxy's median to each peer's.
 
-* small GETs: requests/s and latency percentiles, direct vs ``/<pid>/server/<port>/small``
-  (keep-alive on both legs), with ``wrk`` when installed, else an asyncio client loop;
-* large downloads (several sizes): throughput, and the proxy's peak resident memory during each,
-  which should not grow with the size (bodies are streamed);
-* a large upload: throughput and the proxy's peak resident memory, checking that the backend
-  received every byte.
-
-Everything is bounded in time and size and stays on loopback. Not part of the test suite:
-run ``python3 bench/run.py --help``.
+Run ``python3 bench/run.py --help``; ``--quick`` is a smoke run of every scenario in about a
+minute (its numbers mean nothing). See bench/README.md for what each figure means.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
-import re
+import resource
+import secrets
 import shutil
-import signal
-import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import measure  # noqa: E402
+import peers as peers_module  # noqa: E402
+import wsload  # noqa: E402
+from measure import Figure  # noqa: E402
+from peers import Backend, Peer  # noqa: E402
+
+SUBJECT = "cocalcproxy"
+PEER_NAMES = ("cocalcproxy", "chp", "nginx")
+SCENARIOS = (
+    "small",
+    "close",
+    "download",
+    "upload",
+    "websocket",
+    "idle-websockets",
+    "workers",
+    "revocation",
+)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def child_env() -> dict[str, str]:
-    """The environment for the proxy and admin processes: this checkout first on sys.path, so
-    its package and twistd plugin are used even when it is not installed."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return env
+@dataclass
+class Settings:
+    rounds: int = 5
+    duration: float = 10.0
+    connections: tuple[int, ...] = (1, 16, 128, 512)
+    close_connections: int = 16
+    transfer_size: int = 2**30
+    ws_connections: tuple[int, ...] = (1, 50)
+    idle_websockets: int = 2000
+    revocation_trials: int = 10
+    warmup: float = 2.0
+    settle: float = 2.0
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(
+            rounds=1,
+            duration=1.0,
+            connections=(1, 16, 128, 512),
+            transfer_size=16 * 2**20,
+            idle_websockets=50,
+            revocation_trials=2,
+            warmup=1.0,
+            settle=0.3,
+        )
 
 
-# -- helpers -------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Everything a scenario needs."""
+
+    settings: Settings
+    peers: dict[str, Peer]
+    backend: Backend
+    work: Path
+    proxy_cpus: str | None
+    client_cpus: str | None
+    args: argparse.Namespace
+    figures: list[Figure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def figure(self, name: str, unit: str, better: str) -> Figure:
+        f = Figure(name, unit, better)
+        self.figures.append(f)
+        return f
+
+    def order(self) -> list[tuple[int, str]]:
+        return measure.interleave(list(self.peers), self.settings.rounds)
+
+
+# -- measuring a process tree -------------------------------------------------------------------
+
+
+def tree_cpu_seconds(pids: set[int]) -> float:
+    stats = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            stats.append(measure.parse_stat(Path(f"/proc/{pid}/stat").read_text()))
+    return measure.cpu_ticks(stats) / CLK_TCK
+
+
+def tree_memory(pids: set[int]) -> dict[str, int]:
+    """Summed Rss and Pss (bytes) of a process tree, from /proc/<pid>/smaps_rollup."""
+    total = {"Rss": 0, "Pss": 0}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            values = measure.parse_rollup(Path(f"/proc/{pid}/smaps_rollup").read_text())
+            for key in total:
+                total[key] += values.get(key, 0)
+    return total
+
+
+class CpuWindow:
+    """CPU seconds a peer's process tree uses between ``with`` entry and exit."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+        self.seconds = 0.0
+
+    def __enter__(self) -> CpuWindow:
+        self.pids = self.peer.pids()
+        self.before = tree_cpu_seconds(self.pids)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Workers started during the window (a restarted one) count from zero.
+        self.pids |= self.peer.pids()
+        self.seconds = tree_cpu_seconds(self.pids) - self.before
+
+
+class PeakRss:
+    """Samples a process tree's resident memory every 20 ms; keeps the first and the peak."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.pids = peer.pids()
+        self.start = tree_memory(self.pids)["Rss"]
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, tree_memory(self.pids)["Rss"])
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# -- load generators ----------------------------------------------------------------------------
+
+
+def wrk(
+    run: Run, url: str, headers: list[str], connections: int, duration: float
+) -> measure.WrkResult:
+    seconds = max(1, round(duration))  # wrk takes whole seconds
+    command = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "--timeout",
+        "10s",
+    ]
+    for header in headers:
+        command += ["-H", header]
+    out = subprocess.run(
+        peers_module.pinned(run.client_cpus, [*command, url]),
+        capture_output=True,
+        text=True,
+        timeout=duration + 120,
+    ).stdout
+    return measure.parse_wrk(out)
+
+
+def curl(run: Run, peer: Peer, extra: list[str], url: str) -> str:
+    command = ["curl", "-sS", "--http1.1", "-H", "Expect:", "--cacert", peer.cert]
+    command += ["--resolve", f"localhost:{peer.port}:127.0.0.1"]
+    for header in peer.header_lines():
+        command += ["-H", header]
+    result = subprocess.run(
+        peers_module.pinned(run.client_cpus, [*command, *extra, url]),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"curl {url} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def tls_context(peer: Peer) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=peer.cert)
+
+
+def warm_up(run: Run) -> None:
+    """Each peer's first connections, TLS session setup, backend pools and caches, unmeasured."""
+    for peer in run.peers.values():
+        wrk(run, peer.url("small"), peer.header_lines(), 16, run.settings.warmup)
+
+
+# -- scenarios ----------------------------------------------------------------------------------
+
+
+def scenario_small(run: Run) -> None:
+    for connections in run.settings.connections:
+        print(f"small GET, {connections} keep-alive connections ...", flush=True)
+        cpu = run.figure(f"small GET, {connections} conns: proxy CPU per request", "µs", "lower")
+        rps = run.figure(f"small GET, {connections} conns: requests/s", "req/s", "higher")
+        p50 = run.figure(f"small GET, {connections} conns: p50 latency", "ms", "lower")
+        p99 = run.figure(f"small GET, {connections} conns: p99 latency", "ms", "lower")
+        for _, name in run.order():
+            peer = run.peers[name]
+            with CpuWindow(peer) as window:
+                result = wrk(
+                    run, peer.url("small"), peer.header_lines(), connections, run.settings.duration
+                )
+            if not check_wrk(
+                run, name, f"small GET at {connections}", result, [cpu, rps, p50, p99]
+            ):
+                continue
+            cpu.add(name, window.seconds / max(1, result.requests) * 1e6)
+            rps.add(name, result.requests_per_second)
+            p50.add(name, result.latency_ms.get("p50", 0.0))
+            p99.add(name, result.latency_ms.get("p99", 0.0))
+
+
+def check_wrk(
+    run: Run, peer: str, what: str, result: measure.WrkResult, figures: list[Figure]
+) -> bool:
+    """Note errors; False (and the figures marked) when no request completed at all (a proxy
+    still busy with hundreds of TLS handshakes when a short run ends)."""
+    bad = result.errors + result.non_2xx
+    if result.requests == 0:
+        run.notes.append(f"{peer}, {what}: no request completed ({result.errors} socket errors)")
+        for f in figures:
+            if not f.values.get(peer):
+                f.missing[peer] = "none completed"
+        return False
+    if bad:
+        run.notes.append(
+            f"{peer}, {what}: {result.errors} socket errors and {result.non_2xx} non-2xx "
+            f"answers in {result.requests} requests"
+        )
+    return True
+
+
+def scenario_close(run: Run) -> None:
+    n = run.settings.close_connections
+    print(f"new TLS connection per request ({n} at a time) ...", flush=True)
+    cpu = run.figure(f"new connection per request, {n} conns: proxy CPU per request", "µs", "lower")
+    rate = run.figure(f"new connection per request, {n} conns: requests/s", "req/s", "higher")
+    p50 = run.figure(f"new connection per request, {n} conns: p50 latency", "ms", "lower")
+    for _, name in run.order():
+        peer = run.peers[name]
+        headers = [*peer.header_lines(), "Connection: close"]
+        with CpuWindow(peer) as window:
+            result = wrk(run, peer.url("small"), headers, n, run.settings.duration)
+        if not check_wrk(run, name, "connection per request", result, [cpu, rate, p50]):
+            continue
+        cpu.add(name, window.seconds / max(1, result.requests) * 1e6)
+        rate.add(name, result.requests_per_second)
+        p50.add(name, result.latency_ms.get("p50", 0.0))
+
+
+def scenario_download(run: Run) -> None:
+    size = run.settings.transfer_size
+    label = measure_size(size)
+    print(f"download {label} ...", flush=True)
+    speed = run.figure(f"download {label}: throughput", "MiB/s", "higher")
+    cpu = run.figure(f"download {label}: proxy CPU per GiB", "s", "lower")
+    growth = run.figure(f"download {label}: proxy RSS growth at peak", "MiB", "lower")
+    for _, name in run.order():
+        peer = run.peers[name]
+        started = time.perf_counter()
+        with CpuWindow(peer) as window, PeakRss(peer) as rss:
+            out = curl(run, peer, ["-o", "/dev/null", "-w", "%{http_code} %{size_download}"],
+                       f"{peer.url('large')}?bytes={size}")  # fmt: skip
+        seconds = time.perf_counter() - started
+        if out.split() != ["200", str(size)]:
+            raise SystemExit(f"{name}: download of {size} bytes failed: {out!r}")
+        speed.add(name, size / seconds / 2**20)
+        cpu.add(name, window.seconds / (size / 2**30))
+        growth.add(name, (rss.peak - rss.start) / 2**20)
+
+
+def scenario_upload(run: Run) -> None:
+    size = run.settings.transfer_size
+    label = measure_size(size)
+    print(f"upload {label} ...", flush=True)
+    body = run.work / "upload.bin"
+    with open(body, "wb") as f:
+        f.truncate(size)  # sparse: costs no disk, reads as zeros
+    speed = run.figure(f"upload {label}: throughput", "MiB/s", "higher")
+    cpu = run.figure(f"upload {label}: proxy CPU per GiB", "s", "lower")
+    for _, name in run.order():
+        peer = run.peers[name]
+        started = time.perf_counter()
+        with CpuWindow(peer) as window:
+            out = curl(
+                run,
+                peer,
+                ["-X", "POST", "-T", str(body), "-H", "Content-Type: application/octet-stream",
+                 "-w", "\n%{http_code}"],
+                peer.url("upload"),
+            )  # fmt: skip
+        seconds = time.perf_counter() - started
+        lines = out.strip().splitlines()
+        if not lines or lines[-1] != "200" or json.loads(lines[0]).get("received") != size:
+            raise SystemExit(f"{name}: upload of {size} bytes failed: {out[-300:]!r}")
+        speed.add(name, size / seconds / 2**20)
+        cpu.add(name, window.seconds / (size / 2**30))
+
+
+def scenario_websocket(run: Run) -> None:
+    for connections in run.settings.ws_connections:
+        print(f"WebSocket echo, {connections} connections ...", flush=True)
+        rate = run.figure(f"WebSocket echo, {connections} conns: round trips/s", "1/s", "higher")
+        cpu = run.figure(
+            f"WebSocket echo, {connections} conns: proxy CPU per round trip", "µs", "lower"
+        )
+        for _, name in run.order():
+            peer = run.peers[name]
+            with CpuWindow(peer) as window:
+                result = wsload.echo_load(
+                    peer.ws_url(), peer.headers, tls_context(peer), connections,
+                    run.settings.duration,
+                )  # fmt: skip
+            if result.round_trips == 0:
+                raise SystemExit(f"{name}: no WebSocket round trip completed")
+            if result.errors:
+                run.notes.append(f"{name}, WebSocket echo at {connections}: {result.errors} errors")
+            rate.add(name, result.round_trips / result.seconds)
+            cpu.add(name, window.seconds / result.round_trips * 1e6)
+
+
+def scenario_idle_websockets(run: Run) -> None:
+    n = run.settings.idle_websockets
+    print(f"{n} idle WebSockets ...", flush=True)
+    rest = run.figure("memory at rest, before the WebSockets (RSS)", "MiB", "lower")
+    rss = run.figure(f"memory per idle WebSocket, {n} open (RSS)", "KiB", "lower")
+    pss = run.figure(f"memory per idle WebSocket, {n} open (PSS)", "KiB", "lower")
+    # Once per peer (opening thousands of TLS WebSockets is slow), in the same order.
+    for name in run.peers:
+        peer = run.peers[name]
+        pids = peer.pids()
+        before = tree_memory(pids)
+        after = wsload.hold_idle(
+            peer.ws_url(), peer.headers, tls_context(peer), n,
+            lambda pids=pids: tree_memory(pids), settle=run.settings.settle,
+        )  # fmt: skip
+        assert isinstance(after, dict)
+        rest.add(name, before["Rss"] / 2**20)
+        rss.add(name, (after["Rss"] - before["Rss"]) / n / 1024)
+        pss.add(name, (after["Pss"] - before["Pss"]) / n / 1024)
+
+
+def scenario_workers(run: Run) -> None:
+    """``--workers 1`` against ``--workers 2`` at 128 connections (cocalcproxy only, both on
+    every CPU: two workers need two cores)."""
+    one = run.figure("--workers 1, 128 conns: requests/s", "req/s", "higher")
+    two = run.figure("--workers 2, 128 conns: requests/s", "req/s", "higher")
+    gain = run.figure("--workers 2 / --workers 1, 128 conns: requests/s", "x", "higher")
+    if not peers_module.has_workers_option():
+        for f in (one, two, gain):
+            f.missing[SUBJECT] = "n/a (no --workers option)"
+        print("--workers: n/a (no --workers option)", flush=True)
+        return
+    print("--workers 1 and 2, 128 connections ...", flush=True)
+    proxies = {}
+    try:
+        for workers in (1, 2):
+            proxies[workers] = peers_module.start_cocalcproxy(
+                run.work / f"workers-{workers}", run.backend, None,
+                [*run.args.proxy_option, "--workers", str(workers)],
+                label=f"cocalcproxy --workers {workers}",
+            )  # fmt: skip
+        for proxy in proxies.values():
+            wrk(run, proxy.url("small"), proxy.header_lines(), 16, run.settings.warmup)
+        for _ in range(run.settings.rounds):
+            got: dict[int, float] = {}
+            for workers, proxy in proxies.items():
+                result = wrk(
+                    run, proxy.url("small"), proxy.header_lines(), 128, run.settings.duration
+                )
+                fig = one if workers == 1 else two
+                if check_wrk(run, SUBJECT, f"--workers {workers} at 128", result, [fig]):
+                    got[workers] = result.requests_per_second
+                    fig.add(SUBJECT, result.requests_per_second)
+            if got.get(1) and got.get(2):
+                gain.add(SUBJECT, got[2] / got[1])
+    finally:
+        for proxy in proxies.values():
+            proxy.stop()
+
+
+def scenario_revocation(run: Run) -> None:
+    """Two cocalcproxy processes on one PostgreSQL database: a token revoked with the admin
+    command, from the commit (seen by our own LISTEN connection) until each proxy refuses it."""
+    figure = run.figure("revocation on PostgreSQL, two proxies: commit to refusal", "ms", "lower")
+    for name in run.peers:
+        if name != SUBJECT:
+            figure.missing[name] = "n/a (no authentication)"
+    try:
+        import psycopg
+    except ImportError:
+        figure.missing[SUBJECT] = "n/a (psycopg not installed)"
+        return
+    maintenance = run.args.postgres
+    database = f"cocalcproxy_bench_{os.getpid()}_{secrets.token_hex(4)}"
+    try:
+        with psycopg.connect(maintenance, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{database}"')
+    except psycopg.Error as e:
+        figure.missing[SUBJECT] = f"n/a (PostgreSQL: {str(e).strip().splitlines()[0]})"
+        return
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(maintenance)
+    params["dbname"] = database
+    url = make_conninfo(**params)
+    url_for_proxy = (
+        f"postgresql://{params.get('user', 'postgres')}@{params.get('host', '127.0.0.1')}:"
+        f"{params.get('port', '5432')}/{database}"
+    )
+    print(f"revocation on PostgreSQL ({run.settings.revocation_trials} trials) ...", flush=True)
+    proxies: list[peers_module.CocalcProxy] = []
+    try:
+        where = ["--database", url_for_proxy]
+        peers_module.admin(*where, "user", "add", "bench", "--password-stdin", stdin="pw\n")
+        project_id = peers_module.admin(*where, "project", "add", "--owner", "bench")
+        for i in (1, 2):
+            proxies.append(
+                peers_module.start_cocalcproxy(
+                    run.work / f"revocation-{i}",
+                    run.backend,
+                    run.proxy_cpus,
+                    run.args.proxy_option,
+                    database=url_for_proxy,
+                    project_id=project_id,
+                    label=f"cocalcproxy {i} on PostgreSQL",
+                )  # fmt: skip
+            )
+        with psycopg.connect(url, autocommit=True) as listen:
+            listen.execute("LISTEN cocalcproxy_changes")
+            for _ in range(run.settings.revocation_trials):
+                for latency in revocation_trial(where, proxies, listen):
+                    figure.add(SUBJECT, latency * 1000)
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+        with (
+            contextlib.suppress(psycopg.Error),
+            psycopg.connect(maintenance, autocommit=True) as conn,
+        ):
+            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def revocation_trial(
+    where: list[str], proxies: list[peers_module.CocalcProxy], listen: object
+) -> list[float]:
+    import http.client
+
+    created = json.loads(peers_module.admin_output(*where, "--json", "token", "create", "bench"))
+    headers = {"Authorization": f"Bearer {created['token']}"}
+    clients = []
+    for proxy in proxies:
+        conn = http.client.HTTPSConnection(
+            "localhost", proxy.port, context=ssl.create_default_context(cafile=proxy.cert),
+            timeout=10,
+        )  # fmt: skip
+        clients.append(conn)
+
+    def status(i: int) -> int:
+        clients[i].request("GET", proxies[i].path("small"), headers=headers)
+        response = clients[i].getresponse()
+        response.read()
+        return response.status
+
+    for i in range(len(proxies)):
+        if status(i) != 200 or status(i) != 200:  # the second from the proxy's cache
+            raise SystemExit("revocation: a fresh token was refused")
+    counter_row = listen.execute("SELECT value FROM change_counter WHERE id = 1").fetchone()  # type: ignore[attr-defined]
+    counter = int(counter_row[0])
+    heard: list[float] = []
+
+    def wait_for_commit() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for notify in listen.notifies(timeout=deadline - time.monotonic(), stop_after=1):  # type: ignore[attr-defined]
+                if int(notify.payload) > counter:
+                    heard.append(time.monotonic())
+                    return
+
+    waiter = threading.Thread(target=wait_for_commit)
+    waiter.start()
+    admin = subprocess.Popen(
+        [sys.executable, "-m", "cocalcproxy.admin", *where, "token", "revoke", created["id"]],
+        env=peers_module.child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    refused: dict[int, float] = {}
+    deadline = time.monotonic() + 30
+    while len(refused) < len(proxies) and time.monotonic() < deadline:
+        for i in range(len(proxies)):
+            if i not in refused and status(i) == 401:
+                refused[i] = time.monotonic()
+    admin.communicate(timeout=60)
+    waiter.join(60)
+    for conn in clients:
+        conn.close()
+    if len(refused) < len(proxies) or not heard:
+        raise SystemExit("revocation: a proxy never refused the revoked token")
+    return [max(0.0, refused[i] - heard[0]) for i in range(len(proxies))]
+
+
+RUNNERS: dict[str, Callable[[Run], None]] = {
+    "small": scenario_small,
+    "close": scenario_close,
+    "download": scenario_download,
+    "upload": scenario_upload,
+    "websocket": scenario_websocket,
+    "idle-websockets": scenario_idle_websockets,
+    "workers": scenario_workers,
+    "revocation": scenario_revocation,
+}
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def measure_size(size: int) -> str:
+    for unit, power in (("GiB", 3), ("MiB", 2), ("KiB", 1)):
+        if size >= 1024**power:
+            return f"{size / 1024**power:g} {unit}"
+    return f"{size} B"
 
 
 def parse_size(text: str) -> int:
@@ -57,595 +565,198 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(predicate: object, timeout: float, what: str) -> None:
-    """Poll ``predicate()`` until true, at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak resident set) of a process, in bytes (Linux)."""
-    values: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                values[name] = int(rest.split()[0]) * 1024
-    return values
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used so far (Linux /proc/<pid>/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # fields[0] is the state (field 3); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class RSSSampler:
-    """Samples a process's resident memory every 10 ms in a thread; keeps the maximum."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak = 0
-        self.start_rss = proc_status(pid)["VmRSS"]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(OSError, KeyError):
-                self.peak = max(self.peak, proc_status(self.pid)["VmRSS"])
-            self._stop.wait(0.01)
-
-    def __enter__(self) -> RSSSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-# -- the system under test -----------------------------------------------------------------------
-
-
-@dataclass
-class Setup:
-    backend_port: int
-    proxy_port: int
-    proxy_pid: int
-    project_id: str
-    token: str
-    cert: str
-
-    def direct(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.backend_port}/{path}"
-
-    def proxied(self, path: str) -> str:
-        return (
-            f"https://localhost:{self.proxy_port}/{self.project_id}/server/"
-            f"{self.backend_port}/{path}"
-        )
-
-    @property
-    def auth_header(self) -> str:
-        return f"Authorization: Bearer {self.token}"
-
-
-def start_backend(stack: contextlib.ExitStack) -> int:
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "backend.py")],
-        stdout=subprocess.PIPE,
+def choose_cpus(args: argparse.Namespace) -> tuple[str | None, str | None, str]:
+    """(proxy CPUs, client CPUs, a sentence saying so)."""
+    if args.no_pin:
+        return None, None, "not pinned (--no-pin)"
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        return None, None, f"not pinned: only CPU {available} available"
+    proxy = args.proxy_cpu if args.proxy_cpu is not None else str(available[0])
+    client = (
+        args.client_cpus
+        if args.client_cpus is not None
+        else ",".join(str(c) for c in available if str(c) != proxy)
     )
-    stack.callback(stop, process)
-    assert process.stdout is not None
-    line = process.stdout.readline().decode()
-    if not line.startswith("PORT "):
-        raise SystemExit("the benchmark backend did not start")
-    return int(line.split()[1])
-
-
-def admin(state_dir: str, *args: str, stdin: str | None = None) -> str:
-    """Run the ``cocalcproxy`` admin command; return its last stdout line."""
-    script = BIN / "cocalcproxy"
-    command = (
-        [str(script)]
-        if script.exists()
-        else [sys.executable, "-c", "from cocalcproxy.admin import main; raise SystemExit(main())"]
-    )
-    result = subprocess.run(
-        [*command, "--state-dir", state_dir, *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=child_env(),
-        timeout=120,
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"cocalcproxy {' '.join(args)} failed: {result.stderr.strip()}")
-    return result.stdout.strip().splitlines()[-1]
-
-
-def start_proxy(
-    stack: contextlib.ExitStack,
-    state_dir: str,
-    backend_port: int,
-    extra: list[str],
-    profile: str | None = None,
-) -> Setup:
-    password = "bench-password-not-secret\n"
-    admin(state_dir, "user", "add", "bench", "--password-stdin", stdin=password)
-    project_id = admin(state_dir, "project", "add", "--owner", "bench", "--host", "127.0.0.1")
-    token = admin(state_dir, "token", "create", "bench")
-    port = free_port()
-    twistd = BIN / "twistd"
-    command = (
-        [str(twistd)]
-        if twistd.exists()
-        else [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-    )
-    log_path = Path(state_dir) / "proxy.log"
-    log = open(log_path, "wb")  # noqa: SIM115
-    stack.callback(log.close)
-    process = subprocess.Popen(
-        [
-            *command,
-            "-n",
-            "--pidfile=",
-            *(["--profile", profile, "--profiler", "cprofile", "--savestats"] if profile else []),
-            "cocalcproxy",
-            "--state-dir",
-            state_dir,
-            "--listen",
-            f"tcp:{port}:interface=127.0.0.1",
-            *extra,
-        ],
-        cwd=ROOT,
-        env=child_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    stack.callback(stop, process)
-    cert = str(Path(state_dir) / "tls" / "cert.pem")
-
-    def ready() -> bool:
-        if process.poll() is not None:
-            raise SystemExit(f"the proxy exited; its log:\n{log_path.read_text()[-4000:]}")
-        if not os.path.exists(cert):
-            return False
-        return curl_status(f"https://localhost:{port}/_/health", cert, port) == 200
-
-    wait_until(ready, 60, "the proxy to answer /_/health")
-    return Setup(backend_port, port, process.pid, project_id, token, cert)
-
-
-# -- clients -------------------------------------------------------------------------------------
-
-
-def curl_base(cert: str | None, proxy_port: int | None) -> list[str]:
-    command = ["curl", "-sS", "--http1.1", "-H", "Expect:"]
-    if cert is not None:
-        command += ["--cacert", cert, "--resolve", f"localhost:{proxy_port}:127.0.0.1"]
-    return command
-
-
-def curl_status(url: str, cert: str | None, port: int | None) -> int:
-    result = subprocess.run(
-        [*curl_base(cert, port), "-o", "/dev/null", "-w", "%{http_code}", url],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    return int(result.stdout or 0)
-
-
-@dataclass
-class Load:
-    tool: str
-    requests_per_second: float
-    latency_ms: dict[str, float]
-    requests: int
-    errors: int
-    proxy_cpu_us_per_request: float | None = None
-
-
-_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-
-
-def wrk_load(url: str, headers: list[str], connections: int, duration: float) -> Load:
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency"]
-    for header in headers:
-        command += ["-H", header]
-    out = subprocess.run(
-        [*command, url], capture_output=True, text=True, timeout=duration + 60
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    latency = {
-        f"p{p}": float(v) * _UNITS[u]
-        for p, v, u in re.findall(r"^\s+(\d+)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-    }
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    errors = 0
-    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
-        errors += int(m.group(1))
-    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
-        errors += sum(int(x) for x in m.groups())
-    return Load("wrk", rps, latency, total, errors)
-
-
-async def _python_load(
-    url: str, headers: list[str], connections: int, duration: float, cert: str | None
-) -> Load:
-    """Keep-alive GET loop on ``connections`` connections: the fallback when wrk is missing."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    tls = None
-    if parts.scheme == "https":
-        tls = ssl.create_default_context(cafile=cert)
-    host_header = parts.netloc
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    request = (
-        f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\n"
-        + "".join(f"{h}\r\n" for h in headers)
-        + "\r\n"
-    ).encode()
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.monotonic() + duration
-
-    async def worker() -> None:
-        nonlocal errors
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", parts.port, ssl=tls, server_hostname=parts.hostname if tls else None
-        )
-        try:
-            while time.monotonic() < deadline:
-                started = time.perf_counter()
-                writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                status = int(head.split(b" ", 2)[1])
-                length = int(
-                    re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head).group(1)  # type: ignore[union-attr]
-                )
-                await reader.readexactly(length)
-                latencies.append((time.perf_counter() - started) * 1000)
-                if not 200 <= status < 400:
-                    errors += 1
-        finally:
-            writer.close()
-
-    started = time.monotonic()
-    await asyncio.gather(*(worker() for _ in range(connections)))
-    elapsed = time.monotonic() - started
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(len(latencies) * p / 100))]
-
-    return Load(
-        "python-asyncio",
-        len(latencies) / elapsed,
-        {f"p{p}": pct(p) for p in (50, 75, 90, 99)},
-        len(latencies),
-        errors,
+    return (
+        proxy,
+        client,
+        (
+            f"proxies pinned to CPU {proxy}; load generators, the backend and this script to "
+            f"CPU {client} (taskset)"
+        ),
     )
 
 
-def load(
-    client: str, url: str, headers: list[str], connections: int, duration: float, cert: str | None
-) -> Load:
-    if client == "wrk":
-        result = wrk_load(url, headers, connections, duration)
-    else:
-        result = asyncio.run(_python_load(url, headers, connections, duration, cert))
-    if result.errors * 10 > result.requests:
-        raise SystemExit(f"{url}: {result.errors} of {result.requests} requests failed")
-    return result
+def raise_fd_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(needed, soft)), hard))
 
 
-@dataclass
-class Transfer:
-    direction: str
-    size: int
-    seconds: float
-    mib_per_second: float
-    proxy_rss_before: int = 0
-    proxy_rss_peak: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
-
-
-def download(
-    url: str,
-    size: int,
-    headers: list[str],
-    cert: str | None,
-    port: int | None,
-    pid: int | None,
-    rate: int | None = None,
-) -> Transfer:
-    """GET ``size`` bytes with curl; ``rate`` (bytes/s) makes curl a slow reader."""
-    command = [*curl_base(cert, port), "-o", "/dev/null", "-w", "%{http_code} %{size_download}"]
-    if rate:
-        command += ["--limit-rate", str(rate)]
-    for header in headers:
-        command += ["-H", header]
-    sampler = RSSSampler(pid) if pid else None
-    cpu_before = cpu_seconds(pid) if pid else 0.0
-    started = time.perf_counter()
-    with sampler or contextlib.nullcontext():
-        result = subprocess.run(
-            [*command, f"{url}?bytes={size}"], capture_output=True, text=True, timeout=600
-        )
-    seconds = time.perf_counter() - started
-    status, got = result.stdout.split()
-    if status != "200" or int(got) != size:
-        raise SystemExit(f"download of {size} bytes from {url} failed: {status}, {got} bytes")
-    transfer = Transfer(
-        "download" if not rate else "slow download", size, seconds, size / seconds / 2**20
-    )
-    if pid:
-        transfer.extra["proxy_cpu_seconds"] = round(cpu_seconds(pid) - cpu_before, 2)
-    if sampler:
-        transfer.proxy_rss_before, transfer.proxy_rss_peak = sampler.start_rss, sampler.peak
-    return transfer
-
-
-def upload(
-    url: str,
-    body_file: str,
-    size: int,
-    headers: list[str],
-    cert: str | None,
-    port: int | None,
-    pid: int | None,
-) -> Transfer:
-    command = [*curl_base(cert, port), "-X", "POST", "-T", body_file]
-    command += ["-H", "Content-Type: application/octet-stream", "-w", "\n%{http_code}"]
-    for header in headers:
-        command += ["-H", header]
-    sampler = RSSSampler(pid) if pid else None
-    cpu_before = cpu_seconds(pid) if pid else 0.0
-    started = time.perf_counter()
-    with sampler or contextlib.nullcontext():
-        result = subprocess.run([*command, url], capture_output=True, text=True, timeout=600)
-    seconds = time.perf_counter() - started
-    lines = result.stdout.strip().splitlines()
-    if not lines or lines[-1] != "200" or json.loads(lines[0]).get("received") != size:
-        raise SystemExit(f"upload of {size} bytes to {url} failed: {result.stdout[-500:]!r}")
-    transfer = Transfer("upload", size, seconds, size / seconds / 2**20)
-    if pid:
-        transfer.extra["proxy_cpu_seconds"] = round(cpu_seconds(pid) - cpu_before, 2)
-    if sampler:
-        transfer.proxy_rss_before, transfer.proxy_rss_peak = sampler.start_rss, sampler.peak
-    return transfer
-
-
-# -- main ----------------------------------------------------------------------------------------
-
-
-def environment() -> dict[str, object]:
-    wrk_version = ""
-    if shutil.which("wrk"):
-        wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout
-        wrk_version = wrk_version.splitlines()[0] if wrk_version else ""
+def environment(labels: dict[str, str], pinning: str) -> dict[str, object]:
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout
     return {
         "cpus": os.cpu_count(),
-        "python": sys.version.split()[0],
+        "pinning": pinning,
         "kernel": os.uname().release,
-        "wrk": wrk_version,
+        "python": sys.version.split()[0],
+        "wrk": wrk_version.splitlines()[0] if wrk_version else "",
+        "peers": labels,
         "load_average_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
-def report(results: dict[str, object]) -> str:
-    lines = []
-    env = results["environment"]
-    lines.append(f"environment: {env}")
-    lines.append("")
-    lines.append(
-        "| small GET | tool | req/s | p50 ms | p90 ms | p99 ms | errors | proxy CPU/request |"
-    )
-    lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name in ("small_direct", "small_proxied"):
-        r = results[name]
-        assert isinstance(r, Load)
-        lat = r.latency_ms
-        lines.append(
-            f"| {name.split('_')[1]} | {r.tool} | {r.requests_per_second:,.0f} | "
-            f"{lat.get('p50', 0):.2f} | {lat.get('p90', 0):.2f} | {lat.get('p99', 0):.2f} | "
-            f"{r.errors} | "
-            + (
-                f"{r.proxy_cpu_us_per_request:.0f} µs |"
-                if r.proxy_cpu_us_per_request is not None
-                else "- |"
-            )
-        )
-    lines.append("")
-    lines.append(
-        "| transfer | path | size | seconds | MiB/s | proxy CPU s "
-        "| proxy RSS before | proxy RSS peak |"
-    )
-    lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for t in results["transfers"]:  # type: ignore[attr-defined]
-        path = t.extra.get("path", "")
-        before = human(t.proxy_rss_before) if t.proxy_rss_peak else "-"
-        peak = human(t.proxy_rss_peak) if t.proxy_rss_peak else "-"
-        lines.append(
-            f"| {t.direction} | {path} | {human(t.size)} | {t.seconds:.2f} | "
-            f"{t.mib_per_second:,.0f} | {t.extra.get('proxy_cpu_seconds', '-')} | "
-            f"{before} | {peak} |"
-        )
-    lines.append("")
-    lines.append(f"proxy peak RSS over the whole run (VmHWM): {human(results['proxy_hwm'])}")  # type: ignore[arg-type]
-    return "\n".join(lines)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load run [10]")
-    parser.add_argument("--connections", type=int, default=16, help="keep-alive connections [16]")
-    parser.add_argument(
-        "--download-sizes", default="64M,1G", help="comma-separated download sizes [64M,1G]"
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--upload-size", default="512M", help="upload size [512M]")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: every scenario, 1 round of 1 s, tiny sizes and counts; "
+                             "checks that the benchmark works, measures nothing")  # fmt: skip
+    parser.add_argument("--rounds", type=int, help="rounds per scenario [5; quick: 1]")
+    parser.add_argument("--duration", type=float, help="seconds per load run [10; quick: 1]")
     parser.add_argument(
-        "--slow-download",
-        default="256M@32M",
-        metavar="SIZE@RATE",
-        help="a proxied download read slowly (RATE bytes/s), to see backpressure keep the "
-        "proxy's memory flat; 'off' to skip [256M@32M]",
+        "--peers",
+        default=",".join(PEER_NAMES),
+        help="which proxies, comma-separated (cocalcproxy always runs)",
     )
-    parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help="which scenarios, comma-separated")  # fmt: skip
+    parser.add_argument("--connections", help="small GET connection counts [1,16,128,512]")
+    parser.add_argument("--ws-connections", help="WebSocket echo connection counts [1,50]")
+    parser.add_argument("--transfer-size", help="download and upload size [1G; quick: 16M]")
+    parser.add_argument("--idle-websockets", type=int, help="[2000; quick: 50]")
+    parser.add_argument("--revocation-trials", type=int, help="[10; quick: 2]")
+    parser.add_argument("--postgres", default=os.environ.get(
+        "COCALCPROXY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        help="PostgreSQL maintenance URL for the revocation scenario (a database is created "
+             "and dropped)")  # fmt: skip
+    parser.add_argument("--proxy-cpu", help="CPU(s) for the proxies [the first usable]")
+    parser.add_argument("--client-cpus", help="CPU(s) for clients and backend [the others]")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin anything")
+    parser.add_argument("--proxy-option", action="append", default=[], metavar="OPT",
+                        help="extra twistd option for cocalcproxy (repeatable)")  # fmt: skip
     parser.add_argument(
         "--profile",
         metavar="FILE",
-        help="run the proxy under cProfile (twistd --profile) and write its stats to FILE; "
-        "read them with python3 -m pstats FILE (profiling slows the proxy down)",
+        help="run cocalcproxy under cProfile and write its stats to FILE",
     )
-    parser.add_argument(
-        "--proxy-option",
-        action="append",
-        default=[],
-        metavar="OPT",
-        help="extra twistd option for the proxy (repeatable), e.g. --proxy-option=--metrics=...",
-    )
+    parser.add_argument("--json", metavar="FILE", help="also write every value as JSON")
     args = parser.parse_args()
-    if args.duration > 120:
-        parser.error("--duration is capped at 120 seconds")
-    client = args.client
-    if client == "auto":
-        client = "wrk" if shutil.which("wrk") else "python"
-    if client == "wrk" and not shutil.which("wrk"):
-        parser.error("wrk is not installed (Debian: apt-get install wrk)")
-    sizes = [parse_size(s) for s in args.download_sizes.split(",") if s]
-    upload_size = parse_size(args.upload_size)
-    slow: tuple[int, int] | None = None
-    if args.slow_download != "off":
-        slow_size, _, slow_rate = args.slow_download.partition("@")
-        slow = (parse_size(slow_size), parse_size(slow_rate or "32M"))
-        if slow[0] / slow[1] > 120:
-            parser.error("--slow-download would take more than 120 seconds")
-    if max([*sizes, upload_size]) > 8 * 2**30:
-        parser.error("sizes are capped at 8 GiB")
 
-    results: dict[str, object] = {"environment": environment(), "client": client}
+    settings = Settings.quick() if args.quick else Settings()
+    if args.rounds is not None:
+        settings.rounds = args.rounds
+    if args.duration is not None:
+        if args.duration > 120:
+            parser.error("--duration is capped at 120 seconds")
+        settings.duration = args.duration
+    if args.transfer_size:
+        settings.transfer_size = parse_size(args.transfer_size)
+        if settings.transfer_size > 8 * 2**30:
+            parser.error("--transfer-size is capped at 8 GiB")
+    try:
+        if args.connections:
+            settings.connections = tuple(int(c) for c in args.connections.split(","))
+        if args.ws_connections:
+            settings.ws_connections = tuple(int(c) for c in args.ws_connections.split(","))
+    except ValueError:
+        parser.error("connection counts are comma-separated whole numbers")
+    if args.idle_websockets is not None:
+        settings.idle_websockets = args.idle_websockets
+    if args.revocation_trials is not None:
+        settings.revocation_trials = args.revocation_trials
+    chosen = [p for p in args.peers.split(",") if p]
+    unknown = set(chosen) - set(PEER_NAMES)
+    if unknown:
+        parser.error(f"unknown peers: {', '.join(sorted(unknown))}")
+    names = [SUBJECT, *(p for p in PEER_NAMES if p in chosen and p != SUBJECT)]
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    if set(scenarios) - set(SCENARIOS):
+        parser.error(f"unknown scenarios: {', '.join(sorted(set(scenarios) - set(SCENARIOS)))}")
+    for tool in ("wrk", "curl", *(["taskset"] if not args.no_pin else [])):
+        if not shutil.which(tool):
+            parser.error(f"{tool} is not installed")
+    if "chp" in names and not (shutil.which("node") and shutil.which("npm")):
+        parser.error("configurable-http-proxy needs node and npm (or --peers without chp)")
+    if "nginx" in names and not shutil.which("nginx"):
+        parser.error("nginx is not installed (Debian: apt-get install nginx-light)")
+
+    proxy_cpus, client_cpus, pinning = choose_cpus(args)
+    if client_cpus:
+        os.sched_setaffinity(0, {int(c) for c in client_cpus.split(",")})
+    raise_fd_limit(4 * settings.idle_websockets + 1024)
+    labels = {SUBJECT: "cocalcproxy"}
+    chp_version = peers_module.install_chp() if "chp" in names else ""
+
+    started = time.monotonic()
     with contextlib.ExitStack() as stack:
-        state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="cocalcproxy-bench-"))
-        backend_port = start_backend(stack)
-        profile = str(Path(args.profile).absolute()) if args.profile else None
-        setup = start_proxy(stack, state_dir, backend_port, args.proxy_option, profile)
-        auth = [setup.auth_header]
-        print(f"backend :{setup.backend_port}, proxy :{setup.proxy_port} (pid {setup.proxy_pid})")
-
-        # Warm up both paths (connection pools, caches) before measuring.
-        load(client, setup.direct("small"), [], 2, 1.0, None)
-        load(client, setup.proxied("small"), auth, 2, 1.0, setup.cert)
-        print("small GETs ...", flush=True)
-        results["small_direct"] = load(
-            client, setup.direct("small"), [], args.connections, args.duration, None
-        )
-        cpu_before = cpu_seconds(setup.proxy_pid)
-        proxied = load(
-            client, setup.proxied("small"), auth, args.connections, args.duration, setup.cert
-        )
-        proxied.proxy_cpu_us_per_request = (
-            (cpu_seconds(setup.proxy_pid) - cpu_before) / max(1, proxied.requests) * 1e6
-        )
-        results["small_proxied"] = proxied
-
-        transfers: list[Transfer] = []
-        for size in sizes:
-            print(f"download {human(size)} ...", flush=True)
-            t = download(setup.direct("large"), size, [], None, None, None)
-            t.extra["path"] = "direct"
-            transfers.append(t)
-            t = download(
-                setup.proxied("large"), size, auth, setup.cert, setup.proxy_port, setup.proxy_pid
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cocalcproxy-bench-")))
+        backend = peers_module.start_backend(client_cpus)
+        stack.callback(peers_module.stop_process, backend.process)
+        peers: dict[str, Peer] = {}
+        subject = peers_module.start_cocalcproxy(
+            work / "cocalcproxy", backend, proxy_cpus, args.proxy_option,
+            profile=str(Path(args.profile).absolute()) if args.profile else None,
+        )  # fmt: skip
+        stack.callback(subject.stop)
+        peers[SUBJECT] = subject
+        key = str(Path(subject.cert).with_name("key.pem"))
+        if "chp" in names:
+            peers["chp"] = peers_module.start_chp(
+                work, backend, proxy_cpus, subject.cert, key, chp_version
             )
-            t.extra["path"] = "proxied"
-            transfers.append(t)
-
-        if slow is not None:
-            print(f"slow download {human(slow[0])} at {human(slow[1])}/s ...", flush=True)
-            t = download(
-                setup.proxied("large"),
-                slow[0],
-                auth,
-                setup.cert,
-                setup.proxy_port,
-                setup.proxy_pid,
-                rate=slow[1],
-            )
-            t.extra["path"] = "proxied"
-            transfers.append(t)
-
-        print(f"upload {human(upload_size)} ...", flush=True)
-        body = Path(state_dir) / "upload.bin"
-        with open(body, "wb") as f:
-            f.truncate(upload_size)  # sparse: costs no disk, reads as zeros
-        t = upload(setup.direct("upload"), str(body), upload_size, [], None, None, None)
-        t.extra["path"] = "direct"
-        transfers.append(t)
-        t = upload(
-            setup.proxied("upload"),
-            str(body),
-            upload_size,
-            auth,
-            setup.cert,
-            setup.proxy_port,
-            setup.proxy_pid,
-        )
-        t.extra["path"] = "proxied"
-        transfers.append(t)
-        results["transfers"] = transfers
-        results["proxy_hwm"] = proc_status(setup.proxy_pid)["VmHWM"]
+            stack.callback(peers["chp"].stop)
+        if "nginx" in names:
+            peers["nginx"] = peers_module.start_nginx(
+                work / "nginx", backend, proxy_cpus, subject.cert, key,
+                peers_module.nginx_version(),
+            )  # fmt: skip
+            stack.callback(peers["nginx"].stop)
+        for name, peer in peers.items():
+            labels[name] = peer.label
+        env = environment(labels, pinning)
+        print(f"environment: {json.dumps(env)}", flush=True)
+        run = Run(settings, peers, backend, work, proxy_cpus, client_cpus, args)
+        warm_up(run)
+        for scenario in scenarios:
+            RUNNERS[scenario](run)
+            for peer in peers.values():
+                peer.check_alive()
+    env["load_average_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    env["seconds"] = round(time.monotonic() - started)
 
     print()
-    print(report(results))
+    print(f"environment: {json.dumps(env)}")
+    print(
+        f"{settings.rounds} round(s) of {settings.duration:g} s per figure, interleaved; "
+        "median (range over rounds); ratios are cocalcproxy's median over the peer's."
+    )
+    if args.quick:
+        print("QUICK SMOKE RUN: these numbers are not measurements.")
+    print()
+    print(measure.table(run.figures, SUBJECT, list(peers), labels))
+    for note in run.notes:
+        print(f"note: {note}")
     if args.json:
-        serialisable = {
-            k: (
-                [asdict(t) for t in v]
-                if k == "transfers"
-                else asdict(v)
-                if isinstance(v, Load)
-                else v
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "environment": env,
+                    "settings": asdict(settings),
+                    "figures": [asdict(f) for f in run.figures],
+                    "notes": run.notes,
+                    "medians": {
+                        f.name: {p: statistics.median(v) for p, v in f.values.items()}
+                        for f in run.figures
+                    },
+                },
+                indent=2,
             )
-            for k, v in results.items()
-        }
-        Path(args.json).write_text(json.dumps(serialisable, indent=2) + "\n")
+            + "\n"
+        )
 
 
 if __name__ == "__main__":
