@@ -484,7 +484,9 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     prepare_state_dir(options["state-dir"])
     cert, key = options["tls-cert"], options["tls-key"]
     if not cert:
-        cert, key = tls.ensure_self_signed(options["state-dir"], options["hostname"])
+        cert, key = tls.ensure_self_signed(
+            options["state-dir"], options["hostname"], options["project-domain"]
+        )
     try:
         creator = tls.ReloadableServerCreator(cert, key)
     except tls.TLSConfigError as e:

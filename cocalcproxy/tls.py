@@ -94,19 +94,43 @@ def load_material(cert_path: str, key_path: str | None = None) -> Material:
     )
 
 
-def generate_self_signed(hostname: str, cert_path: Path, key_path: Path) -> None:
-    """Write a new EC P-256 self-signed certificate for hostname, localhost, 127.0.0.1 and ::1."""
+def self_signed_names(hostname: str, project_domain: str | None = None) -> list[str]:
+    """The names a generated certificate covers: the host name, localhost, 127.0.0.1, ::1 and,
+    with subdomains, ``*.DOMAIN`` and ``DOMAIN`` (one wildcard covers every project host)."""
+    names = [hostname, "localhost", "127.0.0.1", "::1"]
+    if project_domain:
+        domain = project_domain.strip(".").lower()
+        names += [f"*.{domain}", domain]
+    unique: list[str] = []
+    for name in names:
+        if name not in unique:
+            unique.append(name)
+    return unique
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def _covered_names(cert: x509.Certificate) -> set[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return set(san.get_values_for_type(x509.DNSName)) | {
+        str(a) for a in san.get_values_for_type(x509.IPAddress)
+    }
+
+
+def generate_self_signed(
+    hostname: str, cert_path: Path, key_path: Path, project_domain: str | None = None
+) -> None:
+    """Write a new EC P-256 self-signed certificate for :func:`self_signed_names`."""
     key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = []
-    seen: set[str] = set()
-    for name in (hostname, "localhost", "127.0.0.1", "::1"):
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            names.append(x509.DNSName(name))
+    names = [_general_name(n) for n in self_signed_names(hostname, project_domain)]
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
@@ -137,17 +161,34 @@ def generate_self_signed(hostname: str, cert_path: Path, key_path: Path) -> None
     os.replace(tmp_cert, cert_path)
 
 
-def ensure_self_signed(state_dir: str, hostname: str) -> tuple[str, str]:
-    """Paths of the generated certificate and key, creating them on first start."""
+def ensure_self_signed(
+    state_dir: str, hostname: str, project_domain: str | None = None
+) -> tuple[str, str]:
+    """Paths of the generated certificate and key, creating them on first start, and again when
+    the one there does not cover the names now needed (``--hostname`` or ``--project-domain``
+    changed): a certificate that does not fit would fail every browser and ``curl --cacert``."""
     tls_dir = Path(state_dir) / "tls"
     cert_path, key_path = tls_dir / "cert.pem", tls_dir / "key.pem"
-    if not (cert_path.exists() and key_path.exists()):
-        generate_self_signed(hostname, cert_path, key_path)
-        log.info(
-            "generated a self-signed certificate for {hostname} in {dir}",
-            hostname=hostname,
+    needed = set(self_signed_names(hostname, project_domain))
+    if cert_path.exists() and key_path.exists():
+        try:
+            covered = _covered_names(x509.load_pem_x509_certificate(cert_path.read_bytes()))
+        except ValueError:
+            covered = set()
+        if needed <= covered:
+            return str(cert_path), str(key_path)
+        log.warn(
+            "the generated certificate in {dir} does not cover {missing}: generating a new one "
+            "(its fingerprint changes)",
             dir=str(tls_dir),
+            missing=", ".join(sorted(needed - covered)),
         )
+    generate_self_signed(hostname, cert_path, key_path, project_domain)
+    log.info(
+        "generated a self-signed certificate for {names} in {dir}",
+        names=", ".join(self_signed_names(hostname, project_domain)),
+        dir=str(tls_dir),
+    )
     return str(cert_path), str(key_path)
 
 

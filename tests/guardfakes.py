@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import directlyProvides
 
-from cocalcproxy.directory import Account, Project, Unavailable
+from cocalcproxy.directory import Account, NotFound, Project, Unavailable
 from cocalcproxy.guard.core import Guard
 from cocalcproxy.guard.csrf import CsrfTokens
 from cocalcproxy.guard.web import GuardPages
@@ -42,6 +42,7 @@ class _Token:
 class _Session:
     account_id: int
     expires: float
+    family: str | None = None
 
 
 class FakeDirectory:
@@ -115,14 +116,27 @@ class FakeDirectory:
             account = self._by_id(s.account_id)
         return self._answer("account_for_session", account)
 
-    def create_session(self, account_id: int, lifetime_seconds: float) -> Deferred[str]:
+    def create_session(
+        self, account_id: int, lifetime_seconds: float, parent: str | None = None
+    ) -> Deferred[str]:
+        family = None
+        if parent is not None:
+            found = self.sessions.get(parent)
+            if found is None or found.account_id != account_id:
+                return fail(NotFound("the parent session has ended"))
+            family = found.family or parent
         token = secrets.token_urlsafe(32)
-        self.sessions[token] = _Session(account_id, self.clock.seconds() + lifetime_seconds)
+        self.sessions[token] = _Session(
+            account_id, self.clock.seconds() + lifetime_seconds, family
+        )
         self._bump()
         return self._answer("create_session", token)
 
     def delete_session(self, token: str) -> Deferred[None]:
-        if self.sessions.pop(token, None) is not None:
+        gone = [t for t, s in self.sessions.items() if t == token or s.family == token]
+        for t in gone:
+            del self.sessions[t]
+        if gone:
             self._bump()
         return self._answer("delete_session", None)
 

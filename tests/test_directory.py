@@ -321,6 +321,44 @@ class SessionTests(SyncMixin):
             self.d.create_session(alice.id, 0)
 
 
+    def test_derived_sessions_end_with_their_root(self) -> None:
+        alice = self.d.add_user("alice", "pw")
+        main = self.d.create_session(alice.id, 3600)
+        other = self.d.create_session(alice.id, 3600)
+        ticket = self.d.create_session(alice.id, 60, parent=main)
+        host = self.d.create_session(alice.id, 3600, parent=ticket)  # the root is still main
+        host2 = self.d.create_session(alice.id, 3600, parent=main)
+        self.assertEqual(
+            sorted(self.raw("SELECT family FROM sessions WHERE family IS NOT NULL")),
+            [(token_hash(main),)] * 3,
+        )
+        # Ending the ticket (redeemed) or one host's session ends only that one.
+        self.d.delete_session(ticket)
+        self.assertEqual(self.d.account_for_session(host), alice)
+        self.d.delete_session(host2)
+        self.assertEqual(self.d.account_for_session(host), alice)
+        before = self.d.change_counter()
+        self.d.delete_session(main)  # signing out on the main host
+        self.assertIsNone(self.d.account_for_session(host))
+        self.assertIsNone(self.d.account_for_session(main))
+        self.assertEqual(self.d.account_for_session(other), alice)  # another sign-in stays
+        self.assertGreater(self.d.change_counter(), before)
+
+    def test_a_derived_session_needs_a_live_parent_of_the_same_account(self) -> None:
+        alice = self.d.add_user("alice", "pw")
+        bob = self.d.add_user("bob", "pw")
+        main = self.d.create_session(alice.id, 60)
+        for parent in ("", "x" * 10_000, "unknown"):
+            with self.assertRaisesRegex(NotFound, "parent session has ended"):
+                self.d.create_session(alice.id, 60, parent=parent)
+        with self.assertRaisesRegex(NotFound, "parent session has ended"):
+            self.d.create_session(bob.id, 60, parent=main)
+        self.clock.advance(60)
+        with self.assertRaisesRegex(NotFound, "parent session has ended"):
+            self.d.create_session(alice.id, 60, parent=main)
+        self.assertEqual(len(self.raw("SELECT * FROM sessions")), 1)  # main only: nothing made
+
+
 class ProjectTests(SyncMixin):
     def setUp(self) -> None:
         super().setUp()

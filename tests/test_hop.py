@@ -3,6 +3,7 @@ sealed tickets) and the whole flow through an in-memory site."""
 
 from __future__ import annotations
 
+import base64
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from twisted.trial import unittest
@@ -293,6 +294,54 @@ class Flow(unittest.TestCase):
         )
         self.assertEqual(r.status, 302)
 
+    def test_signing_out_on_the_main_host_ends_the_hosts_sessions(self) -> None:
+        self.world.guard.poll()  # a running proxy has read the change counter before
+        landed = self.land(self.ticket_for())
+        cookie = f"cocalcproxy_session={landed.cookie_value('cocalcproxy_session')}".encode()
+        other_sub = f"{PID}-8001.{DOMAIN}"
+        other = self.land(self.ticket_for(label=f"{PID}-8001"), host=other_sub.encode())
+        other_cookie = f"cocalcproxy_session={other.cookie_value('cocalcproxy_session')}".encode()
+        # Another sign-in of the same person (another browser) and its host session stay.
+        elsewhere = self.world.directory.add_session("alice")
+        status, location = self.hop_to(f"https://{LABEL}.{DOMAIN}:8443/", session=elsewhere)
+        ticket = parse_qs(urlsplit(location.decode()).query)["ticket"][0]
+        kept = self.land(ticket)
+        kept_cookie = f"cocalcproxy_session={kept.cookie_value('cocalcproxy_session')}".encode()
+        ok = self.world.request(b"GET", b"/nb", headers={**HTML, b"Cookie": cookie}, host=SUB)
+        self.assertEqual(ok.status, 200)
+
+        csrf = self.world.guard_pages.csrf.logout_token(self.main)
+        out = self.world.request(
+            b"POST",
+            b"/_/logout",
+            headers={
+                b"Content-Type": b"application/x-www-form-urlencoded",
+                b"Cookie": f"cocalcproxy_session={self.main}".encode(),
+            },
+            body=f"csrf={csrf}".encode(),
+        )
+        self.assertEqual(out.status, 303)
+        self.world.guard.poll()  # what every proxy does each second: the counter moved
+        for host, value in ((SUB, cookie), (other_sub.encode(), other_cookie)):
+            r = self.world.request(b"GET", b"/nb", headers={**HTML, b"Cookie": value}, host=host)
+            self.assertEqual(r.status, 302, host)
+            self.assertIn(b"/_/hop?to=", r.header(b"location") or b"")
+        r = self.world.request(b"GET", b"/nb", headers={**HTML, b"Cookie": kept_cookie}, host=SUB)
+        self.assertEqual(r.status, 200)
+
+    def test_basic_or_bearer_credentials_do_not_hop(self) -> None:
+        to = quote(f"https://{SUB.decode()}:8443/nb", safe="")
+        basic = b"Basic " + base64.b64encode(b"alice:pw")
+        r = self.world.request(
+            b"GET", b"/_/hop?to=" + to.encode(), headers={**HTML, b"Authorization": basic}
+        )
+        self.assertEqual(r.status, 302)
+        self.assertTrue((r.header(b"location") or b"").startswith(b"/_/login?next="))
+        r = self.world.request(
+            b"GET", b"/_/hop?to=" + to.encode(), headers={b"Authorization": basic}
+        )
+        self.assertEqual(r.status, 401)
+
     def test_a_ticket_for_one_host_is_refused_on_another(self) -> None:
         ticket = self.ticket_for()
         for host in (f"{OTHER}-8000.{DOMAIN}", f"{PID}-8001.{DOMAIN}"):
@@ -324,6 +373,8 @@ class Flow(unittest.TestCase):
         r = self.land(ticket, next_path="/")
         self.assertEqual(r.status, 404)
         self.assertNotIn(b"set-cookie", r.headers)
+        # No session was left behind for the host.
+        self.assertEqual(set(self.world.directory.sessions), {self.main, mallory})
 
     def test_bad_targets_are_a_400_page_not_a_redirect(self) -> None:
         for to in ["https://evil.example/", f"//{SUB.decode()}/", "javascript:alert(1)"]:

@@ -43,6 +43,25 @@ class GeneratedCertificateTests(unittest.TestCase):
         tls.ensure_self_signed(state, "proxy.example.org")
         self.assertEqual(Path(cert_path).read_bytes(), first, "reused on later starts")
 
+    def test_with_subdomains_the_domain_and_its_wildcard_are_covered(self) -> None:
+        state = self.mktemp()
+        cert_path, _ = tls.ensure_self_signed(state, "localhost")
+        first = Path(cert_path).read_bytes()
+        # --project-domain added later: the certificate is made again to cover it.
+        tls.ensure_self_signed(state, "localhost", "proj.example")
+        second = Path(cert_path).read_bytes()
+        self.assertNotEqual(second, first)
+        cert = x509.load_pem_x509_certificate(second)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(
+            set(san.get_values_for_type(x509.DNSName)),
+            {"localhost", "*.proj.example", "proj.example"},
+        )
+        tls.ensure_self_signed(state, "localhost", "proj.example")
+        self.assertEqual(Path(cert_path).read_bytes(), second, "reused while it fits")
+        tls.ensure_self_signed(state, "localhost")  # a subset of what it covers: kept
+        self.assertEqual(Path(cert_path).read_bytes(), second)
+
     def test_generated_material_loads(self) -> None:
         cert_path, key_path = tls.ensure_self_signed(self.mktemp(), "localhost")
         material = tls.load_material(cert_path, key_path)

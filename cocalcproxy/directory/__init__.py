@@ -90,8 +90,11 @@ class IDirectory(Protocol):
 
     def account_for_token(self, token: str) -> Deferred[Account | None]: ...
 
-    # sessions: create returns the secret session token (the cookie value)
-    def create_session(self, account_id: int, lifetime_seconds: float) -> Deferred[str]: ...
+    # sessions: create returns the secret session token (the cookie value); with ``parent`` the
+    # session is derived from that one (same family) and ends when the family's root ends
+    def create_session(
+        self, account_id: int, lifetime_seconds: float, parent: str | None = None
+    ) -> Deferred[str]: ...
 
     def account_for_session(self, token: str) -> Deferred[Account | None]: ...
 

@@ -21,6 +21,7 @@ STEPS: tuple[tuple[int, str], ...] = (
     (2, "0002_expiry_and_titles.sql"),
     (3, "0003_identity.sql"),
     (4, "0004_ports_and_sockets.sql"),
+    (5, "0005_session_families.sql"),
 )
 LATEST = STEPS[-1][0]
 

@@ -601,24 +601,49 @@ class SyncDirectory:
 
     # sessions
 
-    def create_session(self, account_id: int, lifetime_seconds: float) -> str:
+    def create_session(
+        self, account_id: int, lifetime_seconds: float, parent: str | None = None
+    ) -> str:
         """A new sign-in session; returns the secret (the cookie value). Expired sessions of
-        everyone are purged on the way."""
+        everyone are purged on the way.
+
+        With ``parent`` (the secret of a live session of the same account) the new session joins
+        the parent's family: ending the session at the root of the family (signing out on the
+        main host) ends every session derived from it. A parent that has ended is refused
+        (:class:`NotFound`), so nothing outlives the sign-out it raced with."""
         lifetime = validate.lifetime_seconds(lifetime_seconds)
         now = self.clock()
         token = new_token()
+        parent_digest = None
+        if parent is not None:
+            if not isinstance(parent, str) or not parent or len(parent) > TOKEN_MAX:
+                raise NotFound("the parent session has ended")
+            parent_digest = token_hash(parent)
 
         def work(tx: Tx) -> str:
             if tx.one("SELECT 1 FROM accounts WHERE id = ?", account_id) is None:
                 raise NotFound(f"no account with id {account_id}")
             tx.run("DELETE FROM sessions WHERE expires <= ?", now)
+            family = None
+            if parent_digest is not None:
+                row = tx.one(
+                    "SELECT family FROM sessions WHERE token_hash = ? AND account_id = ? "
+                    "AND expires > ?",
+                    parent_digest,
+                    account_id,
+                    now,
+                )
+                if row is None:
+                    raise NotFound("the parent session has ended")
+                family = row[0] or parent_digest
             tx.run(
-                "INSERT INTO sessions (token_hash, account_id, created, expires) "
-                "VALUES (?, ?, ?, ?)",
+                "INSERT INTO sessions (token_hash, account_id, created, expires, family) "
+                "VALUES (?, ?, ?, ?, ?)",
                 token_hash(token),
                 account_id,
                 now,
                 now + lifetime,
+                family,
             )
             return token
 
@@ -632,11 +657,16 @@ class SyncDirectory:
         )
 
     def delete_session(self, token: str) -> None:
-        """End a session (sign-out). Unknown or malformed tokens are ignored."""
+        """End a session (sign-out) and every session derived from it (its family, see
+        ``create_session``). Unknown or malformed tokens are ignored."""
         if not isinstance(token, str) or not token or len(token) > TOKEN_MAX:
             return
         digest = token_hash(token)
-        self._write(lambda tx: tx.run("DELETE FROM sessions WHERE token_hash = ?", digest))
+        self._write(
+            lambda tx: tx.run(
+                "DELETE FROM sessions WHERE token_hash = ? OR family = ?", digest, digest
+            )
+        )
 
     def purge_expired(self) -> int:
         """Delete expired sessions and API tokens; returns how many rows went."""
@@ -1043,8 +1073,10 @@ class Directory:
     def account_for_token(self, token: str) -> Deferred[Account | None]:
         return self._call(self.sync.account_for_token, token)
 
-    def create_session(self, account_id: int, lifetime_seconds: float) -> Deferred[str]:
-        return self._call(self.sync.create_session, account_id, lifetime_seconds)
+    def create_session(
+        self, account_id: int, lifetime_seconds: float, parent: str | None = None
+    ) -> Deferred[str]:
+        return self._call(self.sync.create_session, account_id, lifetime_seconds, parent)
 
     def account_for_session(self, token: str) -> Deferred[Account | None]:
         return self._call(self.sync.account_for_session, token)

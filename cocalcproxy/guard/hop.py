@@ -29,11 +29,11 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from cocalcproxy import pages
-from cocalcproxy.directory import IDirectory
+from cocalcproxy.directory import IDirectory, NotFound
 from cocalcproxy.guard import hopkeys, policy
 from cocalcproxy.guard.checkers import Identity
-from cocalcproxy.guard.core import Clock, Guard, SignedOut, expire_cookie
-from cocalcproxy.guard.credentials import SESSION_COOKIE, cookie_values
+from cocalcproxy.guard.core import Clock, Guard, SignedOut, expire_cookie, refuse
+from cocalcproxy.guard.credentials import SESSION_COOKIE, SessionToken, cookie_values
 
 log = Logger()
 
@@ -158,6 +158,12 @@ class Hop:
         outcome = yield self.guard.signed_in(request)
         if outcome is None:
             return
+        main_session = outcome.presented.credentials
+        if outcome.presented.from_authorization or not isinstance(main_session, SessionToken):
+            # Project-host sessions are derived from the main host's session so that signing
+            # out ends them too; Basic or Bearer credentials have no sign-out, so no hop.
+            refuse(request, SignedOut())
+            return
         values = _query_values(request, "to")
         target = None
         if values is not None and len(values) == 1:
@@ -178,7 +184,13 @@ class Hop:
             request.log_info.account = account.name  # type: ignore[attr-defined]
             pages.not_found(request)
             return
-        one_time: str = yield self.directory.create_session(account.id, hopkeys.TICKET_LIFETIME)
+        try:
+            one_time: str = yield self.directory.create_session(
+                account.id, hopkeys.TICKET_LIFETIME, parent=main_session.token
+            )
+        except NotFound:  # signed out in the meantime
+            refuse(request, SignedOut(stale_session=True))
+            return
         ticket = self.keys.seal(target.label, one_time)
         location = (
             self.project_origin(target.label)
@@ -210,18 +222,28 @@ class Hop:
             self._refused(request, again)
             return
         self._redeeming.add(token)
+        session: str | None = None
         try:
             account = yield self.directory.account_for_session(token)
-            # One use only: end the one-time session before anything else happens.
+            if account is not None:
+                # The host's session joins the family of the main host's session the ticket was
+                # made from (signing out there ends it); then the ticket goes: one use only.
+                try:
+                    session = yield self.directory.create_session(
+                        account.id, self.session_lifetime, parent=token
+                    )
+                except NotFound:
+                    session = None
             yield self.directory.delete_session(token)
         finally:
             self._redeeming.discard(token)
-        if account is None:
+        if account is None or session is None:
             self._refused(request, again)
             return
         project_id = label.rsplit("-", 1)[0]
         project = yield self.directory.project_for(account.id, project_id)
         if project is None:
+            yield self.directory.delete_session(session)
             if not request._disconnected:
                 pages.not_found(request)
             return
@@ -229,7 +251,6 @@ class Hop:
         if old is not None:
             self.guard.forget_session(old)
             yield self.directory.delete_session(old)
-        session: str = yield self.directory.create_session(account.id, self.session_lifetime)
         self.guard.remember_session(
             session, Identity(account, "session", self.clock.seconds() + self.session_lifetime)
         )

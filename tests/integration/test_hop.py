@@ -8,19 +8,28 @@ import html
 import json
 import os
 import re
+import socket
+import ssl as stdlib_ssl
+import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
 from treq.client import HTTPClient
-from twisted.internet import defer, reactor, ssl
+from twisted.internet import defer, reactor, ssl, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, wrapClientTLS
 from twisted.trial import unittest
 from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
 from zope.interface import implementer
 
+from tests.relay_support import WSBackend
+from tests.relay_support import wait_for as relay_wait_for
 from tests.support import start_proxy
 from tests.tlsutil import key_pem, make_ca, make_leaf, pem
 
@@ -269,3 +278,105 @@ class HopOverTLS(unittest.TestCase):
             response, _ = yield b.request("GET", self.main + "/_/hop?" + urlencode({"to": to}))
             self.assertEqual(response.code, 400, to)
             self.assertIsNone(response.headers.getRawHeaders(b"location"))
+
+
+class SignOutEndsHostSessions(unittest.TestCase):
+    """Signing out on the main host ends the project hosts' sessions made from it, open
+    WebSocket relays included, within 2 seconds (issue #14)."""
+
+    timeout = 120
+    setUp = HopOverTLS.setUp
+    browser = HopOverTLS.browser
+
+    @defer.inlineCallbacks
+    def test_sign_out_cuts_a_subdomain_websocket_and_its_cookie(self):  # type: ignore[no-untyped-def]
+        async def echo(ws: Any) -> None:
+            async for message in ws:
+                await ws.send(message)
+
+        ws_port = WSBackend(echo).start(self)
+        label = f"{PID}-{ws_port}"
+        host = f"{label}.{DOMAIN}"
+        origin = f"https://{host}:{self.proxy.port}"
+        b = self.browser()
+        url, response, body = yield b.go(origin + "/")
+        url, response, body = yield b.sign_in(url, body, "alice", "alice-password")
+        cookie = b.jar[host]["cocalcproxy_session"]
+        context = stdlib_ssl.create_default_context(cadata=pem_of(self.authority))
+        opened = threading.Event()
+
+        def websocket() -> float:
+            sock = socket.create_connection(("127.0.0.1", self.proxy.port), timeout=20)
+            with ws_connect(
+                f"wss://{host}:{self.proxy.port}/",
+                sock=sock,
+                ssl=context,
+                server_hostname=host,
+                additional_headers={"Cookie": f"cocalcproxy_session={cookie}"},
+                open_timeout=20,
+            ) as ws:
+                ws.send("hello")
+                assert ws.recv(timeout=20) == "hello"
+                opened.set()
+                try:
+                    while True:
+                        ws.recv(timeout=20)
+                except ConnectionClosed:
+                    return time.monotonic()
+            raise AssertionError("not closed")
+
+        closed = threads.deferToThread(websocket)
+        yield relay_wait_for(opened.is_set, 30)
+
+        # Sign out on the main host with the start page's form.
+        url, response, index = yield b.go(self.main + "/")
+        csrf = re.search(rb'name="csrf" value="([^"]*)"', index)
+        assert csrf is not None, index
+        response, _ = yield b.request(
+            "POST",
+            self.main + "/_/logout",
+            data=urlencode({"csrf": html.unescape(csrf.group(1).decode())}).encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        self.assertEqual(response.code, 303)
+        signed_out = time.monotonic()
+        closed_at = yield closed
+        self.assertLess(closed_at - signed_out, 2.0)
+        # The host's cookie is no longer a session: a page load is sent to sign in again.
+        thief = self.browser()
+        thief.jar[host] = {"cocalcproxy_session": cookie}
+        response, _ = yield thief.request("GET", origin + "/")
+        self.assertEqual(response.code, 302)
+        self.assertIn(b"/_/hop?to=", response.headers.getRawHeaders(b"location")[0])
+
+
+def pem_of(certificate: ssl.Certificate) -> str:
+    return certificate.dumpPEM().decode("ascii")
+
+
+
+class GeneratedCertificateCoversProjectHosts(unittest.TestCase):
+    """With --project-domain and no --tls-cert, the README's ``curl --cacert`` works on project
+    hosts too: the generated certificate names ``*.DOMAIN`` (issue #14)."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_curl_cacert_on_a_project_host(self):  # type: ignore[no-untyped-def]
+        proxy = yield start_proxy(self, "--project-domain", DOMAIN)
+        results = []
+        for host in (f"{PID}-8000.{DOMAIN}", f"{PID}-raw.{DOMAIN}", "localhost"):
+            result = yield threads.deferToThread(
+                subprocess.run,
+                [
+                    "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                    "--cacert", proxy.cert_path,
+                    "--resolve", f"{host}:{proxy.port}:127.0.0.1",
+                    f"https://{host}:{proxy.port}/",
+                ],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            results.append((host, result.returncode, result.stdout, result.stderr))
+        for host, code, status, error in results:
+            self.assertEqual(code, 0, f"{host}: {error}")  # the TLS name check passed
+            self.assertIn(status, ("200", "401"), host)
