@@ -122,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
+    leaf(
+        commands,
+        "init",
+        "create the state directory and the database, or bring an existing database's schema "
+        "up to date; safe to run again (every other command refuses a missing database)",
+        cmd_init,
+    )
+
     users = group("user", "manage user accounts")
     sub = leaf(
         users,
@@ -272,6 +280,21 @@ def token_json(info: TokenInfo) -> dict[str, object]:
 
 
 # Each command gets (directory, parsed arguments, output, stdin).
+
+
+def cmd_init(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    before = d.schema_version()
+    d.migrate()
+    after = d.schema_version()
+    where = d.dialect.describe()
+    if out.as_json:
+        out.document({"database": where, "created": before == 0, "schema_version": after})
+    elif before == 0:
+        out.lines(f"created {where} (schema version {after})")
+    elif before < after:
+        out.lines(f"upgraded {where} from schema version {before} to {after}")
+    else:
+        out.lines(f"{where} is ready (schema version {after})")
 
 
 def cmd_user_add(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
@@ -477,7 +500,13 @@ def _main(argv: list[str], stdin: IO[str]) -> int:
     out = Output(bool(getattr(args, "json", False)))
     directory: SyncDirectory | None = None
     try:
-        directory = open_sync_directory(database_url(args))
+        if args.handler is cmd_init:
+            # Creating is explicit: only 'init' creates a database (and, for the default one,
+            # the state directory); every other command refuses a missing or empty database.
+            mode = "file" if getattr(args, "database", None) else "folder"
+            directory = open_sync_directory(database_url(args), create=mode, migrate_to=0)
+        else:
+            directory = open_sync_directory(database_url(args), create="no")
         args.handler(directory, args, out, stdin)
     except DirectoryError as e:
         sys.stderr.write(f"{PROG}: {e}\n")

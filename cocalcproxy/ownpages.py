@@ -76,7 +76,8 @@ class OwnPages:
             request.finish()
 
         def failed(failure: object) -> None:
-            log.warn("health check: directory unreachable: {f}", f=failure)
+            # No line per check (a load balancer asks every second): the guard's poll logs
+            # once when the directory becomes unreachable, and once when it is back.
             answer(False)
 
         d.addCallbacks(lambda _: answer(True), failed)

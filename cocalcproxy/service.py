@@ -23,6 +23,8 @@ from cocalcproxy import accesslog, backendio, backends, forward, raw, relay, sys
 from cocalcproxy import directory as directory_module
 from cocalcproxy import metrics as metrics_module
 from cocalcproxy.addresses import always_local
+from cocalcproxy.directory.dialect import dialect_for
+from cocalcproxy.directory.model import DirectoryError
 from cocalcproxy.guard import build_guard
 from cocalcproxy.identity import IdentityAssertions
 from cocalcproxy.ownpages import OwnPages
@@ -498,6 +500,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     )
     proxy.tls_creator = creator
 
+    _check_database_folder(options["database"])
     try:
         opened = directory_module.open_directory(options["database"], reactor)
     except directory_module.DirectoryError as e:
@@ -635,6 +638,20 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     proxy.systemd = systemd.SystemdService(reactor, proxy.all_listening)
     proxy.systemd.setServiceParent(proxy)
     return proxy
+
+
+def _check_database_folder(url: str) -> None:
+    """A SQLite database may be created at the first start, but never in a folder that does not
+    exist: that is a typo in --database, not a wish for a new, empty directory."""
+    if not url.lower().startswith("sqlite:"):
+        return
+    try:
+        path = getattr(dialect_for(url), "path", None)
+    except DirectoryError as e:
+        raise usage.UsageError(f"--database: {e}") from None
+    folder = os.path.dirname(path) if path else None
+    if folder and not os.path.isdir(folder):
+        raise usage.UsageError(f"--database {url}: the folder {folder} does not exist")
 
 
 def prepare_state_dir(path: str) -> None:

@@ -122,7 +122,14 @@ class ProxyProcess:
 
 
 def admin(state_dir: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the admin command as its own process against ``state_dir``."""
+    """Run the admin command as its own process against ``state_dir``.
+
+    Admin commands never create a database; where ``state_dir`` holds none yet, ``init``
+    creates it first (as an operator would before adding the first user).
+    """
+    if args[:1] != ("init",) and not (Path(state_dir) / "directory.sqlite3").exists():
+        created = admin(state_dir, "init")
+        assert created.returncode == 0, created.stderr
     return subprocess.run(
         [sys.executable, "-m", "cocalcproxy.admin", "--state-dir", state_dir, *args],
         input=stdin,

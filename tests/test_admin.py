@@ -403,6 +403,12 @@ class SQLiteOnlyAdminTests(SQLiteBackend, AdminMixin, unittest.TestCase):
     def test_state_dir_default_file(self) -> None:
         state = os.path.abspath(self.mktemp())
         result = self.cli("--state-dir", state, "user", "add", "zed", database=False)
+        self.assertEqual(result.code, 1, result)
+        self.assertIn("run 'cocalcproxy init'", result.err)
+        self.assertFalse(os.path.exists(state))
+        result = self.cli("--state-dir", state, "init", database=False)
+        self.assertEqual(result.code, 0, result)
+        result = self.cli("--state-dir", state, "user", "add", "zed", database=False)
         self.assertEqual(result.code, 0, result)
         other = open_sync_directory(f"sqlite:///{state}/directory.sqlite3", hasher=FAST_HASHER)
         self.addCleanup(other.close)
@@ -460,6 +466,8 @@ class SubprocessTests(unittest.TestCase):
 
     def test_a_session_from_the_readme(self) -> None:
         state = os.path.join(self.cwd, "state")
+        created = self.cocalcproxy("--state-dir", state, "init")
+        self.assertEqual((created.returncode, created.stderr), (0, ""))
         added = self.cocalcproxy("--state-dir", state, "user", "add", "alice")
         self.assertEqual((added.returncode, added.stderr), (0, ""))
         name, password = added.stdout.splitlines()
@@ -475,19 +483,21 @@ class SubprocessTests(unittest.TestCase):
 
     def test_state_dir_from_the_environment(self) -> None:
         state = os.path.join(self.cwd, "from-env")
+        r = self.cocalcproxy("init", COCALCPROXY_STATE_DIR=state)
+        self.assertEqual(r.returncode, 0, r.stderr)
         r = self.cocalcproxy(
             "user", "add", "bob", "--password-stdin", stdin="pw\n", COCALCPROXY_STATE_DIR=state
         )
         self.assertEqual((r.returncode, r.stdout, r.stderr), (0, "bob\n", ""))
         self.assertTrue(os.path.exists(os.path.join(state, "directory.sqlite3")))
         r = self.cocalcproxy("user", "list")
-        self.assertEqual(
-            (r.returncode, r.stdout), (0, ""), "the default ./cocalcproxy-state is another"
-        )
-        self.assertTrue(os.path.isdir(os.path.join(self.cwd, "cocalcproxy-state")))
+        self.assertEqual(r.returncode, 1, "the default ./cocalcproxy-state is another")
+        self.assertIn("run 'cocalcproxy init'", r.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.cwd, "cocalcproxy-state")))
 
     def test_errors_exit_1_with_a_message(self) -> None:
         state = os.path.join(self.cwd, "state")
+        self.assertEqual(self.cocalcproxy("--state-dir", state, "init").returncode, 0)
         r = self.cocalcproxy("--state-dir", state, "project", "add", "--owner", "ghost")
         self.assertEqual((r.returncode, r.stdout), (1, ""))
         self.assertEqual(r.stderr, "cocalcproxy: no user named 'ghost'\n")
@@ -503,6 +513,7 @@ class SubprocessTests(unittest.TestCase):
 
     def test_password_stdin_is_never_echoed(self) -> None:
         state = os.path.join(self.cwd, "state")
+        self.assertEqual(self.cocalcproxy("--state-dir", state, "init").returncode, 0)
         r = self.cocalcproxy(
             "--state-dir", state, "user", "add", "eve", "--password-stdin", stdin="Tr0ub4dor&3\n"
         )

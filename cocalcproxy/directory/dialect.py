@@ -11,7 +11,7 @@ import sqlite3
 import stat
 import time
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from cocalcproxy.directory.model import Conflict, DirectoryError, InvalidInput, Unavailable
 
@@ -71,14 +71,29 @@ class Dialect:
         """True when the connection itself was lost (worth one retry on a new connection)."""
         return False
 
+    def check(self) -> None:
+        """Raise Unavailable when the database this process opened is no longer the one at its
+        address (a deleted or replaced SQLite file). Called before every transaction."""
+
+
+#: How a missing SQLite database is treated when opening it: refused ("no"), created as an empty
+#: file in an existing folder ("file": the proxy's start), or created with its folder
+#: ("folder": ``cocalcproxy init`` in the state directory, and library use).
+CREATE_MODES = ("no", "file", "folder")
+
 
 class SQLiteDialect(Dialect):
     name = "sqlite"
     serial_primary_key = "INTEGER PRIMARY KEY AUTOINCREMENT"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, create: str = "folder") -> None:
+        assert create in CREATE_MODES
         self.path = path
+        self.create = create
         self._prepared = False
+        # (st_dev, st_ino) of the file this process opened: a path that later names another
+        # file (or none) means the database was deleted or replaced under the running process.
+        self._identity: tuple[int, int] | None = None
 
     def describe(self) -> str:
         return f"sqlite:///{self.path.lstrip('/')}"
@@ -95,15 +110,26 @@ class SQLiteDialect(Dialect):
         if self._prepared:
             return
         parent = os.path.dirname(self.path) or "/"
-        try:
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-        except OSError as e:
+        if self.create == "folder":
+            try:
+                os.makedirs(parent, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise Unavailable(
+                    f"cannot create the directory {parent!r} for the database: {e.strerror}"
+                ) from None
+        elif not os.path.isdir(parent):
             raise Unavailable(
-                f"cannot create the directory {parent!r} for the database: {e.strerror}"
-            ) from None
+                f"the folder {parent!r} of the database {self.path!r} does not exist"
+                + (" (run 'cocalcproxy init' to create it)" if self.create == "no" else "")
+            )
         try:
             info = os.stat(self.path)
         except FileNotFoundError:
+            if self.create == "no":
+                raise Unavailable(
+                    f"there is no database at {self.path!r}; run 'cocalcproxy init' (with the "
+                    "same --state-dir or --database) to create it"
+                ) from None
             try:
                 # 0600 before SQLite sees it; SQLite gives the -wal and -shm files the same
                 # mode, so password hashes are never world-readable.
@@ -121,13 +147,40 @@ class SQLiteDialect(Dialect):
                 raise Unavailable(f"cannot open the database {self.path!r}: Is a directory")
             if not stat.S_ISREG(info.st_mode):
                 raise Unavailable(f"the database {self.path!r} is not a regular file")
+        try:
+            info = os.stat(self.path)
+        except OSError as e:
+            raise Unavailable(f"cannot open the database {self.path!r}: {e.strerror}") from None
+        self._identity = (info.st_dev, info.st_ino)
         self._prepared = True
+
+    def check(self) -> None:
+        if self._identity is None:
+            return
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            raise Unavailable(
+                f"the database file {self.path!r} was deleted under the running process; "
+                "restore it (or restart to create an empty one)"
+            ) from None
+        except OSError as e:
+            raise Unavailable(f"cannot check the database {self.path!r}: {e.strerror}") from None
+        if (info.st_dev, info.st_ino) != self._identity:
+            raise Unavailable(
+                f"the database file {self.path!r} was replaced by another file under the "
+                "running process; restart to use the new file"
+            )
 
     def connect(self) -> Any:
         self._prepare_file()
+        # Every connection after the first must reach the same file: SQLite would otherwise
+        # open (and, without mode=rw, create) whatever now lies at the path.
+        self.check()
         try:
             conn = sqlite3.connect(
-                self.path,
+                "file:" + quote(self.path, safe="/") + "?mode=rw",
+                uri=True,
                 timeout=SQLITE_BUSY_TIMEOUT_MS / 1000,
                 isolation_level=None,
                 check_same_thread=False,
@@ -302,9 +355,10 @@ def redact(url: str) -> str:
     return text + (f"?{query}" if query else "")
 
 
-def dialect_for(url: str) -> Dialect:
+def dialect_for(url: str, create: str = "folder") -> Dialect:
     """Parse a database URL. ``sqlite:///PATH`` and ``sqlite:////PATH`` both name the absolute
-    path /PATH (the second is what SQLAlchemy writes); relative paths are refused."""
+    path /PATH (the second is what SQLAlchemy writes); relative paths are refused. ``create``
+    (one of ``CREATE_MODES``) says whether a missing SQLite database may be created."""
     if not isinstance(url, str) or not url:
         raise InvalidInput(f"no database URL given: {URL_HELP}")
     scheme = url.split(":", 1)[0].lower()
@@ -317,7 +371,7 @@ def dialect_for(url: str) -> Dialect:
         path = "/" + rest.lstrip("/")
         if "\x00" in path:
             raise InvalidInput(f"invalid database URL {url!r}: {URL_HELP}")
-        return SQLiteDialect(path)
+        return SQLiteDialect(path, create)
     if scheme in ("postgresql", "postgres"):
         return PostgresDialect(url)
     raise InvalidInput(f"unsupported database URL {redact(url)!r}: {URL_HELP}")

@@ -182,6 +182,7 @@ class SyncDirectory:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _transaction_once(self, write: bool, work: Callable[[Tx], T], bump: bool) -> T:
+        self.dialect.check()
         conn = self._connection()
         started = False
         try:
@@ -1151,14 +1152,24 @@ def open_sync_directory(
     hasher: PasswordHasher | None = None,
     clock: Callable[[], float] = time.time,
     migrate_to: int | None = None,
+    create: str = "folder",
 ) -> SyncDirectory:
     """Open the database at ``url`` and bring its schema up to date (blocking).
 
-    Raises InvalidInput for a malformed URL and Unavailable when the database cannot be opened,
-    read or migrated; the messages name the database (never its password).
+    ``create`` says what may be created (``dialect.CREATE_MODES``): with ``"no"`` (the admin
+    commands other than ``init``) a missing SQLite file, and a database of either kind without
+    the proxy's tables, are refused with a message saying to run ``cocalcproxy init``; an older
+    schema is still brought up to date. Raises InvalidInput for a malformed URL and Unavailable
+    when the database cannot be opened, read or migrated; the messages name the database (never
+    its password).
     """
-    sync = SyncDirectory(dialect_for(url), hasher=hasher, clock=clock)
+    sync = SyncDirectory(dialect_for(url, create), hasher=hasher, clock=clock)
     try:
+        if create == "no" and sync.schema_version() == 0:
+            raise Unavailable(
+                f"the database {sync.dialect.describe()} has no cocalcproxy tables yet; run "
+                "'cocalcproxy init' (with the same --state-dir or --database) to create them"
+            )
         sync.migrate(migrate_to)
     except BaseException:
         sync.close()
@@ -1172,9 +1183,10 @@ def open_directory(
     hasher: PasswordHasher | None = None,
     clock: Callable[[], float] = time.time,
     pool_size: int = 4,
+    create: str = "folder",
 ) -> Directory:
     """The asynchronous directory for the proxy. Migrates synchronously right away (this runs
     in makeService, before the reactor), so a bad database stops the start with a clear error."""
-    sync = open_sync_directory(url, hasher=hasher, clock=clock)
+    sync = open_sync_directory(url, hasher=hasher, clock=clock, create=create)
     sync.release_thread_connection()
     return Directory(sync, reactor, pool_size=pool_size)

@@ -125,6 +125,7 @@ def listener_pids(url: str) -> set[int]:
 class TwoProxiesHearRevocationsAtOnce(unittest.TestCase):
     def setUp(self) -> None:
         self.url = new_postgres_url(self)
+        run_admin(self.url, "init")
         run_admin(self.url, "user", "add", "alice", "--password-stdin", stdin="alice-pw\n")
         self.pid = run_admin(self.url, "project", "add", "--owner", "alice")["id"]
         self.path = f"/{self.pid}/server/{self.start_backend()}/"
