@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 from twisted.web.http import HTTPChannel
 
+from cocalcproxy import headers as headers_module
 from cocalcproxy import pages, prebody, routing
 from cocalcproxy.bannerless import BannerlessRequest
 from cocalcproxy.directory import Account, Project
@@ -408,12 +409,20 @@ MIN_BODY_RATE = 500.0
 
 def _timeout_answer(detail: str) -> bytes:
     """A complete 408 written straight to the transport (there may be no whole request)."""
+    return _closing_answer(408, b"Request Timeout", "Request timeout", detail)
+
+
+def _closing_answer(status: int, reason: bytes, error: str, detail: str) -> bytes:
+    """A complete JSON error answer with ``Connection: close``, written straight to the
+    transport when there is no whole request to answer through (``detail`` is ASCII of ours)."""
     body = (
-        b'{"status": 408, "error": "Request timeout", "detail": "'
+        b'{"status": %d, "error": "' % status
+        + error.encode("ascii")
+        + b'", "detail": "'
         + detail.encode("ascii")
         + b'"}\n'
     )
-    lines = [b"HTTP/1.1 408 Request Timeout"]
+    lines = [b"HTTP/1.1 %d %s" % (status, reason)]
     lines += [name + b": " + value for name, value in pages.OWN_PAGE_HEADERS]
     lines += [
         b"Content-Type: application/json",
@@ -544,10 +553,30 @@ class ProxyChannel(HTTPChannel):
         self.loseConnection()
 
     def _respondToBadRequestAndDisconnect(self) -> None:  # noqa: N802
-        # Twisted's 400 for a malformed request, body or chunk: parse nothing more, and bound
-        # how much is read before the connection goes (prebody.stop_parsing).
-        super()._respondToBadRequestAndDisconnect()
+        # A malformed request, body or chunk. Twisted's own answer is a bare "400 Bad Request"
+        # head (no length, no Connection: close); ours says that the connection closes. Then
+        # parse nothing more, and bound how much is read before it goes (prebody.stop_parsing).
+        transport: Any = self.transport
+        if transport is not None:
+            transport.write(
+                _closing_answer(400, b"Bad Request", "Bad request", "The request is malformed.")
+            )
+        self.loseConnection()
         prebody.stop_parsing(self)
+
+    def checkPersistence(self, request: http.Request, version: bytes) -> bool:  # noqa: N802
+        """Twisted's rule (only HTTP/1.1 is kept alive, unless the request says ``close``; the
+        answer then says so) with ``Connection`` read as the comma-separated list it is, from
+        every such header: Twisted splits the first one on spaces only, so it kept
+        ``Connection: TE,close`` open."""
+        if version != b"HTTP/1.1":
+            return False
+        values = request.requestHeaders.getRawHeaders(b"connection", [])
+        tokens = headers_module.connection_tokens((b"connection", v) for v in values)
+        if b"close" in tokens:
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            return False
+        return True
 
 
 def _proxy_channel_protocol(factory: Any) -> Any:

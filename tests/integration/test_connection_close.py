@@ -7,6 +7,7 @@ until the proxy closes the connection (or, for keep-alive, until the answer is c
 
 from __future__ import annotations
 
+import json
 import re
 
 from twisted.internet import defer, reactor, ssl
@@ -61,7 +62,9 @@ def says_close(head: bytes) -> bool:
     return re.search(rb"\r\nconnection: *close\r\n", head) is not None
 
 
-class ConnectionClose(unittest.TestCase):
+class RawTLSCase(unittest.TestCase):
+    """A proxy in this process in front of the Hello backend, and raw TLS clients to it."""
+
     timeout = 120
 
     @defer.inlineCallbacks
@@ -113,6 +116,8 @@ class ConnectionClose(unittest.TestCase):
         self.assertEqual(heads[0].count(b"\r\nconnection:"), 1, heads[0])
         return client
 
+
+class ConnectionClose(RawTLSCase):
     # -- HTTP/1.1 with Connection: close ------------------------------------------------------
 
     def test_proxied_answer(self):  # type: ignore[no-untyped-def]
@@ -187,3 +192,33 @@ class ConnectionClose(unittest.TestCase):
         heads = client.heads()
         self.assertEqual(len(heads), 3)
         self.assertTrue(says_close(heads[2]), heads[2])
+
+
+class MalformedAndOddlySpelled(RawTLSCase):
+    """Twisted's own answers and parsing of ``Connection``, as the proxy changes them."""
+
+    @defer.inlineCallbacks
+    def test_malformed_request_400_says_close(self):  # type: ignore[no-untyped-def]
+        client = yield self.connect()
+        client.send(b"GET /_/health HTTP/1.1\r\nHost: localhost\r\nno colon here\r\n\r\n")
+        yield poll(lambda: client.lost, timeout=10, what="the proxy to close the connection")
+        heads = client.heads()
+        self.assertEqual(len(heads), 1, client.received)
+        self.assertTrue(heads[0].startswith(b"http/1.1 400 "), heads[0])
+        self.assertTrue(says_close(heads[0]), heads[0])
+        body = client.received.split(b"\r\n\r\n", 1)[1]
+        length = re.search(rb"\r\ncontent-length: *(\d+)\r\n", heads[0])
+        self.assertIsNotNone(length, heads[0])
+        assert length is not None
+        self.assertEqual(int(length.group(1)), len(body))
+        self.assertEqual(json.loads(body)["status"], 400)
+
+    def test_close_without_spaces(self):  # type: ignore[no-untyped-def]
+        return self.closed_after_one(
+            self.request(self.path, self.auth, "Connection: TE,close"), b"200"
+        )
+
+    def test_close_in_a_second_connection_header(self):  # type: ignore[no-untyped-def]
+        return self.closed_after_one(
+            self.request(self.path, self.auth, "Connection: TE", "Connection: close"), b"200"
+        )
