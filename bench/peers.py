@@ -251,6 +251,7 @@ def start_cocalcproxy(
     state_dir.mkdir(parents=True, exist_ok=True)
     where = ["--database", database] if database else ["--state-dir", str(state_dir)]
     if project_id is None:
+        admin(*where, "init")
         admin(*where, "user", "add", "bench", "--password-stdin", stdin="bench-pw-not-secret\n")
         project_id = admin(*where, "project", "add", "--owner", "bench", "--host", "127.0.0.1")
     token = admin(*where, "token", "create", "bench")

@@ -447,6 +447,7 @@ def scenario_revocation(run: Run) -> None:
     proxies: list[peers_module.CocalcProxy] = []
     try:
         where = ["--database", url_for_proxy]
+        peers_module.admin(*where, "init")
         peers_module.admin(*where, "user", "add", "bench", "--password-stdin", stdin="pw\n")
         project_id = peers_module.admin(*where, "project", "add", "--owner", "bench")
         for i in (1, 2):
