@@ -48,6 +48,10 @@ setup(
             "types-pyOpenSSL",
             "sphinx>=7",
             "flask>=3",
+            # Apps people run, driven through the proxy in headless Chromium
+            # (tests/integration/test_apps_browser.py); pinned so a release cannot break the run.
+            "jupyterlab==4.6.6",
+            "streamlit==1.67.0",
         ],
         "docs": ["sphinx>=7"],
     },

@@ -121,6 +121,14 @@ class WebDriver:
         """Run ``script`` (a function body; ``arguments`` holds args) in the page."""
         return self._session("POST", "/execute/sync", {"script": script, "args": list(args)})
 
+    def execute_async(self, script: str, *args: Any) -> Any:
+        """Run ``script`` in the page; it ends by calling ``arguments[arguments.length - 1]``
+        with its result (the WebDriver session's script timeout applies)."""
+        return self._session("POST", "/execute/async", {"script": script, "args": list(args)})
+
+    def set_script_timeout(self, seconds: float) -> None:
+        self._session("POST", "/timeouts", {"script": int(seconds * 1000)})
+
     @property
     def source(self) -> str:
         return str(self._session("GET", "/source"))
