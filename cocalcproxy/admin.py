@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any, NoReturn
 
+from cocalcproxy.addresses import always_local
 from cocalcproxy.directory.hashing import generated_password
 from cocalcproxy.directory.model import DirectoryError, InvalidInput, Project, TokenInfo
 from cocalcproxy.directory.store import SyncDirectory, open_sync_directory
@@ -385,10 +386,31 @@ def cmd_project_add(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) ->
         socket_dir=args.socket_dir,
         socket_owner=args.socket_owner,
     )
+    _warn_overlaps(d, project)
     if out.as_json:
         out.document(project_json(project))
     else:
         out.lines(project.id)
+
+
+def _warn_overlaps(d: SyncDirectory, project: Project) -> None:
+    """A warning (stderr, exit status 0) when the project's own port set overlaps the set of
+    another project on the same host: members of either reach the other's servers there."""
+    if project.ports is None or project.socket_dir is not None:
+        return
+    for other in d.list_projects():
+        if other.id == project.id or other.ports is None or other.socket_dir is not None:
+            continue
+        same_host = other.host == project.host or (
+            always_local(other.host) and always_local(project.host)
+        )
+        common = project.ports.intersection(other.ports)
+        if same_host and common:
+            sys.stderr.write(
+                f"{PROG}: warning: ports {common} of project {project.id} are also in the set "
+                f"of project {other.id} on the same host ({other.host}): members of either "
+                "project can reach the other's servers on them\n"
+            )
 
 
 def cmd_project_set(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
@@ -408,6 +430,7 @@ def cmd_project_set(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) ->
         socket_dir=args.socket_dir,
         socket_owner=args.socket_owner,
     )
+    _warn_overlaps(d, project)
     if out.as_json:
         out.document(project_json(project))
 

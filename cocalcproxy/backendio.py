@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import socket
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,8 @@ log = Logger()
 
 #: Endpoints kept for reuse (building one costs an IDNA encoding); emptied when full.
 ENDPOINT_CACHE_SIZE = 4096
+#: Seconds an answer of is_local_address is reused (an address may be added to an interface).
+LOCAL_ANSWER_SECONDS = 10.0
 
 
 def is_local_address(ip: str) -> bool:
@@ -183,9 +186,24 @@ class Backends:
         self.reactor = reactor
         self.policy = policy if policy is not None else backends.Policy()
         self.connect_timeout = connect_timeout
-        self.is_local = is_local
+        self._is_local = is_local
+        self._local_answers: dict[str, tuple[bool, float]] = {}
         self._socket_endpoint = socket_endpoint
         self._endpoints: dict[tuple[str, int], Any] = {}
+
+    def is_local(self, ip: str) -> bool:
+        """``is_local_address``, its answers kept for a few seconds (it makes a socket)."""
+        if always_local(ip):
+            return True
+        now = self.reactor.seconds()
+        found = self._local_answers.get(ip)
+        if found is not None and found[1] > now:
+            return found[0]
+        if len(self._local_answers) >= ENDPOINT_CACHE_SIZE:
+            self._local_answers.clear()
+        answer = self._is_local(ip)
+        self._local_answers[ip] = (answer, now + LOCAL_ANSWER_SECONDS)
+        return answer
 
     def decide(self, route: routing.Route, project: Project) -> backends.Target | backends.Refused:
         return backends.decide(route, project, self.policy, self.is_local)
@@ -241,6 +259,20 @@ class PolicyGuard:
     def __init__(self, guard: Any, backends_: Backends) -> None:
         self._guard = guard
         self.backends = backends_
+        # What each granted Access was allowed to reach, so a change to the project (its port
+        # set, socket folder or host) cuts open WebSocket relays that no longer fit.
+        self._granted: weakref.WeakKeyDictionary[Any, tuple[routing.Route, backends.Target]] = (
+            weakref.WeakKeyDictionary()
+        )
+        if hasattr(guard, "still_allowed"):
+            guard.still_allowed = self.still_allowed
+
+    def still_allowed(self, access: Any, project: Project) -> bool:
+        granted = self._granted.get(access)
+        if granted is None:
+            return True
+        route, target = granted
+        return self.backends.decide(route, project) == target
 
     def authorize(self, request: Any, route: routing.Route) -> defer.Deferred[Any]:
         d: defer.Deferred[Any] = self._guard.authorize(request, route)
@@ -253,6 +285,7 @@ class PolicyGuard:
         if isinstance(decision, backends.Refused):
             refuse(request, decision)
             return None
+        self._granted[access] = (route, decision)
         return access
 
     def __getattr__(self, name: str) -> Any:

@@ -212,14 +212,12 @@ def decide(
         return Refused(
             "port-denied", f"project {project.id}: port {port} is on the deny list (--deny-ports)"
         )
-    local = host_is_local(project.host, is_local)
-    if local:
-        label = policy.own.owner_of("127.0.0.1", port, True)
-        if label is not None:
-            return Refused(
-                "own-listener",
-                f"project {project.id}: port {port} on {project.host} is the proxy's own {label}",
-            )
+    label = policy.own.owner_of("127.0.0.1", port, True)
+    if label is not None and host_is_local(project.host, is_local):
+        return Refused(
+            "own-listener",
+            f"project {project.id}: port {port} on {project.host} is the proxy's own {label}",
+        )
     return TcpTarget(project.host, port)
 
 

@@ -229,6 +229,55 @@ class ProjectCommandTests(AdminMixin):
             (project.owner_name, project.host, project.home), ("alice", "127.0.0.1", None)
         )
 
+    def test_ports_and_sockets_normalised_listed_and_cleared(self) -> None:
+        self.ok("project", "add", "--owner", "alice", "--id", PID, "--ports", "8888, 8000-8099")
+        doc = json.loads(self.ok("project", "list", "--json").out)
+        self.assertEqual(doc[0]["ports"], "8000-8099,8888")
+        self.assertIn("\tports=8000-8099,8888\tsockets=-\t", self.ok("project", "list").out)
+        doc = json.loads(
+            self.ok(
+                "project", "set", PID, "--socket-dir", "/run//p/", "--socket-owner", "1000",
+                "--ports", "none", "--json",
+            ).out
+        )  # fmt: skip
+        self.assertEqual(
+            (doc["ports"], doc["socket_dir"], doc["socket_owner"]), ("none", "/run/p", 1000)
+        )
+        self.assertIn("\tports=none\tsockets=/run/p\t", self.ok("project", "list").out)
+        self.ok(
+            "project", "set", PID, "--ports", "default", "--socket-dir", "", "--socket-owner", ""
+        )
+        project = self.d.get_project(PID)
+        assert project is not None
+        self.assertEqual((project.ports, project.socket_dir, project.socket_owner), (None,) * 3)
+
+    def test_port_and_socket_refusals(self) -> None:
+        self.ok("project", "add", "--owner", "alice", "--id", PID)
+        for bad, message in (
+            ("80000", "invalid --ports: invalid port in '80000'"),
+            ("90-80", "invalid --ports: invalid range '90-80'"),
+            ("", "invalid --ports: empty port list"),
+            ("http", "invalid --ports: invalid port list item 'http'"),
+        ):
+            result = self.refused(message, "project", "set", PID, "--ports", bad)
+            self.assertEqual(len(result.err.strip().splitlines()), 1, result)
+        self.refused("invalid socket folder 'rel'", "project", "set", PID, "--socket-dir", "rel")
+        self.refused("invalid socket owner '-5'", "project", "set", PID, "--socket-owner=-5")
+        self.refused("invalid --ports", "project", "add", "--owner", "bob", "--ports", "0")
+
+    def test_overlapping_sets_on_one_host_warn(self) -> None:
+        self.ok("project", "add", "--owner", "alice", "--id", PID, "--ports", "8000-8009")
+        result = self.cli("project", "add", "--owner", "bob", "--id", OTHER_PID, "--host",
+                          "localhost", "--ports", "8005-8020")  # fmt: skip
+        self.assertEqual(result.code, 0, result)
+        self.assertIn(f"warning: ports 8005-8009 of project {OTHER_PID} are also", result.err)
+        self.assertIn(PID, result.err)
+        self.assertEqual(result.last_line, OTHER_PID)
+        quiet = self.cli("project", "set", OTHER_PID, "--ports", "8010-8020")
+        self.assertEqual((quiet.code, quiet.err), (0, ""))
+        elsewhere = self.cli("project", "set", OTHER_PID, "--host", "10.0.0.9", "--ports", "8000")
+        self.assertEqual((elsewhere.code, elsewhere.err), (0, ""), "another host: no warning")
+
     def test_project_add_everything(self) -> None:
         home = os.path.abspath(self.mktemp())
         os.makedirs(home)

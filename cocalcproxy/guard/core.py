@@ -246,6 +246,9 @@ class Guard:
             name="access",
         )
         self.grants: weakref.WeakKeyDictionary[Access, Grant] = weakref.WeakKeyDictionary()
+        # Set by the backend policy (backendio.PolicyGuard): does an open connection's route
+        # still go where it went, now that the project changed? False revokes it.
+        self.still_allowed: Callable[[Access, Project], bool] | None = None
         self.last_counter: int | None = None
         self._directory_down = False
         self._loop: LoopingCall | None = None
@@ -508,6 +511,10 @@ class Guard:
             )
             if what.value is None:
                 log.info("access to {pid} withdrawn: not a member", pid=grant.project_id)
+                access.revoke()
+                return
+            if self.still_allowed is not None and not self.still_allowed(access, what.value):
+                log.info("access to {pid} withdrawn: route no longer allowed", pid=grant.project_id)
                 access.revoke()
                 return
             grant.generation = min(who.generation, what.generation)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import socket
 import ssl
 import tempfile
 from typing import Any
@@ -21,7 +22,9 @@ from twisted.web import resource, server
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.relay_support import WSBackend, in_thread
+from cocalcproxy.addresses import always_local, ip_of
+from cocalcproxy.backendio import is_local_address
+from tests.relay_support import WSBackend, in_thread, on_reactor
 from tests.support import https_client, start_proxy
 
 
@@ -114,8 +117,6 @@ class ProxyCase(unittest.TestCase):
                 # Connect to the proxy, but name the project subdomain in Host (and SNI).
                 context = ssl.create_default_context(cafile=self.proxy.cert_path)
                 context.check_hostname = False
-                import socket
-
                 sock = socket.create_connection(("127.0.0.1", self.proxy.port), timeout=20)
                 target_host = f"wss://{host}{path}"
                 try:
@@ -223,6 +224,39 @@ class PortSetFormsTests(ProxyCase):
                 self.assertEqual(got[1], "ping")
         self.assertEqual(self.ws_outside.connections, 0, "the refused backend never saw a thing")
 
+    @defer.inlineCallbacks
+    def test_port_removed_from_the_set_cuts_open_websockets(self):  # type: ignore[no-untyped-def]
+        directory = self.directory
+        url = f"wss://localhost:{self.proxy.port}/{self.pid}/server/{self.ws_port}/"
+
+        async def scenario() -> tuple[float, int | None, str]:
+            import asyncio
+
+            async with connect(
+                url,
+                ssl=self.tls,
+                proxy=None,
+                additional_headers={"Authorization": basic("alice")},
+            ) as ws:
+                await ws.send("before")
+                before = str(await ws.recv())
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                on_reactor(lambda: directory.set_project(self.pid, ports=str(self.inside)))
+                try:
+                    await asyncio.wait_for(ws.recv(), 10)
+                    return -1.0, None, before
+                except ConnectionClosed as e:
+                    return loop.time() - started, e.rcvd.code if e.rcvd else None, before
+
+        elapsed, code, before = yield in_thread(scenario)
+        self.assertEqual(before, "before")
+        self.assertEqual(code, 1008)
+        self.assertGreaterEqual(elapsed, 0)
+        self.assertLess(elapsed, 2.0)
+        got = yield self.websocket(f"/{self.pid}/server/{self.ws_port}/", "alice")
+        self.assertEqual(got[0], 404, "and new handshakes are refused")
+
 
 class OwnListenersTests(ProxyCase):
     """Even with every port allowed and nothing denied, a route never reaches the proxy's own
@@ -257,6 +291,24 @@ class OwnListenersTests(ProxyCase):
         port = yield http_backend(self, "app")
         code, body = yield self.get(f"/{by_name.id}/server/{port}/", "bob")
         self.assertEqual((code, body), (200, b"app /"))
+
+    @defer.inlineCallbacks
+    def test_a_name_resolving_to_this_machine_is_judged_by_its_addresses(self):  # type: ignore[no-untyped-def]
+        """The machine's own host name (not an IP literal, not a localhost name) resolves to an
+        address of this machine: the check happens on the resolved address (SSRF by name)."""
+        name = socket.gethostname()
+        self.assertFalse(always_local(name) or ip_of(name) is not None, name)
+        addresses = {info[4][0] for info in socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)}
+        self.assertTrue(addresses and all(is_local_address(a) for a in addresses), addresses)
+        metrics = self.proxy.service.metrics_listener.port.getHost().port
+        project = yield self.directory.add_project("alice", host=name, ports="all")
+        code, body = yield self.get(f"/{project.id}/server/{metrics}/metrics", "alice")
+        self.assertEqual(code, 404)
+        self.assertNotIn(b"cocalcproxy_", body)
+        screened = [line for a in addresses for line in self.log.matching(f"{a}:{metrics} is")]
+        self.assertTrue(screened, "refused after resolution, naming the resolved address")
+        got = yield self.websocket(f"/{project.id}/port/{metrics}/", "alice")
+        self.assertEqual(got[0], 404)
 
 
 class DenyListTests(ProxyCase):
@@ -317,6 +369,14 @@ class Streaming(resource.Resource):
         self.waiting = []
 
 
+class CountingSite(server.Site):
+    connections = 0
+
+    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802
+        self.connections += 1
+        return super().buildProtocol(addr)
+
+
 class SocketFolderTests(ProxyCase):
     """Projects whose servers listen on Unix sockets ``<socket folder>/<port>``."""
 
@@ -337,7 +397,8 @@ class SocketFolderTests(ProxyCase):
     def serve_http(self, port: int, folder: str | None = None):  # type: ignore[no-untyped-def]
         site = Streaming()
         path = os.path.join(folder or self.folder, str(port))
-        listening = yield UNIXServerEndpoint(reactor, path).listen(server.Site(site))
+        self.site = CountingSite(site)
+        listening = yield UNIXServerEndpoint(reactor, path).listen(self.site)
         self.addCleanup(listening.stopListening)
         return site, path
 
@@ -348,6 +409,7 @@ class SocketFolderTests(ProxyCase):
         self.assertEqual((code, body), (200, b"socket /hello?x=1"))
         code, body = yield self.get(f"/{self.pid}/port/8000/hello", "alice")
         self.assertEqual((code, body), (200, f"socket /{self.pid}/port/8000/hello".encode()))
+        self.assertEqual(self.site.connections, 1, "the second request reused the pooled one")
         # Streaming: the first line arrives before the backend has written the second.
         response = yield self.http.get(
             f"{self.proxy.url}/{self.pid}/server/8000/stream",
