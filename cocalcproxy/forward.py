@@ -30,7 +30,7 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web._newclient import HTTP11ClientProtocol, RequestNotSent
 from twisted.web.client import (
     URI,
     Agent,
@@ -41,6 +41,7 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
     _HTTP11ClientFactory,
+    _RetryingHTTP11ClientProtocol,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -108,9 +109,58 @@ class _BackendProtocolFactory(_HTTP11ClientFactory):
         return _BackendProtocol(self._quiescentCallback)
 
 
+class _ReplayingRetry(_RetryingHTTP11ClientProtocol):
+    """A pooled (reused) connection whose request is tried once more on a fresh connection when
+    it fails before any byte of the response arrived, for every method, as browsers do.
+
+    A backend may close an idle keep-alive connection just as the proxy sends the next request
+    on it; the request then fails although the backend never saw it. Twisted retries only
+    GET, HEAD, OPTIONS, DELETE and TRACE, and only without a body. The proxy has every body
+    spooled, so it can send it again: the retry gets a fresh producer over the same spool.
+    A request cancelled (client gone, response timeout) is never retried.
+    """
+
+    def _shouldRetry(self, method: bytes, exception: object, bodyProducer: Any) -> bool:  # noqa: N802, N803
+        if not isinstance(
+            exception, (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)
+        ):
+            return False
+        reasons = getattr(exception, "reasons", None) or []
+        if any(reason.check(CancelledError) for reason in reasons):
+            return False
+        return bodyProducer is None or isinstance(bodyProducer, _SpooledBody)
+
+    def request(self, request: Any) -> Deferred[IResponse]:
+        d: Deferred[IResponse] = self._clientProtocol.request(request)
+
+        def failed(reason: Failure) -> Any:
+            if not self._shouldRetry(request.method, reason.value, request.bodyProducer):
+                return reason
+            if isinstance(request.bodyProducer, _SpooledBody):
+                request.bodyProducer = request.bodyProducer.replay()
+            log.debug("reused backend connection failed before the response; retrying once")
+            return self._newConnection().addCallback(lambda fresh: fresh.request(request))
+
+        return d.addErrback(failed)
+
+
+class _ReplayingPool(HTTPConnectionPool):
+    """Twisted's pool, with :class:`_ReplayingRetry` around each reused connection."""
+
+    def getConnection(self, key: Any, endpoint: Any) -> Deferred[Any]:  # noqa: N802
+        d: Deferred[Any] = super().getConnection(key, endpoint)
+
+        def rewrap(connection: Any) -> Any:
+            if isinstance(connection, _RetryingHTTP11ClientProtocol):
+                return _ReplayingRetry(connection._clientProtocol, connection._newConnection)
+            return connection
+
+        return d.addCallback(rewrap)
+
+
 def make_pool(reactor: Any, pool_size: int) -> HTTPConnectionPool:
     """The shared backend pool: persistent, up to ``pool_size`` idle connections per host:port."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = _ReplayingPool(reactor, persistent=True)
     pool._factory = _BackendProtocolFactory
     pool.maxPersistentPerHost = pool_size
     pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT  # type: ignore[assignment]
@@ -207,16 +257,54 @@ class _WatchedConsumer:
         self._consumer.write(data)
 
 
+class _Unclosable:
+    """The spool as a producer reads it: FileBodyProducer closes its file when done or stopped,
+    but the spool belongs to the request, and a retry reads it again."""
+
+    def __init__(self, content: Any) -> None:
+        self._content = content
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self._content.read(size)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        position: int = self._content.seek(offset, whence)
+        return position
+
+    def tell(self) -> int:
+        position: int = self._content.tell()
+        return position
+
+    def close(self) -> None:
+        pass
+
+
 class _SpooledBody(FileBodyProducer):
     """The client's spooled body as a producer; each chunk written counts as upload progress."""
 
     def __init__(self, content: Any, progress: Any, reactor: Any) -> None:
         from twisted.internet.task import Cooperator
 
+        content.seek(0)
         super().__init__(
-            content, cooperator=Cooperator(scheduler=_soon(reactor)), readSize=BODY_CHUNK
+            _Unclosable(content),
+            cooperator=Cooperator(scheduler=_soon(reactor)),
+            readSize=BODY_CHUNK,
         )
+        self._content = content
         self._progress = progress
+        self._reactor = reactor
+
+    def replay(self) -> _SpooledBody:
+        """A new producer of the same body from its start (for a retry)."""
+        return _SpooledBody(self._content, self._progress, self._reactor)
+
+    def stopProducing(self) -> None:  # noqa: N802
+        # Twisted stops the producer of a request whose connection broke, even when it never
+        # started it (an empty body is not produced at all): there is no task to stop then.
+        if hasattr(self, "_task"):
+            super().stopProducing()
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:  # noqa: N802
         self._progress()
@@ -288,7 +376,6 @@ class _Exchange:
             b"transfer-encoding"
         ):
             assert request.content is not None
-            request.content.seek(0)
             body = _SpooledBody(request.content, self._progress, self.reactor)
         self._progress()
         method = request.method
