@@ -140,6 +140,12 @@ class Metrics:
             "Access-log lines that could not be written (full disk, file not open).",
             registry=r,
         )
+        self.directory_notifications = Gauge(
+            "cocalcproxy_directory_notifications_up",
+            "1 while the directory's change notifications are heard (PostgreSQL LISTEN), "
+            "else 0 (SQLite has none: changes are polled once a second).",
+            registry=r,
+        )
         self.certificate_expiry = Gauge(
             "cocalcproxy_tls_certificate_expiry_timestamp_seconds",
             "When the served TLS certificate expires (Unix time).",
@@ -179,6 +185,9 @@ class Metrics:
 
     def set_websocket_relays(self, count: Callable[[], int]) -> None:
         self.websocket_relays.set_function(lambda: float(count()))
+
+    def set_directory_notifications(self, up: Callable[[], bool]) -> None:
+        self.directory_notifications.set_function(lambda: 1.0 if up() else 0.0)
 
     def set_in_flight(self, count: Callable[[], int]) -> None:
         self.in_flight.set_function(lambda: float(count()))

@@ -32,6 +32,9 @@ SECONDS_PER_DAY = 86400.0
 class ChangeNotifications(Protocol):
     """Calls its ``on_change`` when the directory announces a change (``directory.notify``)."""
 
+    @property
+    def listening(self) -> bool: ...
+
     def start(self) -> None: ...
 
     def stop(self) -> Deferred[None]: ...
@@ -76,6 +79,8 @@ def build_guard(
     none) wake the guard's poll at once."""
     guard = Guard(directory, clock)
     notifications = change_listener(guard.wake) if change_listener is not None else None
+    if notifications is not None and metrics is not None:
+        metrics.set_directory_notifications(lambda: notifications.listening)
     if metrics is not None:
         guard.identities.observer = metrics
         guard.projects.observer = metrics

@@ -261,6 +261,12 @@ class PollIsTheFallback(unittest.TestCase):
         listener = guard_service_of(running.service).notifications
         self.assertIsInstance(listener, ChangeListener)
         yield until(lambda: listener.listening, 30, "the proxy to LISTEN")
+        metrics = running.service.metrics
+
+        def notifications_up() -> float | None:
+            return metrics.registry.get_sample_value("cocalcproxy_directory_notifications_up")
+
+        self.assertEqual(notifications_up(), 1.0)
 
         yield directory.add_user("alice", "alice-password")
         project = yield directory.add_project("alice")
@@ -288,6 +294,7 @@ class PollIsTheFallback(unittest.TestCase):
         backend_pid = listener.backend_pid
         yield threads.deferToThread(terminate_backend, url, backend_pid)
         yield until(lambda: not listener.listening, 10, "the proxy to notice the cut")
+        self.assertEqual(notifications_up(), 0.0)
 
         yield directory.revoke_token(token_id)
         revoked = time.monotonic()
@@ -301,6 +308,7 @@ class PollIsTheFallback(unittest.TestCase):
         listener.connect = original_connect
         yield until(lambda: listener.listening, 40, "the listener to come back")
         self.assertNotEqual(listener.backend_pid, backend_pid)
+        self.assertEqual(notifications_up(), 1.0)
         self.assertEqual(sum(" are down (" in e for e in events), 1, events)
         self.assertEqual(sum(" are back;" in e for e in events), 1, events)
 
