@@ -48,8 +48,15 @@ Header = tuple[bytes, bytes]
 
 # --- the proxy's cookie names: the one place they are defined ----------------------------------
 
-#: The proxy's own session cookie (the guard sets it; the forwarder never passes it on).
-SESSION_COOKIE = b"cocalcproxy_session"
+#: The session cookie, on the main host and (bound to the host, see guard/hopkeys.py) on each
+#: project subdomain. The ``__Host-`` prefix makes browsers refuse it unless it was set by that
+#: very host (Secure, Path=/, no Domain), so no other host -- a project subdomain of the same
+#: site above all -- can toss one in.
+SESSION_COOKIE = b"__Host-cocalcproxy_session"
+#: The session cookie's name before issue #11. Read only on the main host, only while no
+#: ``SESSION_COOKIE`` is present and only where no other host of the proxy could have set it
+#: (guard/credentials.py, ``session_cookie`` and ``legacy_cookie_safe``); never set again.
+LEGACY_SESSION_COOKIE = b"cocalcproxy_session"
 #: The sign-in form's pre-session cookie (login CSRF protection, see guard/csrf.py).
 CSRF_COOKIE = b"__Host-cocalcproxy_csrf"
 #: The hop's state cookie on a project subdomain (guard/hop.py): binds a hop ticket to the
@@ -58,6 +65,7 @@ HOP_STATE_COOKIE = b"__Host-cocalcproxy_hop"
 #: Every cookie the proxy sets or reads, as sent.
 PROXY_COOKIES: tuple[bytes, ...] = (
     SESSION_COOKIE,
+    LEGACY_SESSION_COOKIE,
     CSRF_COOKIE,
     HOP_STATE_COOKIE,
 )

@@ -11,12 +11,9 @@ import cocalcproxy
 _OURS = [os.path.dirname(os.path.abspath(cocalcproxy.__file__)), os.path.dirname(__file__)]
 # A warning's module is its dotted name (pytest, plain warnings) or, when trial re-emits it, its
 # file name without ".py": match both, for the package and for the tests.
-OWN_MODULES = (
-    r"(?:cocalcproxy|tests)(?:\..*)?\Z|" + "|".join(re.escape(d) + r"/" for d in _OURS)
-)
+OWN_MODULES = r"(?:cocalcproxy|tests)(?:\..*)?\Z|" + "|".join(re.escape(d) + r"/" for d in _OURS)
 # Deprecations raised inside a library about how our code calls it (stacklevel points there).
 OUR_CALLS = ("Passing pyOpenSSL", "Passing HostnameEndpoint a reactor")
-
 
 
 def install_warning_filters() -> None:

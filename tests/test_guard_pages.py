@@ -117,26 +117,28 @@ class SigningIn(SignInTestCase):
         response = self.sign_in(next_path=target)
         self.assertEqual(response.status, 303)
         self.assertEqual(response.header(b"location"), target.encode())
-        line = response.cookies()["cocalcproxy_session"]
+        line = response.cookies()["__Host-cocalcproxy_session"]
         for attribute in ("Path=/", "Secure", "HttpOnly", "SameSite=lax", "Max-Age=1209600"):
             self.assertIn(attribute, line)
         self.assertIn("Max-Age=0", response.cookies()[CSRF_COOKIE])
-        token = response.cookie_value("cocalcproxy_session")
+        token = response.cookie_value("__Host-cocalcproxy_session")
         assert token is not None
         self.assertIn(token, self.world.directory.sessions)
         reached = self.world.request(
-            b"GET", target.encode(), headers={b"Cookie": f"cocalcproxy_session={token}".encode()}
+            b"GET",
+            target.encode(),
+            headers={b"Cookie": f"__Host-cocalcproxy_session={token}".encode()},
         )
         self.assertEqual(reached.status, 200)
 
     def test_a_new_session_on_every_sign_in(self) -> None:
-        first = self.sign_in().cookie_value("cocalcproxy_session")
+        first = self.sign_in().cookie_value("__Host-cocalcproxy_session")
         presession, csrf = self.form()
         second = self.post(
             {"csrf": csrf, "next": "/", "name": "alice", "password": "alice-password"},
             presession,
-            {b"Cookie": f"cocalcproxy_session={first}".encode()},
-        ).cookie_value("cocalcproxy_session")
+            {b"Cookie": f"__Host-cocalcproxy_session={first}".encode()},
+        ).cookie_value("__Host-cocalcproxy_session")
         self.assertNotEqual(first, second)
         self.assertNotIn(first, self.world.directory.sessions)  # the old one is ended
         self.assertIn(second, self.world.directory.sessions)
@@ -157,7 +159,7 @@ class SigningIn(SignInTestCase):
             {k: v for k, v in unknown_name.headers.items() if k not in drop},
         )
         self.assertIn(b"The name or password is not right.", wrong_password.body)
-        self.assertNotIn("cocalcproxy_session", wrong_password.cookies())
+        self.assertNotIn("__Host-cocalcproxy_session", wrong_password.cookies())
 
     def test_csrf_missing_or_wrong_refused(self) -> None:
         presession, csrf = self.form()
@@ -175,7 +177,7 @@ class SigningIn(SignInTestCase):
         for fields, cookie, extra in attempts:
             response = self.post(fields, cookie, extra)
             self.assertEqual(response.status, 403, (fields, cookie, extra))
-            self.assertNotIn("cocalcproxy_session", response.cookies())
+            self.assertNotIn("__Host-cocalcproxy_session", response.cookies())
             self.assertIn(b"expired or came from another site", response.body)
         self.assertEqual(self.world.directory.calls["check_password"], 0)
         self.assertEqual(self.world.directory.sessions, {})
@@ -201,7 +203,7 @@ class SigningIn(SignInTestCase):
         limited = self.sign_in()  # even the right password
         self.assertEqual(limited.status, 429)
         self.assertEqual(limited.header(b"retry-after"), b"600")
-        self.assertNotIn("cocalcproxy_session", limited.cookies())
+        self.assertNotIn("__Host-cocalcproxy_session", limited.cookies())
         self.assertIn(b"Too many failed sign-ins", limited.body)
         self.world.clock.advance(300)
         self.assertEqual(self.sign_in().status, 429)
@@ -252,10 +254,12 @@ class SigningIn(SignInTestCase):
 
 class SigningOut(SignInTestCase):
     def signed_in(self) -> tuple[str, str]:
-        token = self.sign_in().cookie_value("cocalcproxy_session")
+        token = self.sign_in().cookie_value("__Host-cocalcproxy_session")
         assert token is not None
         index = self.world.request(
-            b"GET", b"/", headers={**HTML, b"Cookie": f"cocalcproxy_session={token}".encode()}
+            b"GET",
+            b"/",
+            headers={**HTML, b"Cookie": f"__Host-cocalcproxy_session={token}".encode()},
         )
         return token, hidden(index.body, "csrf")
 
@@ -266,7 +270,7 @@ class SigningOut(SignInTestCase):
         headers = {
             **FORM,
             **HTML,
-            b"Cookie": f"cocalcproxy_session={token}".encode(),
+            b"Cookie": f"__Host-cocalcproxy_session={token}".encode(),
             **(extra or {}),
         }
         return self.world.request(
@@ -278,12 +282,12 @@ class SigningOut(SignInTestCase):
         response = self.logout(token, csrf)
         self.assertEqual(response.status, 303)
         self.assertEqual(response.header(b"location"), b"/_/login")
-        self.assertIn("Max-Age=0", response.cookies()["cocalcproxy_session"])
+        self.assertIn("Max-Age=0", response.cookies()["__Host-cocalcproxy_session"])
         self.assertNotIn(token, self.world.directory.sessions)
         after = self.world.request(
             b"GET",
             f"/{PID}/port/80/".encode(),
-            headers={b"Cookie": f"cocalcproxy_session={token}".encode()},
+            headers={b"Cookie": f"__Host-cocalcproxy_session={token}".encode()},
         )
         self.assertEqual(after.status, 401)
 
@@ -303,7 +307,9 @@ class SigningOut(SignInTestCase):
     def test_get_logout_changes_nothing(self) -> None:
         token, _ = self.signed_in()
         response = self.world.request(
-            b"GET", b"/_/logout", headers={b"Cookie": f"cocalcproxy_session={token}".encode()}
+            b"GET",
+            b"/_/logout",
+            headers={b"Cookie": f"__Host-cocalcproxy_session={token}".encode()},
         )
         self.assertEqual(response.status, 303)
         self.assertIn(token, self.world.directory.sessions)
@@ -321,9 +327,11 @@ class Index(SignInTestCase):
         self.assertEqual(self.world.request(b"GET", b"/").status, 401)
 
     def test_lists_own_and_shared_projects(self) -> None:
-        token = self.sign_in().cookie_value("cocalcproxy_session")
+        token = self.sign_in().cookie_value("__Host-cocalcproxy_session")
         page = self.world.request(
-            b"GET", b"/", headers={**HTML, b"Cookie": f"cocalcproxy_session={token}".encode()}
+            b"GET",
+            b"/",
+            headers={**HTML, b"Cookie": f"__Host-cocalcproxy_session={token}".encode()},
         )
         self.assertEqual(page.status, 200)
         body = page.body.decode()
@@ -355,8 +363,8 @@ class SignedInAtTheForm(SignInTestCase):
     """/_/login for someone who is already signed in (issue #14)."""
 
     def session(self) -> dict[bytes, bytes]:
-        token = self.sign_in().cookie_value("cocalcproxy_session")
-        return {**HTML, b"Cookie": f"cocalcproxy_session={token}".encode()}
+        token = self.sign_in().cookie_value("__Host-cocalcproxy_session")
+        return {**HTML, b"Cookie": f"__Host-cocalcproxy_session={token}".encode()}
 
     def test_sent_on_to_next(self) -> None:
         target = f"/{PID}/server/8888/lab?x=1"
@@ -376,8 +384,10 @@ class SignedInAtTheForm(SignInTestCase):
 
     def test_without_next_says_who_they_are(self) -> None:
         self.world.directory.add_user("<b>eve</b>", "eve-password")
-        token = self.sign_in("<b>eve</b>", "eve-password").cookie_value("cocalcproxy_session")
-        cookie = f"cocalcproxy_session={token}".encode()
+        token = self.sign_in("<b>eve</b>", "eve-password").cookie_value(
+            "__Host-cocalcproxy_session"
+        )
+        cookie = f"__Host-cocalcproxy_session={token}".encode()
         page = self.world.request(b"GET", b"/_/login", headers={**HTML, b"Cookie": cookie})
         self.assertEqual(page.status, 200)
         body = page.body.decode()
@@ -388,7 +398,7 @@ class SignedInAtTheForm(SignInTestCase):
     def test_signed_out_or_stale_sees_the_plain_form(self) -> None:
         for headers in (
             HTML,
-            {**HTML, b"Cookie": b"cocalcproxy_session=stale"},
+            {**HTML, b"Cookie": b"__Host-cocalcproxy_session=stale"},
         ):
             page = self.world.request(b"GET", b"/_/login?next=%2Fx", headers=headers)
             self.assertEqual(page.status, 200)
@@ -412,9 +422,11 @@ class OpenPort(SignInTestCase):
         return self.world.request(b"GET", b"/_/open?" + urlencode(fields).encode(), headers=HTML)
 
     def test_the_start_page_has_a_form_per_project(self) -> None:
-        token = self.sign_in().cookie_value("cocalcproxy_session")
+        token = self.sign_in().cookie_value("__Host-cocalcproxy_session")
         page = self.world.request(
-            b"GET", b"/", headers={**HTML, b"Cookie": f"cocalcproxy_session={token}".encode()}
+            b"GET",
+            b"/",
+            headers={**HTML, b"Cookie": f"__Host-cocalcproxy_session={token}".encode()},
         )
         body = page.body.decode()
         for pid in (PID, OTHER_PID):

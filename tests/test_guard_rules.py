@@ -64,14 +64,58 @@ class AuthorizationParsing(unittest.TestCase):
         self.assertIsNone(c.parse_authorization([b"token y", b"Digest z"]))
 
     def test_cookie_values(self) -> None:
-        headers = [b"a=1; cocalcproxy_session=first; b=2", b'cocalcproxy_session="second"']
-        self.assertEqual(c.cookie_values(headers, "cocalcproxy_session"), ["first", "second"])
+        headers = [
+            b"a=1; __Host-cocalcproxy_session=first; b=2",
+            b'__Host-cocalcproxy_session="second"',
+        ]
+        self.assertEqual(
+            c.cookie_values(headers, "__Host-cocalcproxy_session"), ["first", "second"]
+        )
         self.assertEqual(c.session_cookie(headers), "first")
-        self.assertEqual(c.session_cookie([b"cocalcproxy_session=; x=1"]), None)
+        self.assertEqual(c.session_cookie([b"__Host-cocalcproxy_session=; x=1"]), None)
         self.assertEqual(c.session_cookie([b"xcocalcproxy_session=1"]), None)
 
+    def test_host_prefixed_session_cookie_always_wins(self) -> None:
+        # Issue #11 item 9: an old-name cookie (which another host could have tossed in, with
+        # a more specific Path so that it comes first) never wins over the __Host- one.
+        tossed = b"cocalcproxy_session=planted"
+        real = b"__Host-cocalcproxy_session=real"
+        for legacy in (False, True):
+            self.assertEqual(c.session_cookie([tossed + b"; " + real], legacy), "real")
+            self.assertEqual(c.session_cookie([tossed, real], legacy), "real")
+            self.assertEqual(c.session_cookie([real + b"; " + tossed], legacy), "real")
+            # Even an empty __Host- cookie shuts the old name out.
+            self.assertIsNone(c.session_cookie([tossed + b"; __Host-cocalcproxy_session="], legacy))
+
+    def test_old_name_only_where_it_cannot_have_been_tossed(self) -> None:
+        old = [b"cocalcproxy_session=old"]
+        self.assertIsNone(c.session_cookie(old))
+        self.assertEqual(c.session_cookie(old, legacy=True), "old")
+        # Two old-name values: one was planted; neither counts.
+        two = [b"cocalcproxy_session=a; cocalcproxy_session=b"]
+        self.assertIsNone(c.session_cookie(two, legacy=True))
+        self.assertEqual(
+            c.extract([], old, legacy=True),
+            c.Presented(c.SessionToken("old"), from_authorization=False),
+        )
+        self.assertIsNone(c.extract([], old))
+
+    def test_legacy_cookie_safe(self) -> None:
+        safe = c.legacy_cookie_safe
+        self.assertTrue(safe("proxy.example.com", None))
+        self.assertTrue(safe("proxy.example.com", "example-projects.net"))
+        self.assertTrue(safe("proxy.example.com", "usercontent.com"))  # only the TLD shared
+        self.assertTrue(safe("localhost", "proj.test"))
+        self.assertTrue(safe("localhost", "proj.localhost"))
+        self.assertTrue(safe("10.0.0.1", "projects.example.com"))
+        self.assertFalse(safe("proxy.example.com", "projects.example.com"))
+        self.assertFalse(safe("proxy.example.com", "example.com"))
+        self.assertFalse(safe("example.com", "projects.example.com"))
+        self.assertFalse(safe("Proxy.Example.COM.", "p.example.com"))
+        self.assertFalse(safe("proxy.example.co.uk", "p.example.co.uk"))
+
     def test_extract_precedence(self) -> None:
-        cookie = [b"cocalcproxy_session=s"]
+        cookie = [b"__Host-cocalcproxy_session=s"]
         got = c.extract([b"Bearer t"], cookie)
         self.assertEqual(got, c.Presented(c.APIToken("t"), from_authorization=True))
         got = c.extract([b"token jupyter"], cookie)

@@ -170,7 +170,7 @@ class Flow(unittest.TestCase):
         self.main = self.world.directory.add_session("alice")
 
     def hop_to(self, to: str, session: str | None = None) -> tuple[int, bytes]:
-        headers = {**HTML, b"Cookie": f"cocalcproxy_session={session or self.main}".encode()}
+        headers = {**HTML, b"Cookie": f"__Host-cocalcproxy_session={session or self.main}".encode()}
         r = self.world.request(b"GET", b"/_/hop?to=" + quote(to, safe="").encode(), headers=headers)
         return r.status, r.header(b"location") or b""
 
@@ -232,14 +232,16 @@ class Flow(unittest.TestCase):
         self.assertEqual(landed.header(b"referrer-policy"), b"no-referrer")
         self.assertEqual(landed.header(b"cache-control"), b"no-store")
         self.assertNotIn(one_time, self.world.directory.sessions)
-        line = landed.cookies()["cocalcproxy_session"]
+        line = landed.cookies()["__Host-cocalcproxy_session"]
         attributes = [a.strip().lower() for a in line.split(";")[1:]]
         self.assertIn("secure", attributes)
         self.assertIn("httponly", attributes)
         self.assertIn("samesite=lax", attributes)
         self.assertIn("path=/", attributes)
         self.assertFalse([a for a in attributes if a.startswith("domain")], line)
-        cookie = "cocalcproxy_session=" + (landed.cookie_value("cocalcproxy_session") or "")
+        cookie = "__Host-cocalcproxy_session=" + (
+            landed.cookie_value("__Host-cocalcproxy_session") or ""
+        )
 
         again = self.land(query["ticket"][0])
         self.assertEqual(again.status, 403)
@@ -268,7 +270,7 @@ class Flow(unittest.TestCase):
         r = self.world.request(
             b"GET",
             b"/nb",
-            headers={**HTML, b"Cookie": f"cocalcproxy_session={self.main}".encode()},
+            headers={**HTML, b"Cookie": f"__Host-cocalcproxy_session={self.main}".encode()},
             host=SUB,
         )
         self.assertEqual(r.status, 302)
@@ -276,20 +278,20 @@ class Flow(unittest.TestCase):
 
     def test_a_cookie_tossed_in_by_a_sibling_does_not_shadow_the_real_one(self) -> None:
         landed = self.land(self.ticket_for())
-        value = landed.cookie_value("cocalcproxy_session")
-        cookie = f"cocalcproxy_session=junk; cocalcproxy_session={value}".encode()
+        value = landed.cookie_value("__Host-cocalcproxy_session")
+        cookie = f"__Host-cocalcproxy_session=junk; __Host-cocalcproxy_session={value}".encode()
         r = self.world.request(b"GET", b"/nb", headers={**HTML, b"Cookie": cookie}, host=SUB)
         self.assertEqual(r.status, 200)
 
     def test_signing_in_again_on_a_subdomain_ends_the_previous_session_there(self) -> None:
         first = self.land(self.ticket_for())
-        old = first.cookie_value("cocalcproxy_session") or ""
-        second = self.land(self.ticket_for(), cookie=f"cocalcproxy_session={old}")
+        old = first.cookie_value("__Host-cocalcproxy_session") or ""
+        second = self.land(self.ticket_for(), cookie=f"__Host-cocalcproxy_session={old}")
         self.assertEqual(second.status, 302)
         r = self.world.request(
             b"GET",
             b"/nb",
-            headers={**HTML, b"Cookie": f"cocalcproxy_session={old}".encode()},
+            headers={**HTML, b"Cookie": f"__Host-cocalcproxy_session={old}".encode()},
             host=SUB,
         )
         self.assertEqual(r.status, 302)
@@ -383,7 +385,7 @@ class Flow(unittest.TestCase):
         twice = self.world.request(
             b"GET",
             b"/_/hop?to=a&to=b",
-            headers={**HTML, b"Cookie": f"cocalcproxy_session={self.main}".encode()},
+            headers={**HTML, b"Cookie": f"__Host-cocalcproxy_session={self.main}".encode()},
         )
         self.assertEqual(twice.status, 400)
         self.assertEqual(self.world.request(b"POST", b"/_/hop", headers=HTML).status, 405)
@@ -424,11 +426,11 @@ class SubdomainCookieEverywhereOnItsHost(unittest.TestCase):
         refused = world.request(b"GET", b"/ws", headers=upgrade, host=SUB)
         self.assertEqual(refused.status, 401)  # a handshake is not a page load: no redirect
         token = world.directory.add_session("alice")
-        cookie = f"cocalcproxy_session={hop.keys.bind(LABEL, token)}".encode()
+        cookie = f"__Host-cocalcproxy_session={hop.keys.bind(LABEL, token)}".encode()
         world.request(b"GET", b"/ws", headers={**upgrade, b"Cookie": cookie}, host=SUB)
         self.assertEqual(len(world.handler.seen), 1)
         raw_label = f"{PID}-raw"
-        raw_cookie = f"cocalcproxy_session={hop.keys.bind(raw_label, token)}".encode()
+        raw_cookie = f"__Host-cocalcproxy_session={hop.keys.bind(raw_label, token)}".encode()
         raw_host = f"{raw_label}.{DOMAIN}".encode()
         ok = world.request(b"GET", b"/f.txt", headers={b"Cookie": raw_cookie}, host=raw_host)
         self.assertEqual(ok.status, 200)
@@ -444,7 +446,9 @@ class OpenOnASubdomain(unittest.TestCase):
         world, _ = hop_world()
         session = world.directory.add_session("alice")
         page = world.request(
-            b"GET", b"/", headers={**HTML, b"Cookie": f"cocalcproxy_session={session}".encode()}
+            b"GET",
+            b"/",
+            headers={**HTML, b"Cookie": f"__Host-cocalcproxy_session={session}".encode()},
         )
         self.assertEqual(page.status, 200)
         self.assertIn(b'name="form" value="subdomain"', page.body)

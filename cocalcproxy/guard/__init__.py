@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, gatherResults
 
 from cocalcproxy.directory import IDirectory
 from cocalcproxy.guard.core import Clock, Guard
+from cocalcproxy.guard.credentials import legacy_cookie_safe
 from cocalcproxy.guard.csrf import CsrfTokens, load_or_create_key
 from cocalcproxy.guard.hop import Hop
 from cocalcproxy.guard.hopkeys import HopKeys
@@ -78,6 +79,7 @@ def build_guard(
     the directory's change notifications (``Directory.change_listener``; None where it has
     none) wake the guard's poll at once."""
     guard = Guard(directory, clock)
+    guard.legacy_session_cookie = legacy_cookie_safe(hostname, project_domain)
     notifications = change_listener(guard.wake) if change_listener is not None else None
     if notifications is not None and metrics is not None:
         metrics.set_directory_notifications(lambda: notifications.listening)

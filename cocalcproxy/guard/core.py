@@ -39,6 +39,7 @@ from cocalcproxy.guard import policy
 from cocalcproxy.guard.cache import ExpiringCache
 from cocalcproxy.guard.checkers import IAccountAvatar, Identity, identity_of, make_portal
 from cocalcproxy.guard.credentials import (
+    LEGACY_SESSION_COOKIE,
     SESSION_COOKIE,
     Credential,
     Malformed,
@@ -49,6 +50,8 @@ from cocalcproxy.guard.credentials import (
     cookie_values,
     extract,
     form_password,
+    has_legacy_cookie,
+    session_cookie,
 )
 from cocalcproxy.guard.hopkeys import HopKeys, label_for
 from cocalcproxy.guard.ratelimit import SignInLimits
@@ -234,6 +237,10 @@ class Guard:
         # must carry a tag bound to their host (hopkeys.HopKeys), and signed-out navigations
         # are sent to the sign-in hop on the main host (hop.Hop.send_to_main_host).
         self.hop_keys: HopKeys | None = None
+        # Whether the main host still reads sessions under the cookie's old name (see
+        # credentials.session_cookie); build_guard turns it off where project subdomains could
+        # have tossed such a cookie (credentials.legacy_cookie_safe).
+        self.legacy_session_cookie = True
         self.send_to_hop: Callable[[Request, str, SignedOut], None] | None = None
         self.identities: CachedLookups[bytes, Identity | None] = CachedLookups(
             clock, lambda: self.generation, self._identity_ttl, max_entries, name="credentials"
@@ -270,7 +277,11 @@ class Guard:
         """Who is asking. On a project subdomain (``host_label``) a session cookie counts only
         when it is bound to that host (see hopkeys); other cookie values are passed over."""
         cookies = request.requestHeaders.getRawHeaders(b"cookie", [])
-        presented = extract(request.requestHeaders.getRawHeaders(b"authorization", []), cookies)
+        presented = extract(
+            request.requestHeaders.getRawHeaders(b"authorization", []),
+            cookies,
+            legacy=self.legacy_session_cookie and host_label is None,
+        )
         if presented is None:
             return succeed(SignedOut())
         if isinstance(presented, Malformed):
@@ -338,6 +349,11 @@ class Guard:
             return outcome
 
         return self.authenticate(request).addCallback(decide)
+
+    def main_session(self, request: Request) -> str | None:
+        """The session token of the main host's session cookie (credentials.session_cookie)."""
+        cookies = request.requestHeaders.getRawHeaders(b"cookie", [])
+        return session_cookie(cookies, self.legacy_session_cookie)
 
     def check_password(self, name: str, password: str) -> Deferred[Identity | None]:
         """For the sign-in form: never cached, never an API token in place of the password."""
@@ -548,7 +564,7 @@ def refuse(
         )
         return
     if isinstance(outcome, SignedOut) and outcome.stale_session:
-        expire_cookie(request, SESSION_COOKIE)
+        expire_session_cookies(request)
     if isinstance(outcome, SignedOut) and may_redirect and is_navigation(request):
         request.setResponseCode(302)
         request.setHeader(b"Location", policy.login_location(request.uri))
@@ -563,6 +579,13 @@ def refuse(
         "Sign-in required",
         "Sign in, or send an API token (Authorization: Bearer) or Basic credentials.",
     )
+
+
+def expire_session_cookies(request: Request) -> None:
+    """Expire the session cookie, and the old-name one when the request carries it."""
+    expire_cookie(request, SESSION_COOKIE)
+    if has_legacy_cookie(request.requestHeaders.getRawHeaders(b"cookie", [])):
+        expire_cookie(request, LEGACY_SESSION_COOKIE)
 
 
 def expire_cookie(request: Request, name: str) -> None:

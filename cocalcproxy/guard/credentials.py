@@ -4,7 +4,8 @@ Three kinds, in this order of precedence:
 
 * ``Authorization: Bearer <api token>``
 * ``Authorization: Basic`` with name and password, or name and API token
-* the ``cocalcproxy_session`` cookie
+* the session cookie (``__Host-cocalcproxy_session``; on the main host, under the rules of
+  :func:`session_cookie`, also the name it had before, ``cocalcproxy_session``)
 
 An ``Authorization`` header with any other scheme (``token ...`` for Jupyter, ``Digest``) belongs
 to the backend: it is ignored here and passed on. A Basic or Bearer header that cannot be parsed,
@@ -28,6 +29,7 @@ from zope.interface import Attribute, implementer
 from cocalcproxy import headers
 
 SESSION_COOKIE = headers.SESSION_COOKIE.decode("ascii")
+LEGACY_SESSION_COOKIE = headers.LEGACY_SESSION_COOKIE.decode("ascii")
 
 # Longer values are refused without asking the directory.
 MAX_SECRET_LENGTH = 1024
@@ -166,12 +168,56 @@ def cookie_values(cookie_headers: Sequence[bytes], name: str) -> list[str]:
     return found
 
 
-def session_cookie(cookie_headers: Sequence[bytes]) -> str | None:
-    """The first non-empty ``cocalcproxy_session`` value (the most specific path comes first)."""
-    for value in cookie_values(cookie_headers, SESSION_COOKIE):
-        if value:
-            return value
-    return None
+def session_cookie(cookie_headers: Sequence[bytes], legacy: bool = False) -> str | None:
+    """The session token in the Cookie header(s), or None.
+
+    The ``__Host-`` cookie always wins: when the request has one, the old name is not even
+    looked at (another host may have tossed an old-name cookie in beside it, with a more
+    specific Path so that it comes first). Only without one, and only when ``legacy`` (no other
+    host of this proxy could have set a cookie the main host receives: ``legacy_cookie_safe``),
+    a session still held under the old name counts, and then only when there is exactly one
+    non-empty value of it (two mean one was planted).
+    """
+    current = cookie_values(cookie_headers, SESSION_COOKIE)
+    if current:
+        return next((v for v in current if v), None)
+    if not legacy:
+        return None
+    old = [v for v in cookie_values(cookie_headers, LEGACY_SESSION_COOKIE) if v]
+    return old[0] if len(old) == 1 else None
+
+
+def has_legacy_cookie(cookie_headers: Sequence[bytes]) -> bool:
+    return bool(cookie_values(cookie_headers, LEGACY_SESSION_COOKIE))
+
+
+def _labels(host: str) -> list[str]:
+    return [label for label in host.strip().strip(".").lower().split(".") if label]
+
+
+def legacy_cookie_safe(hostname: str, project_domain: str | None) -> bool:
+    """Whether no project subdomain could have set a cookie that the main host receives.
+
+    A host can set a cookie for any parent domain that is not a public suffix, and the main host
+    receives cookies set for its own parent domains. So a project host ``<label>.<domain>`` can
+    toss cookies at the main host when the two share a parent domain that is not a public
+    suffix. Without the Public Suffix List the proxy assumes that any two shared trailing labels
+    may be such a domain (``example.com`` in ``proxy.example.com`` and ``p.example.com``), and
+    that one label (a top-level domain, or ``localhost``) never is. An IP address as the main
+    host cannot receive domain cookies.
+    """
+    if not project_domain:
+        return True
+    host = _labels(hostname)
+    if not host or all(part.isdigit() for part in host) or ":" in hostname:
+        return True
+    domain = _labels(project_domain)
+    shared = 0
+    for a, b in zip(reversed(host), reversed(domain), strict=False):
+        if a != b:
+            break
+        shared += 1
+    return shared < 2
 
 
 def well_formed_cookie_token(token: str) -> bool:
@@ -179,15 +225,16 @@ def well_formed_cookie_token(token: str) -> bool:
 
 
 def extract(
-    authorization: Sequence[bytes], cookies: Sequence[bytes]
+    authorization: Sequence[bytes], cookies: Sequence[bytes], legacy: bool = False
 ) -> Presented | Malformed | None:
-    """What the request presents: Authorization (ours) first, then the session cookie."""
+    """What the request presents: Authorization (ours) first, then the session cookie
+    (``legacy``: see :func:`session_cookie`)."""
     parsed = parse_authorization(authorization)
     if isinstance(parsed, Malformed):
         return parsed
     if parsed is not None:
         return Presented(parsed, from_authorization=True)
-    token = session_cookie(cookies)
+    token = session_cookie(cookies, legacy)
     if token is not None:
         return Presented(SessionToken(token), from_authorization=False)
     return None

@@ -27,14 +27,16 @@ from cocalcproxy.guard.core import (
     Guard,
     client_address,
     expire_cookie,
+    expire_session_cookies,
 )
 from cocalcproxy.guard.credentials import (
+    LEGACY_SESSION_COOKIE,
     MAX_NAME_LENGTH,
     MAX_SECRET_LENGTH,
     SESSION_COOKIE,
     SessionToken,
     cookie_values,
-    session_cookie,
+    has_legacy_cookie,
 )
 from cocalcproxy.guard.csrf import CSRF_COOKIE, CsrfTokens, new_presession, well_formed_presession
 
@@ -364,7 +366,7 @@ class GuardPages:
         for, or told who they are above the form (to sign in as someone else)."""
         next_path = _query_next(request)
         account = None
-        if session_cookie(request.requestHeaders.getRawHeaders(b"cookie", [])) is not None:
+        if self.guard.main_session(request) is not None:
             outcome = yield self.guard.authenticate(request)
             if isinstance(outcome, Authenticated) and not outcome.presented.from_authorization:
                 account = outcome.identity.account.name
@@ -468,7 +470,7 @@ class GuardPages:
             self._login_form(request, 403, next_path, shown_name, FAILED)
             return
         self.guard.limits.succeeded(address, name, started)
-        old = session_cookie(request.requestHeaders.getRawHeaders(b"cookie", []))
+        old = self.guard.main_session(request)
         if old is not None:
             self.guard.forget_session(old)
             try:
@@ -491,6 +493,8 @@ class GuardPages:
             httpOnly=True,
             sameSite="lax",
         )
+        if has_legacy_cookie(request.requestHeaders.getRawHeaders(b"cookie", [])):
+            expire_cookie(request, LEGACY_SESSION_COOKIE)
         expire_cookie(request, CSRF_COOKIE)
         log.info("{name} signed in from {address}", name=identity.account.name, address=address)
         _redirect(request, policy.location(next_path))
@@ -528,7 +532,7 @@ class GuardPages:
         except FormError as e:
             pages.write_error(request, e.status, e.title, e.detail)
             return
-        session = session_cookie(request.requestHeaders.getRawHeaders(b"cookie", []))
+        session = self.guard.main_session(request)
         if session is None:
             _redirect(request, b"/_/login")
             return
@@ -551,7 +555,7 @@ class GuardPages:
                 name=account.name,
                 address=client_address(request),
             )
-        expire_cookie(request, SESSION_COOKIE)
+        expire_session_cookies(request)
         _redirect(request, b"/_/login")
 
     # -- / ------------------------------------------------------------------------------------

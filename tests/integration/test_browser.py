@@ -196,7 +196,7 @@ class BrowserSignIn(unittest.TestCase):
 
         wait_for(lambda: self.browser.url == proxied, 30, "the proxied URL after signing in")
         wait_for(lambda: MARKER in self.browser.source, 30, "the backend's page")
-        session = [c for c in self.browser.cookies() if c["name"] == "cocalcproxy_session"]
+        session = [c for c in self.browser.cookies() if c["name"] == "__Host-cocalcproxy_session"]
         self.assertEqual(len(session), 1)
         self.assertTrue(session[0]["httpOnly"])
         self.assertTrue(session[0]["secure"])
@@ -213,5 +213,5 @@ class BrowserSignIn(unittest.TestCase):
             "the failure message",
         )
         self.assertEqual(
-            [c for c in self.browser.cookies() if c["name"] == "cocalcproxy_session"], []
+            [c for c in self.browser.cookies() if c["name"] == "__Host-cocalcproxy_session"], []
         )

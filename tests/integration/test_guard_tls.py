@@ -110,10 +110,10 @@ class GuardOverTLS(unittest.TestCase):
         response, _ = yield self.sign_in("alice", "alice-password", self.target)
         self.assertEqual(response.code, 303)
         self.assertEqual(response.headers.getRawHeaders(b"location"), [self.target.encode()])
-        line = set_cookies(response)["cocalcproxy_session"]
+        line = set_cookies(response)["__Host-cocalcproxy_session"]
         for attribute in ("Secure", "HttpOnly", "SameSite=lax", "Path=/"):
             self.assertIn(attribute, line)
-        session = {"cocalcproxy_session": cookie_value(line)}
+        session = {"__Host-cocalcproxy_session": cookie_value(line)}
 
         reached, body = yield self.get(self.target, HTML, session)
         self.assertEqual((reached.code, body), (200, b"through"))
@@ -171,7 +171,7 @@ class GuardOverTLS(unittest.TestCase):
         yield deferLater(reactor, max(0.0, expired_at - time.time()) + 0.1, lambda: None)
         response, _ = yield self.get(self.target, {"Authorization": f"Bearer {token}"})
         self.assertEqual(response.code, 401)
-        response, _ = yield self.get(self.target, {}, {"cocalcproxy_session": session})
+        response, _ = yield self.get(self.target, {}, {"__Host-cocalcproxy_session": session})
         self.assertEqual(response.code, 401)
         self.assertEqual(self.recorder.seen, [])
 

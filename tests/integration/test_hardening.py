@@ -4,12 +4,21 @@ directory, real TLS) in front of a real backend that misbehaves on purpose."""
 from __future__ import annotations
 
 import base64
+import datetime
 import json
+import os
+import re
 import socket
 import ssl as stdlib_ssl
 import time
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -23,8 +32,10 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 
 from tests.forward_harness import RawClient, raw_connect
+from tests.integration.test_hop import Browser, Echo
 from tests.rawsupport import Exchange, parse_response, poll
 from tests.support import https_client, start_proxy
+from tests.tlsutil import key_pem, make_ca, pem
 
 
 def basic(name: str, secret: str) -> bytes:
@@ -390,3 +401,161 @@ class RefusedBodies(unittest.TestCase):
             f"/{self.pid}/server/9/upload".encode(),
             b"Authorization: " + basic("alice", "alice-password"),
         )
+
+
+def leaf_for(ca: Any, *names: str) -> tuple[Any, Any]:
+    """A certificate for ``names`` signed by ``ca`` (tlsutil's leaf covers one name only)."""
+    ca_cert, ca_key = ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+@defer.inlineCallbacks
+def start_named_proxy(case: unittest.TestCase, hostname: str, domain: str | None, *extra: str):  # type: ignore[no-untyped-def]
+    """The whole proxy answering as ``hostname`` (and ``*.<domain>``), with a certificate from
+    a test CA; returns the proxy and the CA certificate a Browser should trust."""
+    base = Path(os.path.abspath(case.mktemp()))
+    base.mkdir(parents=True)
+    ca = make_ca("hardening CA")
+    names = [hostname] + ([f"*.{domain}"] if domain else [])
+    leaf, key = leaf_for(ca, *names)
+    (base / "cert.pem").write_bytes(pem(leaf) + pem(ca[0]))
+    (base / "key.pem").write_bytes(key_pem(key))
+    options = ["--tls-cert", str(base / "cert.pem"), "--tls-key", str(base / "key.pem")]
+    options += ["--hostname", hostname]
+    if domain:
+        options += ["--project-domain", domain]
+    proxy = yield start_proxy(case, *options, *extra)
+    return proxy, ssl.Certificate.loadPEM(pem(ca[0]))
+
+
+class CookieTossing(unittest.TestCase):
+    """Item 9: a cookie a project subdomain tossed at the parent domain never signs anyone in
+    on the main host, nor shadows the real session."""
+
+    timeout = 60
+    HOST = "proxy.example.test"
+    DOMAIN = "proj.example.test"  # shares example.test with HOST: tossing is possible
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.echo = Echo()
+        listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            server.Site(self.echo)
+        )
+        self.addCleanup(listening.stopListening)
+        self.backend_port = listening.getHost().port
+        self.proxy, self.authority = yield start_named_proxy(self, self.HOST, self.DOMAIN)
+        d = self.proxy.directory
+        yield d.add_user("alice", "alice-password")
+        self.mallory = yield d.add_user("mallory", "mallory-password")
+        alice_project = yield d.add_project("alice", host="127.0.0.1")
+        mallory_project = yield d.add_project("mallory", host="127.0.0.1")
+        self.main = f"https://{self.HOST}:{self.proxy.port}"
+        self.alice_url = f"{self.main}/{alice_project.id}/server/{self.backend_port}/x"
+        self.mallory_url = f"{self.main}/{mallory_project.id}/server/{self.backend_port}/x"
+        # Mallory's own valid session, which script on her project's subdomain tosses at
+        # Domain=example.test (a browser then sends it to the main host too).
+        self.planted = yield d.create_session(self.mallory.id, 3600)
+
+    def browser(self) -> Browser:
+        return Browser(self, self.proxy.port, self.authority)
+
+    @defer.inlineCallbacks
+    def test_a_tossed_cookie_never_shadows_the_real_session(self):  # type: ignore[no-untyped-def]
+        alice = self.browser()
+        url, response, body = yield alice.go(self.main + "/_/login")
+        url, response, body = yield alice.sign_in(url, body, "alice", "alice-password")
+        self.assertEqual(response.code, 200, body)
+        real = alice.jar[self.HOST]["__Host-cocalcproxy_session"]
+        # The tossed cookie has a more specific Path, so the browser sends it first.
+        both = f"cocalcproxy_session={self.planted}; __Host-cocalcproxy_session={real}"
+        response, body = yield alice.request("GET", self.mallory_url, headers={"Cookie": both})
+        self.assertEqual(response.code, 404, body)  # alice's session: not mallory's project
+        self.assertEqual(self.echo.seen, [])
+        response, body = yield alice.request("GET", self.alice_url, headers={"Cookie": both})
+        self.assertEqual(response.code, 200, body)
+        self.assertNotIn(self.planted, body.decode())
+
+    @defer.inlineCallbacks
+    def test_a_tossed_cookie_alone_signs_nobody_in(self):  # type: ignore[no-untyped-def]
+        victim = self.browser()
+        tossed = {"Cookie": f"cocalcproxy_session={self.planted}"}
+        response, _ = yield victim.request("GET", self.mallory_url, headers=tossed)
+        self.assertEqual(response.code, 302)
+        self.assertTrue(response.headers.getRawHeaders(b"location")[0].startswith(b"/_/login"))
+        response, _ = yield victim.request("GET", self.main + "/", headers=tossed)
+        self.assertEqual(response.code, 302)
+        self.assertEqual(self.echo.seen, [])
+
+    @defer.inlineCallbacks
+    def test_the_session_cookie_is_host_prefixed(self):  # type: ignore[no-untyped-def]
+        b = self.browser()
+        url, response, body = yield b.go(self.main + "/_/login")
+        response, _ = yield b.request(
+            "POST",
+            self.main + "/_/login",
+            data=urlencode(
+                {
+                    "csrf": re.search(rb'name="csrf" value="([^"]*)"', body).group(1).decode(),
+                    "next": "/",
+                    "name": "alice",
+                    "password": "alice-password",
+                }
+            ).encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        self.assertEqual(response.code, 303)
+        lines = [
+            line
+            for line in response.headers.getRawHeaders(b"set-cookie", [])
+            if line.startswith(b"__Host-cocalcproxy_session=")
+        ]
+        self.assertEqual(len(lines), 1)
+        attributes = [a.strip().lower() for a in lines[0].split(b";")[1:]]
+        self.assertIn(b"secure", attributes)
+        self.assertIn(b"path=/", attributes)
+        self.assertFalse([a for a in attributes if a.startswith(b"domain")])
+
+
+class OldSessionCookie(unittest.TestCase):
+    """Item 9: sessions set under the old name keep working where no other host of the proxy
+    could have set that cookie, until they expire."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_old_name_works_without_project_subdomains_of_the_same_site(self):  # type: ignore[no-untyped-def]
+        proxy, authority = yield start_named_proxy(
+            self, "proxy.example.test", "example-projects.test"
+        )
+        alice = yield proxy.directory.add_user("alice", "alice-password")
+        old = yield proxy.directory.create_session(alice.id, 3600)
+        b = Browser(self, proxy.port, authority)
+        main = f"https://proxy.example.test:{proxy.port}"
+        response, body = yield b.request(
+            "GET", main + "/", headers={"Cookie": f"cocalcproxy_session={old}"}
+        )
+        self.assertEqual(response.code, 200, body)
+        self.assertIn(b"alice", body)
+        # Signing in again moves the browser to the new name and expires the old one.
+        url, response, body = yield b.go(main + "/_/login")
+        b.jar.setdefault("proxy.example.test", {})["cocalcproxy_session"] = old
+        url, response, body = yield b.sign_in(url, body, "alice", "alice-password")
+        self.assertEqual(response.code, 200)
+        self.assertNotIn("cocalcproxy_session", b.jar["proxy.example.test"])
+        self.assertIn("__Host-cocalcproxy_session", b.jar["proxy.example.test"])

@@ -214,8 +214,8 @@ class HopOverTLS(unittest.TestCase):
         self.assertTrue(landing[0].startswith(self.origin + "/.cocalcproxy/hop?ticket="))
 
         # Each host has its own session cookie; the main host's and the subdomain's differ.
-        main_cookie = b.jar["localhost"]["cocalcproxy_session"]
-        sub_cookie = b.jar[f"{self.label}.{DOMAIN}"]["cocalcproxy_session"]
+        main_cookie = b.jar["localhost"]["__Host-cocalcproxy_session"]
+        sub_cookie = b.jar[f"{self.label}.{DOMAIN}"]["__Host-cocalcproxy_session"]
         self.assertNotEqual(main_cookie, sub_cookie)
 
         # Nothing of the proxy's reached the backend: no session cookie, no ticket, no token.
@@ -224,7 +224,7 @@ class HopOverTLS(unittest.TestCase):
             text = json.dumps(seen)
             for secret in (main_cookie, sub_cookie, sub_cookie.split(".")[0], ticket):
                 self.assertNotIn(secret, text)
-            self.assertNotIn("cocalcproxy_session", text)
+            self.assertNotIn("__Host-cocalcproxy_session", text)
             self.assertNotIn(".cocalcproxy", seen["uri"])
 
         # Later visits go straight through on the subdomain's own cookie.
@@ -244,8 +244,8 @@ class HopOverTLS(unittest.TestCase):
         # The subdomain's cookie is no good anywhere else, even if stolen and replayed.
         thief = self.browser()
         other = f"{PID}-{self.backend_port + 1 if self.backend_port < 65535 else 1}.{DOMAIN}"
-        thief.jar[other] = {"cocalcproxy_session": sub_cookie}
-        thief.jar["localhost"] = {"cocalcproxy_session": sub_cookie}
+        thief.jar[other] = {"__Host-cocalcproxy_session": sub_cookie}
+        thief.jar["localhost"] = {"__Host-cocalcproxy_session": sub_cookie}
         response, _ = yield thief.request("GET", f"https://{other}:{self.proxy.port}/")
         self.assertEqual(response.code, 302)
         self.assertIn(b"/_/hop?to=", response.headers.getRawHeaders(b"location")[0])

@@ -36,7 +36,7 @@ class BrowserHop(unittest.TestCase):
             detail = f"{e}\nat {self.browser.url}\n{self.proxy.output()[-3000:]}"
             raise AssertionError(detail) from None
         wait_for(lambda: MARKER in self.browser.source, 30, "the backend's page")
-        session = [c for c in self.browser.cookies() if c["name"] == "cocalcproxy_session"]
+        session = [c for c in self.browser.cookies() if c["name"] == "__Host-cocalcproxy_session"]
         self.assertEqual(len(session), 1, session)
         self.assertEqual(session[0]["domain"], host)  # host-only: no leading dot
         self.assertTrue(session[0]["httpOnly"])

@@ -195,7 +195,7 @@ class RestartTests(unittest.TestCase):
         )
         self.assertEqual(status, 303, body[:500])
         for cookie in headers.get_all("Set-Cookie") or []:
-            if cookie.startswith("cocalcproxy_session="):
+            if cookie.startswith("__Host-cocalcproxy_session="):
                 return cookie.split(";", 1)[0]
         raise AssertionError(f"no session cookie in {headers}")
 
