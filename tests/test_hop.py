@@ -19,6 +19,9 @@ OTHER = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 LABEL = f"{PID}-8000"
 
 
+SESSION = "__Host-cocalcproxy_session"
+
+
 class TargetRules(unittest.TestCase):
     def parse(self, to: str, port: int | None = 8443) -> Target | None:
         return parse_target(to, DOMAIN, port)
@@ -299,16 +302,16 @@ class Flow(unittest.TestCase):
     def test_signing_out_on_the_main_host_ends_the_hosts_sessions(self) -> None:
         self.world.guard.poll()  # a running proxy has read the change counter before
         landed = self.land(self.ticket_for())
-        cookie = f"cocalcproxy_session={landed.cookie_value('cocalcproxy_session')}".encode()
+        cookie = f"{SESSION}={landed.cookie_value(SESSION)}".encode()
         other_sub = f"{PID}-8001.{DOMAIN}"
         other = self.land(self.ticket_for(label=f"{PID}-8001"), host=other_sub.encode())
-        other_cookie = f"cocalcproxy_session={other.cookie_value('cocalcproxy_session')}".encode()
+        other_cookie = f"{SESSION}={other.cookie_value(SESSION)}".encode()
         # Another sign-in of the same person (another browser) and its host session stay.
         elsewhere = self.world.directory.add_session("alice")
         status, location = self.hop_to(f"https://{LABEL}.{DOMAIN}:8443/", session=elsewhere)
         ticket = parse_qs(urlsplit(location.decode()).query)["ticket"][0]
         kept = self.land(ticket)
-        kept_cookie = f"cocalcproxy_session={kept.cookie_value('cocalcproxy_session')}".encode()
+        kept_cookie = f"{SESSION}={kept.cookie_value(SESSION)}".encode()
         ok = self.world.request(b"GET", b"/nb", headers={**HTML, b"Cookie": cookie}, host=SUB)
         self.assertEqual(ok.status, 200)
 
@@ -318,7 +321,7 @@ class Flow(unittest.TestCase):
             b"/_/logout",
             headers={
                 b"Content-Type": b"application/x-www-form-urlencoded",
-                b"Cookie": f"cocalcproxy_session={self.main}".encode(),
+                b"Cookie": f"__Host-cocalcproxy_session={self.main}".encode(),
             },
             body=f"csrf={csrf}".encode(),
         )

@@ -459,7 +459,10 @@ class CookieTossing(unittest.TestCase):
         )
         self.addCleanup(listening.stopListening)
         self.backend_port = listening.getHost().port
-        self.proxy, self.authority = yield start_named_proxy(self, self.HOST, self.DOMAIN)
+        # Two projects on one host: name the ports they may reach (the default is none).
+        self.proxy, self.authority = yield start_named_proxy(
+            self, self.HOST, self.DOMAIN, "--default-ports", "1024-65535"
+        )
         d = self.proxy.directory
         yield d.add_user("alice", "alice-password")
         self.mallory = yield d.add_user("mallory", "mallory-password")

@@ -301,7 +301,7 @@ class SignOutEndsHostSessions(unittest.TestCase):
         b = self.browser()
         url, response, body = yield b.go(origin + "/")
         url, response, body = yield b.sign_in(url, body, "alice", "alice-password")
-        cookie = b.jar[host]["cocalcproxy_session"]
+        cookie = b.jar[host]["__Host-cocalcproxy_session"]
         context = stdlib_ssl.create_default_context(cadata=pem_of(self.authority))
         opened = threading.Event()
 
@@ -312,7 +312,7 @@ class SignOutEndsHostSessions(unittest.TestCase):
                 sock=sock,
                 ssl=context,
                 server_hostname=host,
-                additional_headers={"Cookie": f"cocalcproxy_session={cookie}"},
+                additional_headers={"Cookie": f"__Host-cocalcproxy_session={cookie}"},
                 open_timeout=20,
             ) as ws:
                 ws.send("hello")
@@ -344,7 +344,7 @@ class SignOutEndsHostSessions(unittest.TestCase):
         self.assertLess(closed_at - signed_out, 2.0)
         # The host's cookie is no longer a session: a page load is sent to sign in again.
         thief = self.browser()
-        thief.jar[host] = {"cocalcproxy_session": cookie}
+        thief.jar[host] = {"__Host-cocalcproxy_session": cookie}
         response, _ = yield thief.request("GET", origin + "/")
         self.assertEqual(response.code, 302)
         self.assertIn(b"/_/hop?to=", response.headers.getRawHeaders(b"location")[0])
@@ -352,7 +352,6 @@ class SignOutEndsHostSessions(unittest.TestCase):
 
 def pem_of(certificate: ssl.Certificate) -> str:
     return certificate.dumpPEM().decode("ascii")
-
 
 
 class GeneratedCertificateCoversProjectHosts(unittest.TestCase):
