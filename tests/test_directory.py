@@ -320,7 +320,6 @@ class SessionTests(SyncMixin):
         with self.assertRaises(InvalidInput):
             self.d.create_session(alice.id, 0)
 
-
     def test_derived_sessions_end_with_their_root(self) -> None:
         alice = self.d.add_user("alice", "pw")
         main = self.d.create_session(alice.id, 3600)
@@ -500,6 +499,39 @@ class ProjectTests(SyncMixin):
         self.assertIsNone(self.d.project_for(self.alice.id, OTHER_PID))
         self.assertIsNone(self.d.project_for(self.alice.id, PID.upper()))
         self.assertIsNone(self.d.project_for(self.alice.id, "../etc"))
+
+    def test_who_shares_a_host(self) -> None:
+        """Computed on every read: the same host text, or both on this machine's loopback."""
+        ids = {}
+        for name, host in (("a", "127.0.0.1"), ("b", "localhost"), ("c", "10.0.0.9"),
+                           ("d", "10.0.0.9"), ("e", "10.0.0.8"), ("f", "127.0.0.2")):  # fmt: skip
+            ids[name] = self.d.add_project("alice", host=host, home=None).id
+
+        def flags(name: str) -> tuple[bool, bool]:
+            project = self.d.get_project(ids[name])
+            assert project is not None
+            return project.shares_host, project.loopback_neighbours
+
+        self.assertEqual(flags("a"), (False, True), "127.0.0.1 beside localhost and 127.0.0.2")
+        self.assertEqual(flags("b"), (False, True))
+        self.assertEqual(flags("c"), (True, True), "10.0.0.9 twice (a literal: may be local)")
+        self.assertEqual(flags("e"), (False, True))
+        listed = {p.id: (p.shares_host, p.loopback_neighbours) for p in self.d.list_projects()}
+        self.assertEqual(listed[ids["d"]], (True, True))
+        self.d.remove_project(ids["a"])
+        self.d.remove_project(ids["f"])
+        self.assertEqual(flags("b"), (False, False), "alone on loopback now")
+
+    def test_ports_and_socket_fields_round_trip(self) -> None:
+        made = self.d.add_project(
+            "alice", ports="9000, 8000-8099,8100", socket_dir="/run/x/", socket_owner=1000
+        )
+        self.assertEqual(str(made.ports), "8000-8100,9000")
+        self.assertEqual((made.socket_dir, made.socket_owner), ("/run/x", 1000))
+        changed = self.d.set_project(made.id, ports="default", socket_dir="", socket_owner="")
+        self.assertEqual((changed.ports, changed.socket_dir, changed.socket_owner), (None,) * 3)
+        with self.assertRaises(InvalidInput):
+            self.d.set_project(made.id, ports="1-70000")
 
     def test_projects_for_and_list(self) -> None:
         first = self.d.add_project("alice", project_id=PID)

@@ -77,7 +77,8 @@ _PROJECT_COLUMNS = (
 # Hosts that may be loopback, as a coarse SQL filter (refined in Python with always_local).
 # (The patterns are parameters: psycopg would read a literal '%' as a placeholder.)
 _MAYBE_LOOPBACK = (
-    "SELECT host FROM projects WHERE host LIKE ? OR host LIKE ? OR host LIKE ? OR host LIKE ?"
+    "SELECT host, COUNT(*) FROM projects "
+    "WHERE host LIKE ? OR host LIKE ? OR host LIKE ? OR host LIKE ? GROUP BY host"
 )
 _MAYBE_LOOPBACK_PATTERNS = ("%localhost", "127.%", "0.%", "::%")
 
@@ -710,8 +711,8 @@ class SyncDirectory:
         loopback = 0
         if any(may_be_this_machine(host) for host in hosts):
             loopback = sum(
-                1
-                for (host,) in tx.all(_MAYBE_LOOPBACK, *_MAYBE_LOOPBACK_PATTERNS)
+                int(n)
+                for host, n in tx.all(_MAYBE_LOOPBACK, *_MAYBE_LOOPBACK_PATTERNS)
                 if always_local(host)
             )
         return [
