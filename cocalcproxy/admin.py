@@ -24,7 +24,7 @@ from typing import IO, Any, NoReturn
 
 from cocalcproxy.addresses import always_local
 from cocalcproxy.directory.hashing import generated_password
-from cocalcproxy.directory.model import DirectoryError, InvalidInput, Project, TokenInfo
+from cocalcproxy.directory.model import Account, DirectoryError, InvalidInput, Project, TokenInfo
 from cocalcproxy.directory.store import SyncDirectory, open_sync_directory
 from cocalcproxy.options import default_database_url, default_state_dir
 
@@ -42,6 +42,7 @@ EPILOG = """\
 output of creating commands (last line is what scripts capture):
   user add NAME                    NAME, then the generated password (shown only once)
   user add NAME --password-stdin   NAME
+  user add NAME --oidc-subject SUB NAME (no password: the account signs in with the provider)
   token create NAME                the token id (for 'token revoke'), then the token
   project add ...                  the project id
 
@@ -49,6 +50,8 @@ notes:
   'user remove' deletes the account with its sessions, API tokens and collaborations;
   it is refused while the user still owns projects ('project remove' them first).
   'user passwd' ends all of the user's sign-in sessions; API tokens keep working.
+  'user link' binds an account to the OpenID provider's subject (its 'sub'); signing in with
+  the provider then reaches that account. 'user list' shows bindings as oidc=SUB.
   'project set PID --home ""' removes the project's home directory (no /raw/ access).
   'project set PID --ports default' gives the project the proxy's --default-ports again;
   on a host shared by several projects the default is no port at all: give each project
@@ -142,6 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--password-stdin", action="store_true", help="read the password from one line of stdin"
     )
+    sub.add_argument(
+        "--oidc-subject",
+        metavar="SUB",
+        help="bind the account to this OpenID provider subject; without --password-stdin "
+        "the account has no password",
+    )
+    sub = leaf(
+        users,
+        "link",
+        "bind an account to an OpenID provider subject; ends its sessions",
+        cmd_user_link,
+    )
+    sub.add_argument("name", metavar="NAME")
+    sub.add_argument("--oidc-subject", metavar="SUB", required=True, help="the provider's sub")
+    sub = leaf(
+        users,
+        "unlink",
+        "remove an account's OpenID binding (refused for accounts without a password)",
+        cmd_user_unlink,
+    )
+    sub.add_argument("name", metavar="NAME")
     sub = leaf(users, "passwd", "set the password; ends the user's sessions", cmd_user_passwd)
     sub.add_argument("name", metavar="NAME")
     sub.add_argument(
@@ -298,16 +322,30 @@ def cmd_init(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
         out.lines(f"{where} is ready (schema version {after})")
 
 
+def user_json(account: Account) -> dict[str, object]:
+    doc: dict[str, object] = {"id": account.id, "name": account.name}
+    if account.oidc_subject is not None:
+        doc["oidc_subject"] = account.oidc_subject
+    if account.email is not None:
+        doc["email"] = account.email
+    return doc
+
+
 def cmd_user_add(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
-    generated = not args.password_stdin
-    password = generated_password() if generated else read_password(stdin)
-    account = d.add_user(args.name, password)
+    subject = args.oidc_subject
+    generated = not args.password_stdin and subject is None
+    password: str | None
+    if args.password_stdin:
+        password = read_password(stdin)
+    else:
+        password = generated_password() if generated else None
+    account = d.add_user(args.name, password, oidc_subject=subject)
     if out.as_json:
-        doc: dict[str, object] = {"id": account.id, "name": account.name}
+        doc = user_json(account)
         if generated:
             doc["password"] = password
         out.document(doc)
-    elif generated:
+    elif generated and password is not None:
         out.lines(account.name, password)
     else:
         out.lines(account.name)
@@ -325,12 +363,29 @@ def cmd_user_remove(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) ->
         out.document({"removed": args.name})
 
 
+def cmd_user_link(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    account = d.link_oidc_subject(args.name, args.oidc_subject)
+    if out.as_json:
+        out.document(user_json(account))
+
+
+def cmd_user_unlink(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    account = d.link_oidc_subject(args.name, None)
+    if out.as_json:
+        out.document(user_json(account))
+
+
 def cmd_user_list(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
     users = d.list_users()
     if out.as_json:
-        out.document([{"id": u.id, "name": u.name} for u in users])
+        out.document([user_json(u) for u in users])
     else:
-        out.lines(*(u.name for u in users))
+        out.lines(
+            *(
+                u.name if u.oidc_subject is None else f"{u.name}\toidc={u.oidc_subject}"
+                for u in users
+            )
+        )
 
 
 def cmd_token_create(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:

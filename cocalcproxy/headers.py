@@ -62,12 +62,15 @@ CSRF_COOKIE = b"__Host-cocalcproxy_csrf"
 #: The hop's state cookie on a project subdomain (guard/hop.py): binds a hop ticket to the
 #: browser that started the hop.
 HOP_STATE_COOKIE = b"__Host-cocalcproxy_hop"
+#: The OpenID sign-in's state cookie (guard/oidc.py): state, nonce and PKCE verifier, sealed.
+OIDC_STATE_COOKIE = b"__Host-cocalcproxy_oidc"
 #: Every cookie the proxy sets or reads, as sent.
 PROXY_COOKIES: tuple[bytes, ...] = (
     SESSION_COOKIE,
     LEGACY_SESSION_COOKIE,
     CSRF_COOKIE,
     HOP_STATE_COOKIE,
+    OIDC_STATE_COOKIE,
 )
 
 _COOKIE_PREFIXES = (b"__host-", b"__secure-")

@@ -6,6 +6,7 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.python import usage
 
@@ -248,6 +249,47 @@ class Options(usage.Options):
             _on_off,
         ],
         [
+            "oidc-issuer",
+            None,
+            None,
+            "Sign in with this OpenID Connect provider (its issuer URL, https; http only on "
+            "loopback). Needs --oidc-client-id and --oidc-client-secret-file.",
+        ],
+        ["oidc-client-id", None, None, "The proxy's client id at the OpenID provider."],
+        [
+            "oidc-client-secret-file",
+            None,
+            None,
+            "File holding the client secret (never the secret itself on the command line).",
+        ],
+        [
+            "oidc-name",
+            None,
+            None,
+            "The provider's name on the button \"Sign in with NAME\" [default: the issuer's "
+            "host name].",
+        ],
+        [
+            "oidc-username-claim",
+            None,
+            "preferred_username",
+            "ID token claim that names a new account; when it is missing or not a valid name, "
+            "the verified email is used.",
+        ],
+        [
+            "oidc-allowed-domains",
+            None,
+            None,
+            "Comma-separated e-mail domains: only people whose verified e-mail address is in "
+            "one of them may sign in with the provider [default: anyone the provider signs in].",
+        ],
+        [
+            "password-login",
+            None,
+            "on",
+            "on or off: the password form and Basic with a password (API tokens always work).",
+        ],
+        [
             "backend-pool-size",
             None,
             64,
@@ -287,6 +329,59 @@ class Options(usage.Options):
         systemd:domain=INET:index=0) [default: tcp:8443]."""
         self["listen"].append(endpoint)
 
+    def _oidc_options(self) -> None:
+        """Check the OpenID options together; ``self["oidc"]`` is their OIDCSettings or None."""
+        from cocalcproxy.guard.oidc import OIDCSettings, check_issuer_option
+
+        if self["password-login"] not in ("on", "off"):
+            raise usage.UsageError("--password-login must be on or off")
+        given = [
+            name
+            for name in ("oidc-issuer", "oidc-client-id", "oidc-client-secret-file")
+            if self[name]
+        ]
+        self["oidc"] = None
+        if not given:
+            for name in ("oidc-name", "oidc-allowed-domains"):
+                if self[name]:
+                    raise usage.UsageError(f"--{name} needs --oidc-issuer")
+            return
+        if len(given) != 3:
+            raise usage.UsageError(
+                "--oidc-issuer, --oidc-client-id and --oidc-client-secret-file go together"
+            )
+        try:
+            issuer = check_issuer_option(self["oidc-issuer"])
+        except ValueError as e:
+            raise usage.UsageError(f"--oidc-issuer {e}") from None
+        path = self["oidc-client-secret-file"]
+        try:
+            with open(path, encoding="utf-8") as f:
+                secret = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise usage.UsageError(f"cannot read --oidc-client-secret-file {path}: {e}") from None
+        if not secret or "\n" in secret:
+            raise usage.UsageError(f"--oidc-client-secret-file {path} must hold one secret line")
+        domains: tuple[str, ...] = ()
+        if self["oidc-allowed-domains"]:
+            domains = tuple(
+                d.strip().lower().lstrip("@") for d in self["oidc-allowed-domains"].split(",")
+            )
+            if not all(d and "." in d and " " not in d for d in domains):
+                raise usage.UsageError("--oidc-allowed-domains must be domains separated by ','")
+        claim = self["oidc-username-claim"]
+        if not claim or len(claim) > 100:
+            raise usage.UsageError("--oidc-username-claim must name a claim")
+        name = self["oidc-name"] or (urlsplit(issuer).hostname or issuer)
+        self["oidc"] = OIDCSettings(
+            issuer=issuer,
+            client_id=self["oidc-client-id"],
+            client_secret=secret,
+            name=name[:100],
+            username_claim=claim,
+            allowed_domains=domains,
+        )
+
     def postOptions(self) -> None:
         if isinstance(self["absolute-url-redirect"], str):  # the default is not coerced
             self["absolute-url-redirect"] = _on_off(self["absolute-url-redirect"])
@@ -303,6 +398,7 @@ class Options(usage.Options):
             self["deny-ports"] = parse_ports(self["deny-ports"])
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs --tls-cert")
+        self._oidc_options()
         if self["project-domain"] is not None:
             domain = self["project-domain"].strip(".").lower()
             # Letters, digits and hyphens only: the name ends up in URLs, a Content-Security-Policy

@@ -510,6 +510,9 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         directory_module.IDirectory, metrics_module.TimedDirectory(opened, proxy.metrics)
     )
 
+    provider_http, provider_pool = (
+        _provider_http(reactor) if options["oidc"] is not None else (None, None)
+    )
     guard, guard_pages, guard_service = build_guard(
         directory,
         reactor,
@@ -520,6 +523,9 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         hostname=options["hostname"],
         public_port=lambda: _public_https_port(options, proxy),
         change_listener=opened.change_listener,
+        password_login=options["password-login"] == "on",
+        oidc=options["oidc"],
+        http=provider_http,
     )
     identity: IdentityAssertions | None = None
     if options["identity-assertion"]:
@@ -601,6 +607,8 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     DirectoryService(opened).setServiceParent(proxy)
     guard_service.setServiceParent(proxy)
     BackendPoolService(backend_pool).setServiceParent(proxy)
+    if provider_pool is not None:
+        BackendPoolService(provider_pool).setServiceParent(proxy)
     if identity is not None:
         IdentityService(identity).setServiceParent(proxy)
     factories: list[TrackingTLSFactory] = []
@@ -668,6 +676,17 @@ def prepare_state_dir(path: str) -> None:
         raise usage.UsageError(f"{where}: not a directory")
     if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
         raise usage.UsageError(f"{where}: not readable and writable by this user")
+
+
+def _provider_http(reactor: Any) -> tuple[Any, Any]:
+    """The HTTP client for the OpenID provider (its own pool, closed at stop; the system's
+    trusted CAs), and that pool."""
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 4
+    return HTTPClient(cast(Any, Agent(reactor, pool=pool, connectTimeout=10))), pool
 
 
 def _https_port(options: Any) -> int | None:

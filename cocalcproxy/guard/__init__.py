@@ -17,11 +17,14 @@ from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults
 
 from cocalcproxy.directory import IDirectory
+from cocalcproxy.guard.checkers import make_portal
 from cocalcproxy.guard.core import Clock, Guard
 from cocalcproxy.guard.credentials import legacy_cookie_safe
 from cocalcproxy.guard.csrf import CsrfTokens, load_or_create_key
 from cocalcproxy.guard.hop import Hop
 from cocalcproxy.guard.hopkeys import HopKeys
+from cocalcproxy.guard.oidc import OIDCSettings, ProviderClient, StateSealer
+from cocalcproxy.guard.oidcweb import OIDCPages
 from cocalcproxy.guard.web import GuardPages
 from cocalcproxy.metrics import Metrics
 
@@ -74,11 +77,16 @@ def build_guard(
     hostname: str = "localhost",
     public_port: Callable[[], int | None] = lambda: None,
     change_listener: Callable[[Callable[[], object]], ChangeNotifications | None] | None = None,
+    password_login: bool = True,
+    oidc: OIDCSettings | None = None,
+    http: Any = None,
 ) -> tuple[Guard, GuardPages, GuardService]:
     """The guard, its pages and the service that keeps it current. ``change_listener`` makes
     the directory's change notifications (``Directory.change_listener``; None where it has
-    none) wake the guard's poll at once."""
-    guard = Guard(directory, clock)
+    none) wake the guard's poll at once. ``password_login`` False refuses every password (form
+    and Basic); ``oidc`` adds signing in with the OpenID provider, talking to it with ``http``
+    (a treq HTTPClient)."""
+    guard = Guard(directory, clock, portal=make_portal(directory, password_login))
     guard.legacy_session_cookie = legacy_cookie_safe(hostname, project_domain)
     notifications = change_listener(guard.wake) if change_listener is not None else None
     if notifications is not None and metrics is not None:
@@ -97,6 +105,16 @@ def build_guard(
         session_lifetime=session_lifetime,
         project_domain=project_domain,
     )
+    guard_pages.password_login = password_login
+    if oidc is not None:
+        OIDCPages(
+            guard_pages,
+            ProviderClient(oidc, clock, http),
+            StateSealer(key),
+            clock,
+            hostname=hostname,
+            public_port=public_port,
+        ).install(guard_pages)
     if project_domain:
         Hop(
             guard,

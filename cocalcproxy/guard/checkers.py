@@ -88,28 +88,32 @@ class TokenChecker:
 @implementer(ICredentialsChecker)
 class PasswordChecker:
     """Name and password (the sign-in form). Argon2id runs in the directory's thread pool, which
-    also verifies against a dummy hash for unknown names so timing does not reveal them."""
+    also verifies against a dummy hash for unknown names so timing does not reveal them.
+    With ``enabled`` False (``--password-login off``) no password is ever accepted."""
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, directory: IDirectory) -> None:
+    def __init__(self, directory: IDirectory, enabled: bool = True) -> None:
         self.directory = directory
+        self.enabled = enabled
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Identity]:  # noqa: N802
         pair = password_pair(credentials)
-        if pair is None or not _plausible(*pair):
+        if not self.enabled or pair is None or not _plausible(*pair):
             return fail(UnauthorizedLogin())
         return self.directory.check_password(*pair).addCallback(_accept, "password")
 
 
 @implementer(ICredentialsChecker)
 class NameAndSecretChecker:
-    """Basic credentials: the secret is an API token of the named account, or its password."""
+    """Basic credentials: the secret is an API token of the named account, or (unless
+    ``passwords`` is False, ``--password-login off``) its password."""
 
     credentialInterfaces = (INameAndSecret,)
 
-    def __init__(self, directory: IDirectory) -> None:
+    def __init__(self, directory: IDirectory, passwords: bool = True) -> None:
         self.directory = directory
+        self.passwords = passwords
 
     @inlineCallbacks
     def requestAvatarId(self, credentials: Any):  # type: ignore[no-untyped-def]  # noqa: N802
@@ -120,6 +124,8 @@ class NameAndSecretChecker:
         account: Account | None = yield self.directory.account_for_token(secret)
         if account is not None and account.name == name:
             return Identity(account, "token")
+        if not self.passwords:
+            raise UnauthorizedLogin()
         account = yield self.directory.check_password(name, secret)
         return _accept(account, "password")
 
@@ -141,12 +147,12 @@ class AccountRealm:
         raise NotImplementedError("cocalcproxy only offers IAccountAvatar")
 
 
-def make_portal(directory: IDirectory) -> Portal:
+def make_portal(directory: IDirectory, password_login: bool = True) -> Portal:
     checkers = [
         SessionChecker(directory),
         TokenChecker(directory),
-        PasswordChecker(directory),
-        NameAndSecretChecker(directory),
+        PasswordChecker(directory, password_login),
+        NameAndSecretChecker(directory, password_login),
     ]
     return Portal(cast(IRealm, AccountRealm()), cast(list[ICredentialsChecker], checkers))
 

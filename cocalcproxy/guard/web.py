@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 from typing import Any, cast
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
@@ -18,7 +18,7 @@ from twisted.web.server import Request
 from twisted.web.template import Element, Tag, XMLString, flattenString, renderer, tags
 
 from cocalcproxy import pages
-from cocalcproxy.directory import IDirectory, Project
+from cocalcproxy.directory import Account, IDirectory, Project
 from cocalcproxy.guard import policy
 from cocalcproxy.guard.checkers import Identity
 from cocalcproxy.guard.core import (
@@ -46,6 +46,7 @@ MAX_FORM_BYTES = 16 * 1024
 FAILED = "The name or password is not right."
 EXPIRED = "The sign-in form had expired or came from another site. Please sign in again."
 MISSING = "Enter your name and password."
+PASSWORD_OFF = "Signing in with a password is turned off here."  # noqa: S105 - a message
 
 
 def _template(name: str) -> ITemplateLoader:
@@ -67,6 +68,10 @@ class LoginPage(Element):
         name: str,
         message: str | None,
         signed_in_as: str | None = None,
+        *,
+        password_login: bool = True,
+        provider_name: str | None = None,
+        provider_logout_url: str | None = None,
     ) -> None:
         super().__init__()
         self.csrf = csrf
@@ -74,6 +79,9 @@ class LoginPage(Element):
         self.name = name
         self.message_text = message
         self.account = signed_in_as
+        self.password_login = password_login
+        self.provider_name = provider_name
+        self.provider_logout_url = provider_logout_url
 
     @renderer
     def signed_in_as(self, request: IRequest | None, tag: Tag) -> Tag | str:
@@ -90,13 +98,33 @@ class LoginPage(Element):
         )
 
     @renderer
+    def provider(self, request: IRequest | None, tag: Tag) -> Tag | str:
+        """ "Sign in with <provider>" (--oidc-issuer): a link, so no form posts off-site."""
+        if self.provider_name is None:
+            return ""
+        href = "/_/oidc/login?" + urlencode({"next": self.next_path})
+        return tag.fillSlots(href=href, name=self.provider_name)
+
+    @renderer
+    def provider_logout(self, request: IRequest | None, tag: Tag) -> Tag | str:
+        if self.provider_logout_url is None or self.provider_name is None:
+            return ""
+        return tags.p(
+            "You are signed out of this proxy. ",
+            tags.a(f"Also sign out of {self.provider_name}", href=self.provider_logout_url),
+            class_="notice",
+        )
+
+    @renderer
     def message(self, request: IRequest | None, tag: Tag) -> Tag | str:
         if not self.message_text:
             return ""
         return tags.p(self.message_text, class_="error", role="alert")
 
     @renderer
-    def form(self, request: IRequest | None, tag: Tag) -> Tag:
+    def form(self, request: IRequest | None, tag: Tag) -> Tag | str:
+        if not self.password_login:
+            return ""
         return tag.fillSlots(csrf=self.csrf, next=self.next_path, name=self.name)
 
 
@@ -234,6 +262,15 @@ def _unavailable(request: Request) -> None:
         pages.write_error(request, 503, "Service unavailable", "Please try again shortly.")
 
 
+def _query_flag(request: Request, name: str) -> bool:
+    query = urlsplit(request.uri.decode("latin-1")).query
+    try:
+        fields = parse_qsl(query, max_num_fields=20, errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return any(k == name for k, _ in fields)
+
+
 def _query_next(request: Request) -> str:
     query = urlsplit(request.uri.decode("latin-1")).query
     try:
@@ -298,6 +335,10 @@ class GuardPages:
         self.project_domain = project_domain
         # The sign-in hop for project subdomains (guard.hop.Hop), with --project-domain.
         self.hop_pages: Any = None
+        # Signing in with the OpenID provider (guard.oidcweb.OIDCPages), with --oidc-issuer.
+        self.oidc_pages: Any = None
+        # --password-login off: no password form, no POST /_/login (Basic is the portal's).
+        self.password_login = True
 
     # -- /_/hop and its landing path on project subdomains (guard.hop) -------------------------
 
@@ -347,6 +388,20 @@ class GuardPages:
         else:
             location = f"/{project_id}/{form}/{port}/"
         _redirect(request, location.encode("ascii"))
+
+    # -- /_/oidc/login and /_/oidc/callback (guard.oidcweb) -------------------------------------
+
+    def oidc_login(self, request: Request) -> None:
+        if self.oidc_pages is None:
+            pages.not_found(request)
+        else:
+            self.oidc_pages.login(request)
+
+    def oidc_callback(self, request: Request) -> None:
+        if self.oidc_pages is None:
+            pages.not_found(request)
+        else:
+            self.oidc_pages.callback(request)
 
     # -- /_/login -----------------------------------------------------------------------------
 
@@ -403,8 +458,23 @@ class GuardPages:
         signed_in_as: str | None = None,
     ) -> None:
         presession = self._presession(request)
+        oidc = self.oidc_pages
+        logout_url = None
+        if (
+            oidc is not None
+            and request.method in (b"GET", b"HEAD")
+            and _query_flag(request, "signed_out")
+        ):
+            logout_url = oidc.provider_logout_url()
         element = LoginPage(
-            self.csrf.login_token(presession), next_path, name, message, signed_in_as
+            self.csrf.login_token(presession),
+            next_path,
+            name,
+            message,
+            password_login=self.password_login,
+            provider_name=oidc.provider_name if oidc is not None else None,
+            provider_logout_url=logout_url,
+            signed_in_as=signed_in_as,
         )
         d = flattenString(None, cast(IRenderable, element))
         # With the sign-in hop, signing in may end on a project host (POST -> 303 /_/hop -> 302
@@ -426,6 +496,9 @@ class GuardPages:
             pages.write_error(request, e.status, e.title, e.detail)
             return
         next_path = policy.safe_next(form.get("next"))
+        if not self.password_login:
+            self._login_form(request, 403, next_path, "", PASSWORD_OFF)
+            return
         name = form.get("name", "")
         password = form.get("password", "")
         cookies = request.requestHeaders.getRawHeaders(b"cookie", [])
@@ -470,6 +543,15 @@ class GuardPages:
             self._login_form(request, 403, next_path, shown_name, FAILED)
             return
         self.guard.limits.succeeded(address, name, started)
+        yield self.start_session(request, identity.account, next_path, "password")
+
+    @inlineCallbacks
+    def start_session(  # type: ignore[no-untyped-def]
+        self, request: Request, account: Account, next_path: str, how: str
+    ):
+        """Sign ``account`` in: end the browser's previous session, start a new one, set the
+        cookie and send the browser on to ``next_path``. The one way every sign-in ends."""
+        address = client_address(request)
         old = self.guard.main_session(request)
         if old is not None:
             self.guard.forget_session(old)
@@ -477,10 +559,9 @@ class GuardPages:
                 yield self.directory.delete_session(old)
             except Exception:
                 log.failure("could not end the previous session")
-        token: str = yield self.directory.create_session(identity.account.id, self.session_lifetime)
+        token: str = yield self.directory.create_session(account.id, self.session_lifetime)
         self.guard.remember_session(
-            token,
-            Identity(identity.account, "session", self.clock.seconds() + self.session_lifetime),
+            token, Identity(account, "session", self.clock.seconds() + self.session_lifetime)
         )
         if request._disconnected:
             return
@@ -496,7 +577,9 @@ class GuardPages:
         if has_legacy_cookie(request.requestHeaders.getRawHeaders(b"cookie", [])):
             expire_cookie(request, LEGACY_SESSION_COOKIE)
         expire_cookie(request, CSRF_COOKIE)
-        log.info("{name} signed in from {address}", name=identity.account.name, address=address)
+        log.info(
+            "{name} signed in from {address} ({how})", name=account.name, how=how, address=address
+        )
         _redirect(request, policy.location(next_path))
 
     def _same_origin(self, request: Request) -> bool:
@@ -556,7 +639,10 @@ class GuardPages:
                 address=client_address(request),
             )
         expire_session_cookies(request)
-        _redirect(request, b"/_/login")
+        if self.oidc_pages is not None and self.oidc_pages.provider_logout_url() is not None:
+            _redirect(request, b"/_/login?signed_out=1")
+        else:
+            _redirect(request, b"/_/login")
 
     # -- / ------------------------------------------------------------------------------------
 
