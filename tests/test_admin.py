@@ -175,6 +175,36 @@ class UserCommandTests(AdminMixin):
             [{"id": 2, "name": "alice"}, {"id": 1, "name": "bob"}],
         )
 
+    def test_user_add_with_oidc_subject_link_and_list(self) -> None:
+        # Without --password-stdin: no password is generated, the account is bound.
+        result = self.ok("user", "add", "carol", "--oidc-subject", "sub|carol")
+        self.assertEqual(result.out, "carol\n")
+        carol = self.d.account_for_oidc_subject("sub|carol")
+        assert carol is not None
+        self.assertEqual(carol.name, "carol")
+        self.assertIsNone(self.d.check_password("carol", ""))
+        # With it, both.
+        self.ok("user", "add", "dave", "--oidc-subject", "sub-dave", "--password-stdin",
+                stdin="dave-password\n")  # fmt: skip
+        self.assertIsNotNone(self.d.check_password("dave", "dave-password"))
+        self.ok("user", "add", "alice", "--password-stdin", stdin="pw\n")
+        self.refused(
+            "already bound to 'carol'", "user", "add", "erin", "--oidc-subject", "sub|carol"
+        )
+        self.refused("invalid OpenID subject", "user", "add", "erin", "--oidc-subject", "a b")
+        self.assertEqual(
+            self.ok("user", "list").out, "alice\ncarol\toidc=sub|carol\ndave\toidc=sub-dave\n"
+        )
+        doc = json.loads(self.ok("--json", "user", "link", "alice", "--oidc-subject", "sub-a").out)
+        self.assertEqual(doc, {"id": 3, "name": "alice", "oidc_subject": "sub-a"})
+        listed = json.loads(self.ok("user", "list", "--json").out)
+        self.assertEqual(
+            [u.get("oidc_subject") for u in listed], ["sub-a", "sub|carol", "sub-dave"]
+        )
+        self.assertEqual(self.ok("user", "unlink", "alice").out, "")
+        self.refused("has no password", "user", "unlink", "carol")
+        self.refused("no user named 'zed'", "user", "link", "zed", "--oidc-subject", "s")
+
 
 class TokenCommandTests(AdminMixin):
     def test_token_create_and_revoke(self) -> None:

@@ -223,6 +223,80 @@ class AccountTests(SyncMixin):
         self.assertNotEqual(first.id, second.id, "ids are never reused")
 
 
+class OIDCAccountTests(SyncMixin):
+    """Accounts bound to an OpenID provider's subject, and the sign-in policy (oidc_sign_in)."""
+
+    def test_first_sign_in_creates_a_bound_account_without_password(self) -> None:
+        carol = self.d.oidc_sign_in("sub-1", "carol", "carol@example.org")
+        self.assertEqual((carol.name, carol.oidc_subject, carol.email),
+                         ("carol", "sub-1", "carol@example.org"))  # fmt: skip
+        self.assertEqual(self.d.account_for_oidc_subject("sub-1"), carol)
+        [listed] = self.d.list_users()
+        self.assertEqual((listed.oidc_subject, listed.email), ("sub-1", "carol@example.org"))
+        # No password reaches it, and checking one still costs one Argon2 verification.
+        before = len(self.hasher.verifications)
+        self.assertIsNone(self.d.check_password("carol", ""))
+        self.assertIsNone(self.d.check_password("carol", "anything"))
+        self.assertEqual(len(self.hasher.verifications), before + 1)
+
+    def test_later_sign_ins_go_by_subject_and_refresh_the_email(self) -> None:
+        carol = self.d.oidc_sign_in("sub-1", "carol", "carol@example.org")
+        again = self.d.oidc_sign_in("sub-1", "someone-else", "c2@example.org")
+        self.assertEqual((again.id, again.name, again.email), (carol.id, "carol", "c2@example.org"))
+        self.assertEqual([a.name for a in self.d.list_users()], ["carol"])
+
+    def test_never_takes_over_an_account_by_name(self) -> None:
+        self.d.add_user("alice", "alice-password")
+        self.d.oidc_sign_in("sub-2", "bob", None)
+        before = self.snapshot()
+        for name in ("alice", "ALICE", "bob"):
+            with self.assertRaisesRegex(Conflict, "already exists and is not bound"):
+                self.d.oidc_sign_in("sub-evil", name, None)
+        self.assertEqual(self.snapshot(), before)
+
+    def test_pre_bound_and_linked_accounts(self) -> None:
+        dave = self.d.add_user("dave", None, oidc_subject="sub-dave")
+        self.assertEqual(self.d.oidc_sign_in("sub-dave", "whatever", None).id, dave.id)
+        with self.assertRaisesRegex(InvalidInput, "needs an OpenID subject"):
+            self.d.add_user("erin", None)
+        with self.assertRaisesRegex(Conflict, "already bound to 'dave'"):
+            self.d.add_user("erin", "pw", oidc_subject="sub-dave")
+        alice = self.d.add_user("alice", "alice-password")
+        token = self.d.create_session(alice.id, 60)
+        linked = self.d.link_oidc_subject("alice", "sub-alice")
+        self.assertEqual(linked.oidc_subject, "sub-alice")
+        self.assertIsNone(self.d.account_for_session(token))  # linking ends sessions
+        self.assertEqual(self.d.oidc_sign_in("sub-alice", "x", None).id, alice.id)
+        with self.assertRaisesRegex(Conflict, "already bound to 'alice'"):
+            self.d.link_oidc_subject("dave", "sub-alice")
+        with self.assertRaisesRegex(Conflict, "has no password"):
+            self.d.link_oidc_subject("dave", None)
+        self.d.link_oidc_subject("alice", None)
+        self.assertIsNone(self.d.account_for_oidc_subject("sub-alice"))
+        for bad in ("", "has space", "x" * 256, "tab\there"):
+            with self.assertRaises(InvalidInput):
+                self.d.link_oidc_subject("alice", bad)
+
+    def test_identity_keys_rotate_once(self) -> None:
+        made: list[str] = []
+
+        def make() -> tuple[str, str]:
+            made.append(f"k{len(made)}")
+            return made[-1], "{}"
+
+        counter = self.d.change_counter()
+        self.assertEqual([k[0] for k in self.d.rotate_identity_keys(100, 1000, make)], ["k0"])
+        self.assertEqual([k[0] for k in self.d.rotate_identity_keys(100, 1000, make)], ["k0"])
+        self.clock.now += 150
+        self.assertEqual([k[0] for k in self.d.rotate_identity_keys(100, 1000, make)],
+                         ["k0", "k1"])  # fmt: skip
+        self.clock.now += 1001
+        self.assertEqual([k[0] for k in self.d.rotate_identity_keys(10_000, 1000, make)], ["k1"])
+        self.assertEqual([k[0] for k in self.d.identity_keys()], ["k1"])
+        # Key upkeep is not a change any cached decision depends on.
+        self.assertEqual(self.d.change_counter(), counter)
+
+
 class TokenTests(SyncMixin):
     def test_create_use_revoke(self) -> None:
         alice = self.d.add_user("alice", "pw")
@@ -731,6 +805,14 @@ class SQLiteAccountTests(SQLiteBackend, AccountTests, unittest.TestCase):
 
 
 class PostgresAccountTests(PostgresBackend, AccountTests, unittest.TestCase):
+    pass
+
+
+class SQLiteOIDCAccountTests(SQLiteBackend, OIDCAccountTests, unittest.TestCase):
+    pass
+
+
+class PostgresOIDCAccountTests(PostgresBackend, OIDCAccountTests, unittest.TestCase):
     pass
 
 

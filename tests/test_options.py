@@ -84,3 +84,74 @@ class OptionsTests(unittest.TestCase):
             self.parse("--project-domain", "xn--bcher-kva.example")["project-domain"],
             "xn--bcher-kva.example",
         )
+
+
+class OIDCOptionsTests(unittest.TestCase):
+    def parse(self, *args: str) -> Options:
+        parsed = Options()
+        parsed.parseOptions(list(args))
+        return parsed
+
+    def secret(self, text: str = "the-secret\n") -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def oidc(self, issuer: str = "https://id.example.org", *extra: str) -> list[str]:
+        return ["--oidc-issuer", issuer, "--oidc-client-id", "proxy",
+                "--oidc-client-secret-file", self.secret(), *extra]  # fmt: skip
+
+    def test_off_by_default_and_password_login_on(self) -> None:
+        parsed = self.parse()
+        self.assertIsNone(parsed["oidc"])
+        self.assertEqual(parsed["password-login"], "on")
+        self.assertFalse(parsed["identity-assertion"])
+
+    def test_settings(self) -> None:
+        domains = ["--oidc-allowed-domains", "Example.org, @uni.example"]
+        issuer = "https://id.example.org/realms/x"
+        parsed = self.parse(*self.oidc(issuer, *domains, "--password-login", "off"))
+        settings = parsed["oidc"]
+        self.assertEqual(settings.issuer, "https://id.example.org/realms/x")
+        self.assertEqual(settings.client_secret, "the-secret")
+        self.assertEqual(settings.name, "id.example.org")
+        self.assertEqual(settings.username_claim, "preferred_username")
+        self.assertEqual(settings.allowed_domains, ("example.org", "uni.example"))
+        self.assertEqual(parsed["password-login"], "off")
+        self.assertEqual(self.parse(*self.oidc("http://127.0.0.1:9000"))["oidc"].name, "127.0.0.1")
+
+    def test_refusals(self) -> None:
+        for args, message in [
+            (["--oidc-issuer", "https://id.example.org"], "go together"),
+            (["--oidc-name", "X"], "needs --oidc-issuer"),
+            (self.oidc("http://id.example.org"), "https URL"),
+            (self.oidc("https://id.example.org/?x=1"), "without query"),
+            (self.oidc("id.example.org"), "without query"),
+            (["--password-login", "maybe"], "on or off"),
+            (self.oidc("https://id.example.org", "--oidc-allowed-domains", "a b,"), "domains"),
+            (
+                [
+                    "--oidc-issuer",
+                    "https://i.example",
+                    "--oidc-client-id",
+                    "p",
+                    "--oidc-client-secret-file",
+                    "/nonexistent/secret",
+                ],
+                "cannot read",
+            ),  # fmt: skip
+            (
+                [
+                    "--oidc-issuer",
+                    "https://i.example",
+                    "--oidc-client-id",
+                    "p",
+                    "--oidc-client-secret-file",
+                    self.secret("\n"),
+                ],
+                "one secret line",
+            ),  # fmt: skip
+        ]:
+            with self.assertRaisesRegex(usage.UsageError, message):
+                self.parse(*args)
