@@ -12,8 +12,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -134,3 +137,96 @@ class FakeProvider(resource.Resource):
             return 200, {"access_token": "at", "token_type": "Bearer", "id_token": token}
 
         self.token_answer = answer
+
+
+# --- the real provider: oidc-provider on node (tests/oidc/) ------------------------------------
+
+OIDC_DIR = Path(__file__).resolve().parent / "oidc"
+
+
+def install_provider() -> Path:
+    """``npm ci`` the pinned oidc-provider into tests/oidc/node_modules once (it is not in git);
+    returns the folder. Needs node and npm (Node 20.19 or later)."""
+    marker = OIDC_DIR / "node_modules" / "oidc-provider" / "package.json"
+    if not marker.exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            raise AssertionError("npm is not installed (Debian: apt-get install nodejs npm)")
+        done = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=OIDC_DIR,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if done.returncode != 0 or not marker.exists():
+            raise AssertionError(f"npm ci in {OIDC_DIR} failed:\n{done.stdout}\n{done.stderr}")
+    return OIDC_DIR
+
+
+class NodeProvider:
+    """``node tests/oidc/provider.js`` on loopback with one client and the given accounts.
+    ``restart(new_key)`` stops it and starts it again on the same port with another key."""
+
+    def __init__(
+        self,
+        case: unittest.TestCase,
+        redirect_uris: list[str],
+        post_logout_redirect_uris: list[str],
+        accounts: dict[str, dict[str, Any]],
+    ) -> None:
+        self.folder = install_provider()
+        self.case = case
+        self.config: dict[str, Any] = {
+            "port": 0,
+            "client": {
+                "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET,
+                "redirect_uris": redirect_uris,
+                "post_logout_redirect_uris": post_logout_redirect_uris,
+            },
+            "accounts": accounts,
+        }
+        self.process: subprocess.Popen[str] | None = None
+        self.issuer = ""
+        case.addCleanup(self.stop)
+
+    def start(self, key: RSAKey | None = None) -> NodeProvider:
+        self.key = key or RSAKey.generate_key(2048, auto_kid=True)
+        self.config["jwks"] = {"keys": [self.key.as_dict(private=True)]}
+        path = Path(self.case.mktemp() + ".json").absolute()
+        path.write_text(json.dumps(self.config))
+        self.log = path.with_suffix(".log")
+        node = shutil.which("node") or "node"
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                [node, "provider.js", str(path)],
+                cwd=self.folder,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()  # the provider prints its issuer once listening
+        if not line:
+            self.process.wait(30)
+            raise AssertionError(f"the OpenID provider did not start:\n{self.log.read_text()}")
+        self.issuer = json.loads(line)["issuer"]
+        self.config["port"] = int(self.issuer.rsplit(":", 1)[1])
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process is not None and self.process.stdout is not None:
+            self.process.stdout.close()
+        self.process = None
+
+    def restart(self, key: RSAKey) -> None:
+        self.stop()
+        self.start(key)
