@@ -330,7 +330,8 @@ class Options(usage.Options):
         self["listen"].append(endpoint)
 
     def _oidc_options(self) -> None:
-        """Check the OpenID options together; ``self["oidc"]`` is their OIDCSettings or None."""
+        """Check the OpenID options together; ``self["oidc"]`` is their OIDCSettings or None.
+        The secret file is read when the service is built (``OIDCSettings.with_secret``)."""
         from cocalcproxy.guard.oidc import OIDCSettings, check_issuer_option
 
         if self["password-login"] not in ("on", "off"):
@@ -354,14 +355,6 @@ class Options(usage.Options):
             issuer = check_issuer_option(self["oidc-issuer"])
         except ValueError as e:
             raise usage.UsageError(f"--oidc-issuer {e}") from None
-        path = self["oidc-client-secret-file"]
-        try:
-            with open(path, encoding="utf-8") as f:
-                secret = f.read().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise usage.UsageError(f"cannot read --oidc-client-secret-file {path}: {e}") from None
-        if not secret or "\n" in secret:
-            raise usage.UsageError(f"--oidc-client-secret-file {path} must hold one secret line")
         domains: tuple[str, ...] = ()
         if self["oidc-allowed-domains"]:
             domains = tuple(
@@ -376,7 +369,7 @@ class Options(usage.Options):
         self["oidc"] = OIDCSettings(
             issuer=issuer,
             client_id=self["oidc-client-id"],
-            client_secret=secret,
+            client_secret_file=self["oidc-client-secret-file"],
             name=name[:100],
             username_claim=claim,
             allowed_domains=domains,

@@ -510,6 +510,12 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         directory_module.IDirectory, metrics_module.TimedDirectory(opened, proxy.metrics)
     )
 
+    oidc = options["oidc"]
+    if oidc is not None:
+        try:
+            oidc = oidc.with_secret()
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
     provider_http, provider_pool = (
         _provider_http(reactor) if options["oidc"] is not None else (None, None)
     )
@@ -524,7 +530,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         public_port=lambda: _public_https_port(options, proxy),
         change_listener=opened.change_listener,
         password_login=options["password-login"] == "on",
-        oidc=options["oidc"],
+        oidc=oidc,
         http=provider_http,
     )
     identity: IdentityAssertions | None = None

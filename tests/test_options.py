@@ -114,7 +114,8 @@ class OIDCOptionsTests(unittest.TestCase):
         parsed = self.parse(*self.oidc(issuer, *domains, "--password-login", "off"))
         settings = parsed["oidc"]
         self.assertEqual(settings.issuer, "https://id.example.org/realms/x")
-        self.assertEqual(settings.client_secret, "the-secret")
+        self.assertEqual(settings.with_secret().client_secret, "the-secret")
+        self.assertNotIn("the-secret", repr(settings.with_secret()))
         self.assertEqual(settings.name, "id.example.org")
         self.assertEqual(settings.username_claim, "preferred_username")
         self.assertEqual(settings.allowed_domains, ("example.org", "uni.example"))
@@ -130,28 +131,11 @@ class OIDCOptionsTests(unittest.TestCase):
             (self.oidc("id.example.org"), "without query"),
             (["--password-login", "maybe"], "on or off"),
             (self.oidc("https://id.example.org", "--oidc-allowed-domains", "a b,"), "domains"),
-            (
-                [
-                    "--oidc-issuer",
-                    "https://i.example",
-                    "--oidc-client-id",
-                    "p",
-                    "--oidc-client-secret-file",
-                    "/nonexistent/secret",
-                ],
-                "cannot read",
-            ),  # fmt: skip
-            (
-                [
-                    "--oidc-issuer",
-                    "https://i.example",
-                    "--oidc-client-id",
-                    "p",
-                    "--oidc-client-secret-file",
-                    self.secret("\n"),
-                ],
-                "one secret line",
-            ),  # fmt: skip
         ]:
             with self.assertRaisesRegex(usage.UsageError, message):
                 self.parse(*args)
+        for path, message in (("/nonexistent/secret", "cannot read"), (self.secret("\n"), "one")):
+            base = ["--oidc-issuer", "https://i.example", "--oidc-client-id", "p"]
+            settings = self.parse(*base, "--oidc-client-secret-file", path)["oidc"]
+            with self.assertRaisesRegex(ValueError, message):
+                settings.with_secret()

@@ -36,7 +36,7 @@ import ipaddress
 import json
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -352,10 +352,24 @@ class UsedStates:
 class OIDCSettings:
     issuer: str
     client_id: str
-    client_secret: str
     name: str
+    client_secret: str = field(default="", repr=False)
+    client_secret_file: str = ""
     username_claim: str = "preferred_username"
     allowed_domains: tuple[str, ...] = ()
+
+    def with_secret(self) -> OIDCSettings:
+        """These settings with the secret read from ``client_secret_file`` (one line);
+        ValueError saying what is wrong."""
+        path = self.client_secret_file
+        try:
+            with open(path, encoding="utf-8") as f:
+                secret = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read --oidc-client-secret-file {path}: {e}") from None
+        if not secret or "\n" in secret:
+            raise ValueError(f"--oidc-client-secret-file {path} must hold one secret line")
+        return replace(self, client_secret=secret)
 
 
 class ProviderClient:
