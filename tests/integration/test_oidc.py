@@ -23,12 +23,13 @@ from joserfc.jwk import RSAKey
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from cocalcproxy import headers
 from tests.oidc_support import CLIENT_ID, CLIENT_SECRET, FakeProvider
 from tests.processes import free_port
 from tests.support import https_client, start_proxy
 
-STATE_COOKIE = "__Host-cocalcproxy_oidc"
-SESSION = "cocalcproxy_session"
+SESSION = headers.SESSION_COOKIE.decode()
+STATE_COOKIE = headers.OIDC_STATE_COOKIE.decode()
 HTML = {b"Accept": [b"text/html"]}
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from joserfc.jwk import RSAKey
 from twisted.trial import unittest
 
+from cocalcproxy import headers
 from tests.integration.test_browser import MARKER, WebDriver
 from tests.oidc_support import CLIENT_ID, CLIENT_SECRET, NodeProvider
 from tests.processes import ProxyProcess, admin, free_port, wait_for
@@ -92,7 +93,7 @@ class RealProviderInABrowser(unittest.TestCase):
         self.browser.click("button[type=submit]")
 
     def session_cookies(self) -> list[dict[str, object]]:
-        return [c for c in self.browser.cookies() if c["name"] == "cocalcproxy_session"]
+        return [c for c in self.browser.cookies() if c["name"] == headers.SESSION_COOKIE.decode()]
 
     def test_whole_flow_sign_out_and_key_rotation(self) -> None:
         proxied = f"{self.proxy.url}/{self.pid}/server/{self.backend_port}/"
@@ -104,7 +105,7 @@ class RealProviderInABrowser(unittest.TestCase):
         self.assertTrue(session["httpOnly"] and session["secure"])
         # The state cookie was used up.
         names = [c["name"] for c in self.browser.cookies()]
-        self.assertNotIn("__Host-cocalcproxy_oidc", names)
+        self.assertNotIn(headers.OIDC_STATE_COOKIE.decode(), names)
 
         # Sign out: the proxy session ends, and the provider's logout is offered.
         self.browser.go(f"{self.proxy.url}/")
