@@ -10,7 +10,7 @@ from twisted.trial import unittest
 
 from cocalcproxy import routing
 from cocalcproxy.guard.hop import Hop
-from cocalcproxy.guard.hopkeys import LANDING_PATH, HopKeys, Target, parse_target
+from cocalcproxy.guard.hopkeys import LANDING_PATH, HopKeys, Target, new_state, parse_target
 from tests.guardfakes import HTML, World, make_world
 
 DOMAIN = "projects.example"
@@ -20,6 +20,7 @@ LABEL = f"{PID}-8000"
 
 
 SESSION = "__Host-cocalcproxy_session"
+STATE = "s" * 22
 
 
 class TargetRules(unittest.TestCase):
@@ -107,16 +108,20 @@ class Keys(unittest.TestCase):
         self.assertIsNone(HopKeys(b"x" * 32).unbind(LABEL, value))
         self.assertEqual(keys.first_bound(LABEL, ["junk", "a.b", value]), "tok")
 
-    def test_tickets_are_sealed_for_one_host(self) -> None:
+    def test_tickets_are_sealed_for_one_host_and_one_browser(self) -> None:
         keys = HopKeys(b"k" * 32)
-        ticket = keys.seal(LABEL, "secret-session")
+        ticket = keys.seal(LABEL, "secret-session", STATE)
         self.assertNotIn("secret-session", ticket)
-        self.assertEqual(keys.open(LABEL, ticket), "secret-session")
-        self.assertIsNone(keys.open(f"{PID}-raw", ticket))
-        self.assertIsNone(HopKeys(b"x" * 32).open(LABEL, ticket))
+        self.assertEqual(keys.open(LABEL, ticket, STATE), "secret-session")
+        self.assertIsNone(keys.open(f"{PID}-raw", ticket, STATE))
+        self.assertIsNone(HopKeys(b"x" * 32).open(LABEL, ticket, STATE))
+        # Issue #11 item 5: another browser's state (or none) does not open it.
+        self.assertIsNone(keys.open(LABEL, ticket, new_state()))
+        self.assertIsNone(keys.open(LABEL, ticket, None))
+        self.assertIsNone(keys.open(LABEL, ticket, STATE[:-1]))
         flipped = ticket[:-2] + ("A" if ticket[-2] != "A" else "B") + ticket[-1]
         for bad in [None, "", flipped, "!!!", "a" * 600, ticket + "="]:
-            self.assertIsNone(keys.open(LABEL, bad), bad)
+            self.assertIsNone(keys.open(LABEL, bad, STATE), bad)
 
 
 class Routing(unittest.TestCase):
@@ -172,9 +177,14 @@ class Flow(unittest.TestCase):
         self.world, self.hop = hop_world()
         self.main = self.world.directory.add_session("alice")
 
-    def hop_to(self, to: str, session: str | None = None) -> tuple[int, bytes]:
+    def hop_to(
+        self, to: str, session: str | None = None, state: str | None = STATE
+    ) -> tuple[int, bytes]:
         headers = {**HTML, b"Cookie": f"__Host-cocalcproxy_session={session or self.main}".encode()}
-        r = self.world.request(b"GET", b"/_/hop?to=" + quote(to, safe="").encode(), headers=headers)
+        target = b"/_/hop?to=" + quote(to, safe="").encode()
+        if state is not None:
+            target += b"&state=" + state.encode()
+        r = self.world.request(b"GET", target, headers=headers)
         return r.status, r.header(b"location") or b""
 
     def ticket_for(self, label: str = LABEL, path: str = "/nb?x=1") -> str:
@@ -182,8 +192,17 @@ class Flow(unittest.TestCase):
         self.assertEqual(status, 302)
         return parse_qs(urlsplit(location.decode()).query)["ticket"][0]
 
-    def land(self, ticket: str, next_path: str = "/nb?x=1", host: bytes = SUB, cookie: str = ""):  # type: ignore[no-untyped-def]
+    def land(  # type: ignore[no-untyped-def]
+        self,
+        ticket: str,
+        next_path: str = "/nb?x=1",
+        host: bytes = SUB,
+        cookie: str = "",
+        state: str | None = STATE,
+    ):
         target = f"{LANDING_PATH}?ticket={ticket}&next={quote(next_path, safe='')}".encode()
+        if state is not None:
+            cookie = "; ".join(c for c in (cookie, f"__Host-cocalcproxy_hop={state}") if c)
         headers = {**HTML, **({b"Cookie": cookie.encode()} if cookie else {})}
         return self.world.request(b"GET", target, headers=headers, host=host)
 
@@ -192,8 +211,25 @@ class Flow(unittest.TestCase):
         self.assertEqual(r.status, 302)
         location = (r.header(b"location") or b"").decode()
         self.assertTrue(location.startswith("https://proxy.example:8443/_/hop?to="), location)
-        to = unquote(location.split("?to=", 1)[1])
-        self.assertEqual(to, f"https://{PID}-8000.{DOMAIN}:8443/nb/x?a=1&b=%2F")
+        query = parse_qs(urlsplit(location).query)
+        self.assertEqual(query["to"], [f"https://{PID}-8000.{DOMAIN}:8443/nb/x?a=1&b=%2F"])
+        # Item 5: the hop's state, also set in this browser's host-only cookie on the host.
+        (state,) = query["state"]
+        line = r.cookies()["__Host-cocalcproxy_hop"]
+        self.assertTrue(line.startswith(f"__Host-cocalcproxy_hop={state};"), line)
+        attributes = [a.strip().lower() for a in line.split(";")[1:]]
+        for wanted in ("secure", "httponly", "path=/", "samesite=lax"):
+            self.assertIn(wanted, attributes)
+        self.assertFalse([a for a in attributes if a.startswith("domain")], line)
+        # A browser that has a state already keeps it (two tabs hopping at once both land).
+        again = self.world.request(
+            b"GET",
+            b"/nb",
+            headers={**HTML, b"Cookie": f"__Host-cocalcproxy_hop={state}".encode()},
+            host=SUB,
+        )
+        self.assertNotIn("__Host-cocalcproxy_hop", again.cookies())
+        self.assertIn(f"state={state}".encode(), again.header(b"location") or b"")
         self.assertEqual(r.header(b"referrer-policy"), b"no-referrer")
         self.assertEqual(r.header(b"cache-control"), b"no-store")
         # Scripts and WebSockets still get the Basic challenge.
@@ -248,7 +284,7 @@ class Flow(unittest.TestCase):
 
         again = self.land(query["ticket"][0])
         self.assertEqual(again.status, 403)
-        self.assertIn(b"/_/hop?to=", again.body)
+        self.assertIn(f'href="https://{SUB.decode()}:8443/nb?x=1"'.encode(), again.body)
         self.assertNotIn(b"set-cookie", again.headers)
 
         ok = self.world.request(
@@ -268,6 +304,26 @@ class Flow(unittest.TestCase):
             self.assertIn(b"/_/hop?to=", r.header(b"location") or b"")
         main = self.world.request(b"GET", b"/", headers={**HTML, b"Cookie": cookie.encode()})
         self.assertEqual((main.status, main.header(b"location")), (302, b"/_/login"))
+
+    def test_a_landing_link_used_by_another_browser_is_refused(self) -> None:
+        # Issue #11 item 5 (login CSRF): a member's own landing link, sent to someone else.
+        ticket = self.ticket_for()
+        for other in (None, new_state()):
+            r = self.land(ticket, state=other)
+            self.assertEqual(r.status, 403, other)
+            self.assertIn(b"another browser", r.body)
+            self.assertNotIn("__Host-cocalcproxy_session", r.cookies())
+        # The browser that started the hop still lands (the refusals did not use the ticket).
+        self.assertEqual(self.land(ticket).status, 302)
+
+    def test_a_hop_without_state_is_started_again_on_the_project_host(self) -> None:
+        sessions_before = set(self.world.directory.sessions)
+        status, location = self.hop_to(f"https://{SUB.decode()}:8443/nb?x=1", state=None)
+        self.assertEqual((status, location), (302, f"https://{SUB.decode()}:8443/nb?x=1".encode()))
+        self.assertEqual(set(self.world.directory.sessions), sessions_before)
+        status, _ = self.hop_to(f"https://{SUB.decode()}:8443/nb", state="short")
+        self.assertEqual(status, 302)
+        self.assertEqual(set(self.world.directory.sessions), sessions_before)
 
     def test_the_main_hosts_cookie_does_not_work_on_a_subdomain(self) -> None:
         r = self.world.request(

@@ -30,6 +30,7 @@ from cocalcproxy import headers
 
 SESSION_COOKIE = headers.SESSION_COOKIE.decode("ascii")
 LEGACY_SESSION_COOKIE = headers.LEGACY_SESSION_COOKIE.decode("ascii")
+HOP_STATE_COOKIE = headers.HOP_STATE_COOKIE.decode("ascii")
 
 # Longer values are refused without asking the directory.
 MAX_SECRET_LENGTH = 1024

@@ -4,16 +4,23 @@ A project host (``https://<pid>-<port>.<domain>/``) has no sign-in page (its pat
 backend's) and must never see the main host's cookie. So:
 
 1. A signed-out browser navigation on a project host gets a 302 to the main host:
-   ``https://<hostname>[:port]/_/hop?to=<https://<project host>/<path and query>>``.
+   ``https://<hostname>[:port]/_/hop?to=<https://<project host>/<path and query>>&state=<s>``,
+   where ``s`` is a random value the project host also sets in this browser's host-only
+   ``__Host-cocalcproxy_hop`` cookie (reused while the browser still has one).
 2. ``/_/hop`` needs the main host's session (else the usual 302 to ``/_/login?next=...``),
    accepts only a ``to`` that is a path on one of this proxy's project hosts
    (:func:`hopkeys.parse_target`; anything else is a 400, never a redirect), and only for the
-   project's owner and collaborators (else the usual 404). It creates a one-time directory
-   session of :data:`hopkeys.TICKET_LIFETIME` seconds, seals it for that host, and sends the
-   browser to ``https://<project host>/.cocalcproxy/hop?ticket=<sealed>&next=<path>``.
-3. The proxy answers that reserved path itself: it opens the ticket, ends the one-time session at
-   once, checks the account still belongs to the project, creates a normal session and sets it as
-   a host-only cookie (no Domain attribute) bound to that host by a tag, then 302s to ``next``.
+   project's owner and collaborators (else the usual 404). Without a well-formed ``state`` it
+   sends the browser to ``to`` itself, which starts the hop again with one. It creates a
+   one-time directory session of :data:`hopkeys.TICKET_LIFETIME` seconds, seals it for that
+   host and that state, and sends the browser to
+   ``https://<project host>/.cocalcproxy/hop?ticket=<sealed>&next=<path>``.
+3. The proxy answers that reserved path itself: it opens the ticket with the state in this
+   browser's cookie (so a landing link used by any other browser -- a member's own link sent to
+   someone else, login CSRF -- is refused with a page saying so), ends the one-time session at
+   once, checks the account still belongs to the project, creates a normal session and sets it
+   as a host-only cookie (no Domain attribute) bound to that host by a tag, then 302s to
+   ``next``.
 
 Every answer of the hop carries ``Referrer-Policy: no-referrer`` and ``Cache-Control: no-store``.
 """
@@ -33,7 +40,12 @@ from cocalcproxy.directory import IDirectory, NotFound
 from cocalcproxy.guard import hopkeys, policy
 from cocalcproxy.guard.checkers import Identity
 from cocalcproxy.guard.core import Clock, Guard, SignedOut, expire_cookie, refuse
-from cocalcproxy.guard.credentials import SESSION_COOKIE, SessionToken, cookie_values
+from cocalcproxy.guard.credentials import (
+    HOP_STATE_COOKIE,
+    SESSION_COOKIE,
+    SessionToken,
+    cookie_values,
+)
 
 log = Logger()
 
@@ -46,6 +58,14 @@ def _query_values(request: Request, name: str) -> list[str] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return [v for k, v in fields if k == name]
+
+
+def _hop_state(request: Request) -> str | None:
+    """The hop state in this browser's cookie on this host, if there is exactly one."""
+    values = cookie_values(request.requestHeaders.getRawHeaders(b"cookie", []), HOP_STATE_COOKIE)
+    if len(values) == 1 and hopkeys.well_formed_state(values[0]):
+        return values[0]
+    return None
 
 
 def _hop_headers(request: Request) -> None:
@@ -129,10 +149,10 @@ class Hop:
         relaxed = policy_text.replace("form-action 'self'", f"form-action 'self' {hosts}", 1)
         return relaxed.encode("ascii")
 
-    def start_location(self, label: str, target: str) -> str:
+    def start_location(self, label: str, target: str, state: str) -> str:
         """The main host's ``/_/hop`` URL that leads back to ``target`` on host ``label``."""
         to = self.project_origin(label) + target
-        return self.main_origin() + "/_/hop?to=" + quote(to, safe="")
+        return self.main_origin() + "/_/hop?to=" + quote(to, safe="") + "&state=" + state
 
     # -- 1. a signed-out navigation on a project host -----------------------------------------
 
@@ -142,7 +162,19 @@ class Hop:
         target = request.uri.decode("latin-1")
         if not target.startswith("/") or policy.safe_next(target) != target:
             target = "/"
-        _redirect(request, self.start_location(label, target).encode("ascii"))
+        state = _hop_state(request)
+        if state is None:
+            state = hopkeys.new_state()
+            request.addCookie(
+                HOP_STATE_COOKIE.encode(),
+                state.encode("ascii"),
+                path=b"/",
+                max_age=str(hopkeys.STATE_LIFETIME).encode(),
+                secure=True,
+                httpOnly=True,
+                sameSite="lax",
+            )
+        _redirect(request, self.start_location(label, target, state).encode("ascii"))
 
     # -- 2. /_/hop on the main host -----------------------------------------------------------
 
@@ -176,6 +208,14 @@ class Hop:
                 "This sign-in link does not lead to a project on this proxy.",
             )
             return
+        states = _query_values(request, "state") or []
+        state = states[0] if len(states) == 1 else None
+        if not hopkeys.well_formed_state(state):
+            # Not started by a project host (an old link, a bookmark): let the project host
+            # start it, so that the ticket is bound to this browser.
+            _redirect(request, (self.project_origin(target.label) + target.path).encode("ascii"))
+            return
+        assert state is not None
         account = outcome.identity.account
         project = yield self.directory.project_for(account.id, target.project_id)
         if request._disconnected:
@@ -191,7 +231,7 @@ class Hop:
         except NotFound:  # signed out in the meantime
             refuse(request, SignedOut(stale_session=True))
             return
-        ticket = self.keys.seal(target.label, one_time)
+        ticket = self.keys.seal(target.label, one_time, state)
         location = (
             self.project_origin(target.label)
             + hopkeys.LANDING_PATH
@@ -215,9 +255,12 @@ class Hop:
     def _land(self, request: Request, label: str):  # type: ignore[no-untyped-def]
         nexts = _query_values(request, "next") or []
         next_path = policy.safe_next(nexts[0] if len(nexts) == 1 else None)
-        again = self.start_location(label, next_path)
+        # Start again from this host, so that the new hop is bound to this browser.
+        again = self.project_origin(label) + next_path
         tickets = _query_values(request, "ticket") or []
-        token = self.keys.open(label, tickets[0]) if len(tickets) == 1 else None
+        token = (
+            self.keys.open(label, tickets[0], _hop_state(request)) if len(tickets) == 1 else None
+        )
         if token is None or token in self._redeeming:
             self._refused(request, again)
             return
@@ -276,8 +319,10 @@ class Hop:
         _page(
             request,
             403,
-            "Sign-in link expired",
-            "This sign-in link has expired or was already used.",
+            "Sign-in link not valid here",
+            "This sign-in link has expired, was already used, or was started in another "
+            "browser: a sign-in link works only in the browser that asked for it. "
+            "Nobody has been signed in.",
             link=again,
         )
 

@@ -9,9 +9,11 @@
   - a subdomain's session cookie is ``<session token>.<tag>`` where the tag is an HMAC of the
     host's label and the token, so a cookie stolen from one project host is refused on every
     other one (and on the main host, where the tagged value names no session);
-  - the hop's ticket is the one-time directory session sealed with AES-GCM, the host's label as
-    associated data: the secret session token never appears in a URL, and a ticket minted for
-    one project host cannot be redeemed on another.
+  - the hop's ticket is the one-time directory session sealed with AES-GCM, the host's label
+    and the hop's *state* as associated data: the secret session token never appears in a URL,
+    a ticket minted for one project host cannot be redeemed on another, and a ticket redeems
+    only in the browser that started the hop (the state is a random value the project host set
+    in that browser's host-only cookie before sending it to the main host; see guard/hop.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import hashlib
 import hmac
 import os
 import re
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -34,6 +37,9 @@ from cocalcproxy.guard import policy
 LANDING_PATH = "/.cocalcproxy/hop"
 #: How long a ticket may be redeemed (seconds).
 TICKET_LIFETIME = 60.0
+#: How long a browser keeps the hop's state cookie on a project host (seconds): the time it
+#: may take to sign in on the main host in the middle of a hop.
+STATE_LIFETIME = 1800
 
 MAX_TO_LENGTH = policy.MAX_NEXT_LENGTH + 256
 _TAG_BYTES = 24
@@ -52,6 +58,18 @@ class Target:
     project_id: str
     label: str
     path: str
+
+
+_STATE = re.compile(r"\A[A-Za-z0-9_-]{22}\Z")
+
+
+def new_state() -> str:
+    """A fresh hop state: 128 random bits, URL- and cookie-safe."""
+    return secrets.token_urlsafe(16)
+
+
+def well_formed_state(value: str | None) -> bool:
+    return value is not None and _STATE.match(value) is not None
 
 
 def label_for(project_id: str, port: int | None) -> str:
@@ -154,22 +172,28 @@ class HopKeys:
                 return token
         return None
 
-    def seal(self, label: str, token: str) -> str:
-        """A ticket for ``label`` carrying the one-time session ``token``."""
+    @staticmethod
+    def _associated(label: str, state: str) -> bytes:
+        return b"ticket\0" + label.encode() + b"\0" + state.encode("ascii", "replace")
+
+    def seal(self, label: str, token: str, state: str) -> str:
+        """A ticket for ``label`` carrying the one-time session ``token``, redeemable only
+        together with the hop's ``state``."""
         nonce = os.urandom(_NONCE_BYTES)
-        sealed = self._aead.encrypt(nonce, token.encode("utf-8"), b"ticket\0" + label.encode())
+        sealed = self._aead.encrypt(nonce, token.encode("utf-8"), self._associated(label, state))
         return _b64(nonce + sealed)
 
-    def open(self, label: str, ticket: str | None) -> str | None:
-        """The session token in a ticket sealed for ``label``, or None."""
-        if not ticket or len(ticket) > _MAX_TICKET_LENGTH:
+    def open(self, label: str, ticket: str | None, state: str | None) -> str | None:
+        """The session token in a ticket sealed for ``label`` and ``state``, or None."""
+        if not ticket or len(ticket) > _MAX_TICKET_LENGTH or not well_formed_state(state):
             return None
+        assert state is not None
         data = _unb64(ticket)
         if data is None or len(data) <= _NONCE_BYTES + 16:
             return None
         try:
             plain = self._aead.decrypt(
-                data[:_NONCE_BYTES], data[_NONCE_BYTES:], b"ticket\0" + label.encode()
+                data[:_NONCE_BYTES], data[_NONCE_BYTES:], self._associated(label, state)
             )
             return plain.decode("utf-8")
         except (InvalidTag, UnicodeDecodeError):

@@ -562,3 +562,70 @@ class OldSessionCookie(unittest.TestCase):
         self.assertEqual(response.code, 200)
         self.assertNotIn("cocalcproxy_session", b.jar["proxy.example.test"])
         self.assertIn("__Host-cocalcproxy_session", b.jar["proxy.example.test"])
+
+
+class HopLoginCsrf(unittest.TestCase):
+    """Item 5: a hop's landing link works only in the browser that started the hop."""
+
+    timeout = 60
+    DOMAIN = "proj.test"
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.echo = Echo()
+        listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            server.Site(self.echo)
+        )
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        self.proxy, self.authority = yield start_named_proxy(self, "localhost", self.DOMAIN)
+        d = self.proxy.directory
+        yield d.add_user("alice", "alice-password")
+        yield d.add_user("mallory", "mallory-password")
+        project = yield d.add_project("mallory", host="127.0.0.1")
+        yield d.add_collaborator(project.id, "alice")
+        self.host = f"{project.id}-{port}.{self.DOMAIN}"
+        self.origin = f"https://{self.host}:{self.proxy.port}"
+        self.main = f"https://localhost:{self.proxy.port}"
+
+    def browser(self) -> Browser:
+        return Browser(self, self.proxy.port, self.authority)
+
+    @defer.inlineCallbacks
+    def mallorys_landing_link(self):  # type: ignore[no-untyped-def]
+        """Mallory starts a hop to her project's host and keeps the landing link."""
+        mallory = self.browser()
+        url, response, body = yield mallory.go(self.main + "/_/login")
+        url, response, body = yield mallory.sign_in(url, body, "mallory", "mallory-password")
+        response, _ = yield mallory.request("GET", self.origin + "/app")
+        self.assertEqual(response.code, 302)
+        hop = response.headers.getRawHeaders(b"location")[0].decode()
+        response, _ = yield mallory.request("GET", hop)
+        self.assertEqual(response.code, 302)
+        landing = response.headers.getRawHeaders(b"location")[0].decode()
+        self.assertTrue(landing.startswith(self.origin + "/.cocalcproxy/hop?ticket="), landing)
+        return mallory, landing
+
+    @defer.inlineCallbacks
+    def test_a_landing_link_sent_to_someone_else_signs_nobody_in(self):  # type: ignore[no-untyped-def]
+        mallory, landing = yield self.mallorys_landing_link()
+        # Alice, signed in as herself, even with a hop of her own under way on that host.
+        alice = self.browser()
+        url, response, body = yield alice.go(self.main + "/_/login")
+        url, response, body = yield alice.sign_in(url, body, "alice", "alice-password")
+        response, _ = yield alice.request("GET", self.origin + "/app")
+        self.assertEqual(response.code, 302)
+        response, body = yield alice.request("GET", landing)
+        self.assertEqual(response.code, 403, body)
+        self.assertIn(b"started in another browser", body)
+        self.assertEqual(list(alice.jar[self.host]), ["__Host-cocalcproxy_hop"])
+        # A browser with no hop at all: refused the same way.
+        stranger = self.browser()
+        response, _ = yield stranger.request("GET", landing)
+        self.assertEqual(response.code, 403)
+        self.assertNotIn("__Host-cocalcproxy_session", stranger.jar.get(self.host, {}))
+        self.assertEqual(self.echo.seen, [])
+        # Mallory's own browser lands with the same link: it was not used up by the refusals.
+        url, response, body = yield mallory.go(landing)
+        self.assertEqual(response.code, 200, body)
+        self.assertEqual(json.loads(body)["uri"], "/app")
