@@ -330,3 +330,34 @@ class PortSetTypeTests(unittest.TestCase):
     def test_intersection(self) -> None:
         a, b = parse_ports("1-10,20-30"), parse_ports("5-25")
         self.assertEqual(a.intersection(b), PortSet(((5, 10), (20, 25))))
+
+
+class DatabaseRegistrationTests(unittest.TestCase):
+    """The directory's database joins the own-endpoint registry (service.register_database)."""
+
+    def registered(self, url: str) -> list[tuple[str, int | None, str | None, str | None]]:
+        from cocalcproxy.service import register_database
+
+        own = backends.OwnListeners()
+        register_database(own, url)
+        return own.entries()
+
+    def test_forms(self) -> None:
+        self.assertEqual(self.registered("sqlite:////tmp/x.sqlite3"), [])
+        self.assertEqual(
+            self.registered("postgresql://u@127.0.0.1:5433/db"),
+            [("directory database", 5433, None, None)],
+        )
+        self.assertEqual(
+            self.registered("postgresql://u@localhost/db"),
+            [("directory database", 5432, None, None)],
+        )
+        self.assertEqual(
+            self.registered("postgres://u@192.0.2.7:6000/db"),
+            [("directory database", 6000, "192.0.2.7", None)],
+        )
+        self.assertEqual(
+            self.registered("postgresql:///db"),
+            [("directory database", None, None, "/var/run/postgresql/.s.PGSQL.5432")],
+        )
+        self.assertEqual(self.registered("postgresql://u@no-such-host.invalid/db"), [])

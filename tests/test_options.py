@@ -8,6 +8,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from cocalcproxy import options as options_module
+from cocalcproxy.backends import DEFAULT_DENY
 from cocalcproxy.options import Options, default_database_url, default_state_dir
 
 
@@ -139,3 +140,37 @@ class OIDCOptionsTests(unittest.TestCase):
             settings = self.parse(*base, "--oidc-client-secret-file", path)["oidc"]
             with self.assertRaisesRegex(ValueError, message):
                 settings.with_secret()
+
+
+class PortOptionsTests(unittest.TestCase):
+    """--default-ports and --deny-ports (issue 16): parsed once into PortSets, clear errors."""
+
+    def parse(self, *argv: str) -> Options:
+        options = Options()
+        options.parseOptions(["--state-dir", "/tmp/unused", *argv])
+        return options
+
+    def test_defaults(self) -> None:
+        options = self.parse()
+        self.assertIsNone(options["default-ports"], "auto")
+        self.assertEqual(options["deny-ports"], DEFAULT_DENY)
+        for port in (22, 2375, 3306, 5432, 6379, 10250, 11211, 27017):
+            self.assertIn(port, options["deny-ports"])
+        for port in (80, 443, 3000, 5000, 8000, 8080, 8888, 9000):
+            self.assertNotIn(port, options["deny-ports"])
+
+    def test_lists(self) -> None:
+        options = self.parse("--default-ports", "8888,8000-8099", "--deny-ports", "none")
+        self.assertEqual(str(options["default-ports"]), "8000-8099,8888")
+        self.assertFalse(options["deny-ports"])
+        self.assertEqual(self.parse("--default-ports", "AUTO")["default-ports"], None)
+        self.assertEqual(str(self.parse("--default-ports", "all")["default-ports"]), "1-65535")
+
+    def test_errors_name_the_option(self) -> None:
+        for argv, message in (
+            (("--default-ports", "0"), "--default-ports '0': invalid port list item"),
+            (("--deny-ports", "99999"), "--deny-ports '99999': invalid port"),
+            (("--deny-ports", "9-1"), "--deny-ports '9-1': invalid range"),
+        ):
+            with self.assertRaisesRegex(usage.UsageError, message):
+                self.parse(*argv)

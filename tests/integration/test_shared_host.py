@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from cocalcproxy.addresses import always_local, ip_of
 from cocalcproxy.backendio import is_local_address
+from tests.directory_support import new_postgres_url
 from tests.relay_support import WSBackend, in_thread, on_reactor
 from tests.support import https_client, start_proxy
 
@@ -331,6 +332,25 @@ class DenyListTests(ProxyCase):
         other = yield http_backend(self, "fine")
         code, body = yield self.get(f"/{project.id}/server/{other}/", "alice")
         self.assertEqual((code, body), (200, b"fine /"))
+
+
+class DatabasePortTests(ProxyCase):
+    """With the directory on PostgreSQL, its port is one of the proxy's own: never reachable
+    through a route, even with every port allowed and nothing denied."""
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.extra = ("--database", new_postgres_url(self), "--deny-ports", "none")
+        yield super().setUp()
+
+    @defer.inlineCallbacks
+    def test_database_port_refused(self):  # type: ignore[no-untyped-def]
+        project = yield self.directory.add_project("alice", ports="all")
+        code, _ = yield self.get(f"/{project.id}/server/5432/", "alice")
+        self.assertEqual(code, 404)
+        self.assertTrue(self.log.matching("5432", "directory database"))
+        got = yield self.websocket(f"/{project.id}/port/5432/", "alice")
+        self.assertEqual(got[0], 404)
 
 
 class DefaultDenyListTests(ProxyCase):
