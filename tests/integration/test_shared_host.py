@@ -15,6 +15,7 @@ from typing import Any
 import treq
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
+from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent as format_event
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
@@ -257,6 +258,25 @@ class PortSetFormsTests(ProxyCase):
         self.assertLess(elapsed, 2.0)
         got = yield self.websocket(f"/{self.pid}/server/{self.ws_port}/", "alice")
         self.assertEqual(got[0], 404, "and new handshakes are refused")
+
+    @defer.inlineCallbacks
+    def test_refused_before_the_body_is_read(self):  # type: ignore[no-untyped-def]
+        """A POST announcing 100 MB to a port outside the set is answered 404 from its headers
+        alone: the proxy neither waits for nor stores the body."""
+        head = (
+            f"POST /{self.pid}/server/{self.outside}/upload HTTP/1.1\r\n"
+            f"Host: localhost:{self.proxy.port}\r\nAuthorization: {basic('alice')}\r\n"
+            "Content-Length: 100000000\r\n\r\n"
+        ).encode()
+
+        def exchange() -> bytes:
+            with socket.create_connection(("127.0.0.1", self.proxy.port), timeout=20) as raw:
+                with self.tls.wrap_socket(raw, server_hostname="localhost") as tls:
+                    tls.sendall(head)
+                    return tls.recv(65536)
+
+        answer = yield deferToThread(exchange)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 404 "), answer[:80])
 
 
 class OwnListenersTests(ProxyCase):
