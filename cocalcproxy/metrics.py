@@ -135,6 +135,13 @@ class Metrics:
         self._cache_hits = _Children(self.cache_hits)
         self._cache_misses = _Children(self.cache_misses)
         self._directory_query = _Children(self.directory_query)
+        self.directory_up = Gauge(
+            "cocalcproxy_directory_up",
+            "1 while the directory answers, 0 during an outage (cached decisions may still be "
+            "used for --directory-grace seconds).",
+            registry=r,
+        )
+        self.directory_up.set_function(lambda: 1.0)
         self.access_log_lost = Counter(
             "cocalcproxy_access_log_lines_lost",
             "Access-log lines that could not be written (full disk, file not open).",
@@ -188,6 +195,9 @@ class Metrics:
 
     def set_directory_notifications(self, up: Callable[[], bool]) -> None:
         self.directory_notifications.set_function(lambda: 1.0 if up() else 0.0)
+
+    def set_directory_up(self, up: Callable[[], bool]) -> None:
+        self.directory_up.set_function(lambda: 1.0 if up() else 0.0)
 
     def set_in_flight(self, count: Callable[[], int]) -> None:
         self.in_flight.set_function(lambda: float(count()))

@@ -80,6 +80,19 @@ def _positive_float(value: str) -> float:
 _positive_float.coerceDoc = "A positive, finite number."  # type: ignore[attr-defined]
 
 
+def _non_negative_float(value: str) -> float:
+    """A duration where 0 means "none": finite and not negative."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("not a number") from None
+    if not math.isfinite(number):
+        raise ValueError("must be a finite number")
+    if number < 0:
+        raise ValueError("must not be negative")
+    return number
+
+
 def _size(value: str) -> int:
     """A byte count with an optional K/M/G/T suffix (powers of 1024)."""
     text = value.strip().upper().removesuffix("B").removesuffix("I")
@@ -238,6 +251,14 @@ class Options(usage.Options):
             30.0,
             "On SIGTERM, seconds to let requests in flight finish before closing them.",
             _positive_float,
+        ],
+        [
+            "directory-grace",
+            None,
+            300.0,
+            "While the directory is unreachable, seconds to go on using the decisions it gave "
+            "before (revocations cannot arrive meanwhile); 0 refuses everything at once.",
+            _non_negative_float,
         ],
         [
             "absolute-url-redirect",

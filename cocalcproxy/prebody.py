@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cocalcproxy import pages, routing
+from cocalcproxy.directory.model import Unavailable
 
 if TYPE_CHECKING:
     from cocalcproxy.site import Access, ProxyRequest, Root
@@ -273,7 +274,9 @@ class BodyGate:
             stop_parsing(channel)
 
     def _failed(self, failure: Failure) -> None:
-        log.failure("deciding on {uri!r} before its body failed", failure, uri=self.request.uri)
+        unavailable = bool(failure.check(Unavailable))
+        if not unavailable:
+            log.failure("deciding on {uri!r} before its body failed", failure, uri=self.request.uri)
         request = self.request
         self.holding = False
         self.held = []
@@ -282,7 +285,9 @@ class BodyGate:
             stop_parsing(channel)
         if request._disconnected or request.finished:
             return
-        if not request.startedWriting:
+        if unavailable:
+            pages.directory_unavailable(request)
+        elif not request.startedWriting:
             pages.write_error(request, 503, "Service unavailable", "Please try again shortly.")
 
     def _abort(self) -> None:

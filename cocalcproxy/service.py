@@ -532,6 +532,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         password_login=options["password-login"] == "on",
         oidc=oidc,
         http=provider_http,
+        outage_grace=options["directory-grace"],
     )
     identity: IdentityAssertions | None = None
     if options["identity-assertion"]:

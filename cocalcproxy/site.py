@@ -23,6 +23,7 @@ from cocalcproxy import headers as headers_module
 from cocalcproxy import pages, prebody, routing
 from cocalcproxy.bannerless import BannerlessRequest
 from cocalcproxy.directory import Account, Project
+from cocalcproxy.directory.model import Unavailable
 
 log = Logger()
 
@@ -383,6 +384,9 @@ class Root(resource.Resource):
         handler.handle(request, route, access)
 
     def _failed(self, failure: Failure, request: ProxyRequest) -> None:
+        if failure.check(Unavailable):
+            pages.directory_unavailable(request)
+            return
         log.failure("request for {uri!r} failed", failure, uri=request.uri)
         if not request.finished and not request.startedWriting and not request._disconnected:
             pages.write_error(request, 503, "Service unavailable", "Please try again shortly.")

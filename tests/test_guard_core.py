@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 from twisted.trial import unittest
 
@@ -23,6 +24,19 @@ def bearer(token: str) -> dict[bytes, bytes]:
 
 def cookie(token: str) -> dict[bytes, bytes]:
     return {b"Cookie": b"theme=dark; cocalcproxy_session=" + token.encode()}
+
+
+def capture_log(case: unittest.TestCase) -> list[str]:
+    from twisted.logger import formatEventAsClassicLogText, globalLogPublisher
+
+    events: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        events.append(formatEventAsClassicLogText(event) or "")
+
+    globalLogPublisher.addObserver(observe)
+    case.addCleanup(globalLogPublisher.removeObserver, observe)
+    return events
 
 
 class GuardTestCase(unittest.TestCase):
@@ -248,16 +262,70 @@ class Caching(GuardTestCase):
         self.assertIn(b"200", pending.value().split(b"\r\n")[0])
         self.assertEqual(self.get(cookie(token)).status, 401)
 
-    def test_directory_down_fails_closed(self) -> None:
+    def test_directory_down_serves_cached_decisions_for_the_grace_only(self) -> None:
+        token = self.world.directory.add_session("bob")
+        fresh = self.world.directory.add_session("bob")
+        self.poll()
+        self.assert_reached_backend(self.get(cookie(token)), "bob")
+        events = capture_log(self)
+        self.world.directory.unavailable = True
+        self.poll()
+        self.poll()
+        # Past the credentials' own 10 s lifetime in the cache, still within the grace.
+        self.world.clock.advance(60)
+        self.assert_reached_backend(self.get(cookie(token)), "bob")
+        calls = self.world.directory.calls["account_for_session"]
+        # Undecided (never cached) credentials: a clear 503, without asking the directory.
+        refused = self.get(cookie(fresh))
+        self.assertEqual(refused.status, 503)
+        self.assertIn(b"account directory", refused.body)
+        self.assertEqual(self.world.directory.calls["account_for_session"], calls)
+        self.assertEqual(self.world.guard.directory_status(), "degraded")
+        # The grace (300 s from the last answer) ends: nothing cached is used any more.
+        self.world.clock.advance(300 - 60 + 1)
+        self.poll()
+        self.assertEqual(self.get(cookie(token)).status, 503)
+        self.assertEqual(self.world.guard.directory_status(), "unavailable")
+        # Back: one line, and decisions are taken afresh.
+        self.world.directory.unavailable = False
+        self.poll()
+        self.assertEqual(self.world.guard.directory_status(), "ok")
+        self.assert_reached_backend(self.get(cookie(token)), "bob")
+        lines = [e for e in events if "directory" in e]
+        self.assertEqual(len(lines), 3, lines)
+        self.assertIn("directory unreachable: database down", lines[0])
+        self.assertIn("no longer used", lines[1])
+        self.assertIn("directory reachable again after 301 s", lines[2])
+        self.assertFalse([e for e in events if "Traceback" in e])
+
+    def test_revocation_during_the_outage_applies_when_it_ends(self) -> None:
         token = self.world.directory.add_session("bob")
         self.poll()
         self.assert_reached_backend(self.get(cookie(token)), "bob")
         self.world.directory.unavailable = True
         self.poll()
-        response = self.get(cookie(token))
-        self.assertEqual(response.status, 503)
-        self.assertNotIn(b"Traceback", response.body)
-        self.flushLoggedErrors()
+        # Ended elsewhere (another proxy reaches the database; this one does not).
+        self.world.directory.unavailable = False
+        self.world.directory.delete_session(token)
+        self.world.directory.unavailable = True
+        self.assert_reached_backend(self.get(cookie(token)), "bob")
+        self.world.directory.unavailable = False
+        self.poll()
+        self.assertEqual(self.get(cookie(token)).status, 401)
+
+    def test_no_grace_with_zero(self) -> None:
+        world = make_world(outage_grace=0.0)
+        world.directory.add_user("alice", "alice-password")
+        world.directory.add_user("bob", "bob-password")
+        world.directory.add_project("alice", PID)
+        world.directory.add_collaborator(PID, "bob")
+        token = world.directory.add_session("bob")
+        world.guard.poll()
+        self.assertEqual(world.request(b"GET", TARGET, headers=cookie(token)).status, 200)
+        world.directory.unavailable = True
+        world.guard.poll()
+        self.assertEqual(world.request(b"GET", TARGET, headers=cookie(token)).status, 503)
+        self.assertEqual(world.guard.directory_status(), "unavailable")
 
     def test_poll_runs_every_second_on_the_clock(self) -> None:
         guard = self.world.guard

@@ -13,7 +13,7 @@ import time
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from cocalcproxy.directory.model import Conflict, DirectoryError, InvalidInput, Unavailable
+from cocalcproxy.directory.model import Conflict, DirectoryError, Gone, InvalidInput, Unavailable
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 POSTGRES_CONNECT_TIMEOUT_S = 10
@@ -160,14 +160,14 @@ class SQLiteDialect(Dialect):
         try:
             info = os.stat(self.path)
         except FileNotFoundError:
-            raise Unavailable(
+            raise Gone(
                 f"the database file {self.path!r} was deleted under the running process; "
                 "restore it (or restart to create an empty one)"
             ) from None
         except OSError as e:
             raise Unavailable(f"cannot check the database {self.path!r}: {e.strerror}") from None
         if (info.st_dev, info.st_ino) != self._identity:
-            raise Unavailable(
+            raise Gone(
                 f"the database file {self.path!r} was replaced by another file under the "
                 "running process; restart to use the new file"
             )

@@ -69,3 +69,8 @@ class InvalidInput(DirectoryError):
 
 class Unavailable(DirectoryError):
     """The database cannot be reached or read."""
+
+
+class Gone(Unavailable):
+    """The database this process opened is no longer at its address (a SQLite file deleted or
+    replaced): not an outage that ends by itself, and a split if used on."""

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, gatherResults
 
 from cocalcproxy.directory import IDirectory
 from cocalcproxy.guard.checkers import make_portal
-from cocalcproxy.guard.core import Clock, Guard
+from cocalcproxy.guard.core import DEFAULT_OUTAGE_GRACE, Clock, Guard
 from cocalcproxy.guard.credentials import legacy_cookie_safe
 from cocalcproxy.guard.csrf import CsrfTokens, load_or_create_key
 from cocalcproxy.guard.hop import Hop
@@ -80,13 +80,16 @@ def build_guard(
     password_login: bool = True,
     oidc: OIDCSettings | None = None,
     http: Any = None,
+    outage_grace: float = DEFAULT_OUTAGE_GRACE,
 ) -> tuple[Guard, GuardPages, GuardService]:
     """The guard, its pages and the service that keeps it current. ``change_listener`` makes
     the directory's change notifications (``Directory.change_listener``; None where it has
     none) wake the guard's poll at once. ``password_login`` False refuses every password (form
     and Basic); ``oidc`` adds signing in with the OpenID provider, talking to it with ``http``
     (a treq HTTPClient)."""
-    guard = Guard(directory, clock, portal=make_portal(directory, password_login))
+    guard = Guard(
+        directory, clock, portal=make_portal(directory, password_login), outage_grace=outage_grace
+    )
     guard.legacy_session_cookie = legacy_cookie_safe(hostname, project_domain)
     notifications = change_listener(guard.wake) if change_listener is not None else None
     if notifications is not None and metrics is not None:
@@ -95,6 +98,7 @@ def build_guard(
         guard.identities.observer = metrics
         guard.projects.observer = metrics
         guard.on_signin_failure = metrics.signin_failure
+        metrics.set_directory_up(lambda: guard.outage is None)
     key = load_or_create_key(state_dir)
     session_lifetime = session_lifetime_days * SECONDS_PER_DAY
     guard_pages = GuardPages(

@@ -17,7 +17,9 @@ class Entry(Generic[V]):
 
 
 class ExpiringCache(Generic[K, V]):
-    """Least-recently-used eviction beyond ``max_entries``; an entry is gone once it expires."""
+    """Least-recently-used eviction beyond ``max_entries``; ``get`` no longer returns an entry
+    once it expires, but the entry stays (until evicted or replaced) for ``stale``: while the
+    directory is unreachable, the guard may fall back on it for a bounded time."""
 
     def __init__(self, max_entries: int) -> None:
         if max_entries <= 0:
@@ -30,10 +32,13 @@ class ExpiringCache(Generic[K, V]):
         if entry is None:
             return None
         if entry.expires_at <= now:
-            del self._entries[key]
             return None
         self._entries.move_to_end(key)
         return entry
+
+    def stale(self, key: K) -> Entry[V] | None:
+        """The entry, expired or not."""
+        return self._entries.get(key)
 
     def put(self, key: K, value: V, expires_at: float) -> None:
         self._entries[key] = Entry(value, expires_at)

@@ -35,6 +35,7 @@ from twisted.web.server import Request
 
 from cocalcproxy import pages, routing
 from cocalcproxy.directory import IDirectory, Project
+from cocalcproxy.directory.model import Gone, Unavailable
 from cocalcproxy.guard import policy
 from cocalcproxy.guard.cache import ExpiringCache
 from cocalcproxy.guard.checkers import IAccountAvatar, Identity, identity_of, make_portal
@@ -132,6 +133,11 @@ class CachedLookups(Generic[K, V]):
         self.observer: CacheObserver | None = None
         self.cache: ExpiringCache[K, V] = ExpiringCache(max_entries)
         self._pending: dict[tuple[int, K], list[Deferred[Looked[V]]]] = {}
+        # Set by the guard: while the directory is unreachable, ``outage()`` says until when a
+        # stale answer may stand in (None: not in an outage, or past the grace), and
+        # ``failed(failure)`` is told of every lookup that failed.
+        self.outage: Callable[[], Outage | None] = lambda: None
+        self.failed: Callable[[Failure], None] = lambda failure: None
 
     def count(self, hit: bool) -> None:
         if self.observer is not None:
@@ -146,12 +152,29 @@ class CachedLookups(Generic[K, V]):
             return None
         return Looked(entry.value, self.generation(), entry.expires_at)
 
+    def _stale(self, key: K, outage: Outage | None) -> Looked[V] | None:
+        """A decision taken while the directory still answered, during an outage's grace."""
+        if outage is None or outage.serve_until is None:
+            return None
+        entry = self.cache.stale(key)
+        if entry is None or entry.expires_at < outage.last_contact:
+            return None
+        return Looked(entry.value, self.generation(), outage.serve_until)
+
     def get(self, key: K, fetch: Callable[[], Deferred[V]]) -> Deferred[Looked[V]]:
         hit = self.cached(key)
         if hit is not None:
             self.count(hit=True)
             return succeed(hit)
         self.count(hit=False)
+        outage = self.outage()
+        if outage is not None:
+            # Known to be unreachable: no query (each would wait for the failure, a connect
+            # timeout on a dead network); a stale decision within the grace, or a fast refusal.
+            stale = self._stale(key, outage)
+            if stale is not None:
+                return succeed(stale)
+            return fail(outage.error())
         generation = self.generation()
         slot = (generation, key)
         mine: Deferred[Looked[V]] = Deferred()
@@ -164,8 +187,13 @@ class CachedLookups(Generic[K, V]):
         def settle(result: V | Failure) -> None:
             waiting = self._pending.pop(slot, [])
             if isinstance(result, Failure):
+                self.failed(result)
+                stale = self._stale(key, self.outage()) if result.check(Unavailable) else None
                 for d in waiting:
-                    d.errback(result)
+                    if stale is not None:
+                        d.callback(stale)
+                    else:
+                        d.errback(result)
                 return
             valid_until = self.clock.seconds() + self.ttl(result)
             if generation == self.generation():
@@ -184,6 +212,29 @@ class CachedLookups(Generic[K, V]):
 
     def clear(self) -> None:
         self.cache.clear()
+
+
+#: How long cached decisions keep being used while the directory is unreachable (the default of
+#: --directory-grace). Revocations cannot reach the proxy meanwhile, so this bounds how long a
+#: withdrawn credential or membership may still work: long enough for a database restart or a
+#: managed failover (seconds to a minute or two), short against a session's 14 days.
+DEFAULT_OUTAGE_GRACE = 300.0
+
+
+@dataclass
+class Outage:
+    """The directory stopped answering (``since``); decisions it gave until ``last_contact``
+    may be used until ``serve_until`` (None: not at all, the grace is over or the directory's
+    file is gone)."""
+
+    since: float
+    last_contact: float
+    serve_until: float | None
+    reason: str
+    gone: bool = False
+
+    def error(self) -> Unavailable:
+        return Unavailable(f"the directory is unreachable: {self.reason}")
 
 
 @dataclass
@@ -221,8 +272,13 @@ class Guard:
         negative_ttl: float = 30.0,
         access_ttl: float = 300.0,
         max_entries: int = 10_000,
+        outage_grace: float = DEFAULT_OUTAGE_GRACE,
     ) -> None:
         self.directory = directory
+        self.outage_grace = outage_grace
+        # When the directory last answered, and the outage in progress (None while it answers).
+        self.last_contact: float | None = None
+        self.outage: Outage | None = None
         self.clock = clock
         self.portal = portal if portal is not None else make_portal(directory)
         self.limits = limits if limits is not None else SignInLimits.default()
@@ -252,12 +308,14 @@ class Guard:
             max_entries,
             name="access",
         )
+        for lookups in (self.identities, self.projects):
+            lookups.outage = self._current_outage
+            lookups.failed = self.directory_failed
         self.grants: weakref.WeakKeyDictionary[Access, Grant] = weakref.WeakKeyDictionary()
         # Set by the backend policy (backendio.PolicyGuard): does an open connection's route
         # still go where it went, now that the project changed? False revokes it.
         self.still_allowed: Callable[[Access, Project], bool] | None = None
         self.last_counter: int | None = None
-        self._directory_down = False
         self._loop: LoopingCall | None = None
         self._loop_done: Deferred[Any] | None = None
         self._woken: Deferred[None] | None = None
@@ -356,8 +414,16 @@ class Guard:
         return session_cookie(cookies, self.legacy_session_cookie)
 
     def check_password(self, name: str, password: str) -> Deferred[Identity | None]:
-        """For the sign-in form: never cached, never an API token in place of the password."""
-        return self._login(form_password(name, password))
+        """For the sign-in form: never cached, never an API token in place of the password.
+        While the directory is known to be unreachable it is not asked (a fast 503)."""
+        outage = self._current_outage()
+        if outage is not None:
+            return fail(outage.error())
+        return self._login(form_password(name, password)).addErrback(self._login_failed)
+
+    def _login_failed(self, failure: Failure) -> Failure:
+        self.directory_failed(failure)
+        return failure
 
     def remember_session(self, token: str, identity: Identity) -> None:
         """Prime the cache with a session just created here, whose expiry we know exactly."""
@@ -473,28 +539,88 @@ class Guard:
         self.projects.clear()
 
     def poll(self) -> Deferred[None]:
-        """Read the change counter; on a change (or failure) drop caches; re-check watched grants.
-        Never fails, so the LoopingCall keeps going."""
+        """Read the change counter; on a change drop caches and re-check watched grants; on a
+        failure, an outage (see ``directory_failed``). Never fails, so the LoopingCall goes on."""
         d: Deferred[Any] = self.directory.change_counter()
         d.addCallbacks(self._counter_read, self._counter_failed)
-        d.addCallback(lambda _: self.recheck_watched())
         d.addErrback(lambda f: log.failure("guard poll failed", f))
         return d.addCallback(lambda _: None)
 
-    def _counter_read(self, counter: int) -> None:
-        if self._directory_down:
-            log.info("directory reachable again")
-            self._directory_down = False
+    def _counter_read(self, counter: int) -> Deferred[None]:
+        now = self.clock.seconds()
+        self.last_contact = now
+        if self.outage is not None:
+            log.info(
+                "directory reachable again after {seconds:.0f} s; changes made meanwhile apply now",
+                seconds=now - self.outage.since,
+            )
+            self.outage = None
         previous, self.last_counter = self.last_counter, counter
         if previous is not None and counter != previous:
             self.invalidate()
+        return self.recheck_watched()
 
     def _counter_failed(self, failure: Failure) -> None:
-        if not self._directory_down:
-            log.warn("cannot read the directory's change counter: {why}", why=failure.value)
-            self._directory_down = True
-        # Fail closed: without the counter we cannot know about revocations.
+        self.directory_failed(failure)
+        self._current_outage()
+
+    def _current_outage(self) -> Outage | None:
+        """The outage in progress, after ending its grace if that time has come."""
+        outage = self.outage
+        if outage is None or outage.serve_until is None:
+            return outage
+        if self.clock.seconds() > outage.serve_until:
+            log.warn(
+                "directory still unreachable after {grace:.0f} s: cached decisions are no "
+                "longer used; every request that needs the directory gets 503",
+                grace=self.outage_grace,
+            )
+            self._end_grace(outage)
+        return outage
+
+    def _end_grace(self, outage: Outage) -> None:
+        outage.serve_until = None
         self.invalidate()
+        # Open WebSocket relays rest on decisions that can no longer be checked: close them.
+        for access in list(self.grants):
+            if access.watched and not access.revoked:
+                access.revoke()
+
+    def directory_failed(self, failure: Failure) -> None:
+        """A directory call failed. The first failure of an outage logs one line and starts the
+        grace: decisions the directory gave until it last answered stay usable for
+        ``outage_grace`` seconds (revocations cannot reach us meanwhile, hence the bound). A
+        deleted or replaced directory file (Gone) gets no grace."""
+        if not failure.check(Unavailable):
+            return
+        if self.outage is not None:
+            return
+        now = self.clock.seconds()
+        gone = bool(failure.check(Gone))
+        last = self.last_contact if self.last_contact is not None else now
+        grace = 0.0 if gone else self.outage_grace
+        serve_until = last + grace if grace > 0 and now <= last + grace else None
+        self.outage = Outage(now, last, serve_until, str(failure.value), gone)
+        if serve_until is None:
+            log.error(
+                "directory unusable: {why}; every request that needs it gets 503",
+                why=failure.value,
+            )
+            self._end_grace(self.outage)
+        else:
+            log.warn(
+                "directory unreachable: {why}; serving decisions cached until then for up to "
+                "{grace:.0f} s, new sign-ins and undecided requests get 503",
+                why=failure.value,
+                grace=grace,
+            )
+
+    def directory_status(self) -> str:
+        """``ok``, ``degraded`` (unreachable, cached decisions still used) or ``unavailable``."""
+        outage = self._current_outage()
+        if outage is None:
+            return "ok"
+        return "degraded" if outage.serve_until is not None else "unavailable"
 
     def recheck_watched(self) -> Deferred[None]:
         now = self.clock.seconds()

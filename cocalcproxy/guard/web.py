@@ -19,6 +19,7 @@ from twisted.web.template import Element, Tag, XMLString, flattenString, rendere
 
 from cocalcproxy import pages
 from cocalcproxy.directory import Account, IDirectory, Project
+from cocalcproxy.directory.model import Unavailable
 from cocalcproxy.guard import policy
 from cocalcproxy.guard.checkers import Identity
 from cocalcproxy.guard.core import (
@@ -594,6 +595,10 @@ class GuardPages:
         )
 
     def _failed(self, failure: Any, request: Request) -> None:
+        if failure.check(Unavailable):
+            self.guard.directory_failed(failure)
+            pages.directory_unavailable(request)
+            return
         log.failure("guard page {uri!r} failed", failure, uri=request.uri)
         _unavailable(request)
 

@@ -93,6 +93,21 @@ def method_not_allowed(request: Request, allow: bytes = b"GET, HEAD") -> None:
     write_error(request, 405, "Method not allowed", "This page does not take that method.")
 
 
+def directory_unavailable(request: Request) -> None:
+    """503 for a request the proxy cannot decide because its directory does not answer (the
+    outage itself is logged once, by the guard, not once per request)."""
+    if request.finished or request.startedWriting or getattr(request, "_disconnected", False):
+        return
+    request.setHeader(b"Retry-After", b"30")
+    write_error(
+        request,
+        503,
+        "Account directory unreachable",
+        "The proxy cannot reach its account directory right now, so it cannot check who may "
+        "open this page or sign anybody in. Please try again in a few minutes.",
+    )
+
+
 def not_found(request: Request) -> None:
     write_error(request, 404, "Not found", "There is nothing here, or you may not see it.")
 

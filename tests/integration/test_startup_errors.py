@@ -28,6 +28,7 @@ BAD_BY_KIND = {
     "_non_negative_int": ["1.5", "inf"],
     "_size": ["1.5M", "10X"],
     "_positive_float": [],
+    "_non_negative_float": [],
 }
 
 
@@ -44,8 +45,8 @@ def numeric_options() -> list[tuple[str, str]]:
 
 def bad_values(kind: str) -> list[str]:
     values = BAD_NUMBERS + BAD_BY_KIND[kind]
-    if kind == "_non_negative_int":
-        values = [v for v in values if v != "0"]  # 0 is meaningful there (HSTS off)
+    if kind in ("_non_negative_int", "_non_negative_float"):
+        values = [v for v in values if v != "0"]  # 0 is meaningful there (off)
     return values
 
 
@@ -95,6 +96,7 @@ class StartupErrorTests(unittest.TestCase):
             "max-body-size",
             "backend-pool-size",
             "hsts-max-age",
+            "directory-grace",
         ):
             self.assertIn(expected, names)
         for name, kind in table:
