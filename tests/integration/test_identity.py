@@ -158,6 +158,28 @@ class IdentityAssertionTests(unittest.TestCase):
             verify(tampered(token, role="owner", sub="bob"), jwks, self.origin, claims["aud"])
 
     @defer.inlineCallbacks
+    def test_two_proxies_on_one_directory_publish_and_sign_with_the_same_keys(self):  # type: ignore[no-untyped-def]
+        yield self.start("--identity-assertion")
+        other = yield start_proxy(self, "--identity-assertion", state_dir=self.proxy.state_dir)
+        other_http = https_client(self, other.cert_path)
+        other_origin = f"https://localhost:{other.port}"
+        response = yield other_http.get(other_origin + "/_/jwks.json")
+        other_jwks = json.loads((yield response.content()))
+        jwks = yield self.jwks()
+        self.assertEqual(jwks, other_jwks)
+        self.assertEqual(len(jwks["keys"]), 1)
+        # A token minted by the second proxy verifies with the first one's published keys.
+        headers = self.auth["bob"]
+        response = yield other_http.get(
+            f"{other_origin}/{self.pid}/server/{self.backend_port}/", headers=headers
+        )
+        [token] = identity_headers(json.loads((yield response.content())))
+        claims = verify(
+            token, jwks, other_origin, f"{other_origin}/{self.pid}/server/{self.backend_port}/"
+        )
+        self.assertEqual(claims["sub"], "bob")
+
+    @defer.inlineCallbacks
     def test_without_the_option_no_assertion_and_no_forgery_passes(self):  # type: ignore[no-untyped-def]
         yield self.start()
         code, body = yield self.get(

@@ -19,11 +19,15 @@ from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import urlencode
 
-from joserfc.jwk import RSAKey
-from twisted.internet import defer
+from joserfc import jwt
+from joserfc.jwk import KeySet, RSAKey
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial import unittest
+from twisted.web import server
 
 from cocalcproxy import headers
+from tests.integration.test_guard_backend import Echo
 from tests.oidc_support import CLIENT_ID, CLIENT_SECRET, FakeProvider
 from tests.processes import free_port
 from tests.support import https_client, start_proxy
@@ -163,6 +167,37 @@ class OIDCSignIn(unittest.TestCase):
         self.assertIn("Sign in with Example &lt;ID&gt;", body)
         self.assertIn('href="/_/oidc/login?next=%2Fabc"', body)
         self.assertIn('id="password"', body)
+
+    @defer.inlineCallbacks
+    def test_backends_learn_the_provider_email_from_the_assertion(self):  # type: ignore[no-untyped-def]
+        """With --identity-assertion, a backend is told the e-mail address the provider
+        verified (and which is kept on the account)."""
+        echo = Echo()
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(echo))
+        self.addCleanup(port.stopListening)
+        yield self.start("--identity-assertion")
+        code, state, cookies = yield self.begin()
+        self.provider.answer_with(self.provider.id_token())
+        response, body = yield self.finish(code, state, cookies)
+        self.assertEqual(response.code, 303, body)
+        session = set_cookies(response)[SESSION]
+        d = self.proxy.directory
+        yield d.add_user("alice", "alice-password")
+        project = yield d.add_project("alice")
+        yield d.add_collaborator(project.id, "carol")
+        path = f"/{project.id}/server/{port.getHost().port}/"
+        response = yield self.http.get(
+            self.proxy.url + path, headers={b"Cookie": [f"{SESSION}={session}".encode()]}
+        )
+        record = json.loads((yield response.content()))
+        [token] = [v for k, v in record["headers"] if k.lower() == "x-cocalcproxy-identity"]
+        response = yield self.http.get(self.proxy.url + "/_/jwks.json")
+        keys = KeySet.import_key_set(json.loads((yield response.content())))
+        claims = jwt.decode(token, keys, algorithms=["ES256"]).claims
+        self.assertEqual(
+            (claims["sub"], claims["email"], claims["role"], claims["aud"]),
+            ("carol", "carol@example.org", "collaborator", self.proxy.url + path),
+        )
 
     # -- the state ------------------------------------------------------------------------------
 
