@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 from joserfc import jwt
 from joserfc.jwk import RSAKey
@@ -28,7 +28,8 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 
 CLIENT_ID = "cocalcproxy-test"
-CLIENT_SECRET = "test-client-secret-0123456789"
+# Characters that RFC 6749's form-urlencoding of Basic credentials changes, on purpose.
+CLIENT_SECRET = "test secret: 100% +/=0123456789"
 
 
 class FakeProvider(resource.Resource):
@@ -76,8 +77,10 @@ class FakeProvider(resource.Resource):
             assert request.content is not None
             form = {k: v[0] for k, v in parse_qs(request.content.read().decode()).items()}
             self.token_requests.append(form)
-            expected = b"Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode())
-            if request.getHeader(b"authorization") != expected:
+            given = (request.getHeader(b"authorization") or b"").split(b" ", 1)
+            pair = base64.b64decode(given[-1]).decode() if given[0] == b"Basic" else ":"
+            client, _, secret = pair.partition(":")
+            if (unquote_plus(client), unquote_plus(secret)) != (CLIENT_ID, CLIENT_SECRET):
                 request.setResponseCode(401)
                 return b'{"error": "invalid_client"}'
             challenge = self.challenges.get(form.get("code", ""))

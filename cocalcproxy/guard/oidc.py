@@ -38,7 +38,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote_plus, urlencode, urlsplit
 
 import treq
 from joserfc import jwe, jws, jwt
@@ -446,8 +446,15 @@ class ProviderClient:
         code, document = yield self._json("GET", metadata.jwks_uri)
         if code != 200:
             raise _unreachable(f"the JWKS at {metadata.jwks_uri} answered {code}")
+        usable = [
+            key
+            for key in document.get("keys", [])
+            if isinstance(key, dict)
+            and key.get("kty") in ("RSA", "EC", "OKP")
+            and key.get("use", "sig") == "sig"
+        ]
         try:
-            keys = KeySet.import_key_set(document)
+            keys = KeySet.import_key_set({"keys": usable})
         except (JoseError, ValueError, KeyError, TypeError) as e:
             raise _unreachable(f"the JWKS cannot be read: {e}") from None
         self._keys = keys
@@ -481,18 +488,18 @@ class ProviderClient:
             "redirect_uri": redirect_uri,
             "code_verifier": verifier,
         }
-        kwargs: dict[str, Any] = {}
+        headers = {b"Accept": [b"application/json"]}
         if metadata.client_secret_post:
             form["client_id"] = self.settings.client_id
             form["client_secret"] = self.settings.client_secret
         else:
-            kwargs["auth"] = (self.settings.client_id, self.settings.client_secret)
+            # RFC 6749 2.3.1: both parts form-urlencoded before they are joined and encoded.
+            pair = (
+                quote_plus(self.settings.client_id) + ":" + quote_plus(self.settings.client_secret)
+            )
+            headers[b"Authorization"] = [b"Basic " + base64.b64encode(pair.encode("utf-8"))]
         status, document = yield self._json(
-            "POST",
-            metadata.token_endpoint,
-            data=form,
-            headers={b"Accept": [b"application/json"]},
-            **kwargs,
+            "POST", metadata.token_endpoint, data=form, headers=headers
         )
         if status != 200:
             raise _refused(
