@@ -101,6 +101,9 @@ class OIDCPages:
     # -- answers ------------------------------------------------------------------------------
 
     def refuse(self, request: Request, error: SignInError) -> None:
+        on_failure = getattr(self.guard_pages.guard, "on_signin_failure", None)
+        if on_failure is not None and error.status in (400, 403):
+            on_failure()
         log.warn(
             "OpenID sign-in refused from {address}: {detail!r}",
             address=client_address(request),
