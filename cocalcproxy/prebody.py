@@ -78,8 +78,9 @@ def request_line(channel: Any) -> tuple[bytes, bytes, bytes] | None:
 def stop_parsing(channel: Any) -> None:
     """Never parse another byte of this connection: neither the rest of a refused body nor
     anything after it can become a request (no smuggling). The connection is being closed: what
-    still arrives is discarded, up to :data:`DRAIN_LIMIT` bytes and for :data:`LINGER_SECONDS`;
-    then the connection is aborted."""
+    still arrives is discarded, up to :data:`DRAIN_LIMIT` bytes and for :data:`LINGER_SECONDS`.
+    Past the byte bound the proxy stops reading and closes once its answer has been sent; past
+    the time bound it aborts."""
     if getattr(channel, "_draining", False):
         return
     channel._draining = True
@@ -96,11 +97,26 @@ def stop_parsing(channel: Any) -> None:
         if transport is not None:
             transport.abortConnection()
 
+    def close_after_flush() -> None:
+        # Past the bound: read nothing more (TCP holds the client back) and close the socket
+        # once what was written has left. An abort here would discard the answer still in the
+        # write buffer, so a client that sends fast would never see its 413 or 401.
+        nonlocal aborted
+        if aborted:
+            return
+        aborted = True
+        transport = getattr(channel, "transport", None)
+        if transport is None:
+            return
+        transport.pauseProducing()
+        tcp = getattr(transport, "transport", None)  # under TLS: the TCP transport
+        (tcp if tcp is not None else transport).loseConnection()
+
     def drain(data: bytes) -> None:
         nonlocal left
         left -= len(data)
         if left < 0:
-            abort()
+            close_after_flush()
 
     channel.dataReceived = drain
     channel.rawDataReceived = _ignore
