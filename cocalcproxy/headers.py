@@ -64,6 +64,9 @@ CSRF_COOKIE = b"__Host-cocalcproxy_csrf"
 HOP_STATE_COOKIE = b"__Host-cocalcproxy_hop"
 #: The OpenID sign-in's state cookie (guard/oidc.py): state, nonce and PKCE verifier, sealed.
 OIDC_STATE_COOKIE = b"__Host-cocalcproxy_oidc"
+#: A browser's standing for password sign-ins (guard/devices.py): set after a successful
+#: sign-in, so that strangers' wrong guesses cannot lock the account out of that browser.
+DEVICE_COOKIE = b"__Host-cocalcproxy_device"
 #: Every cookie the proxy sets or reads, as sent.
 PROXY_COOKIES: tuple[bytes, ...] = (
     SESSION_COOKIE,

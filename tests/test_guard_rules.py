@@ -247,7 +247,11 @@ class Limits(unittest.TestCase):
         self.assertEqual(len(w._failures), 10)
 
     def test_sign_in_limits_per_name_and_address(self) -> None:
-        limits = SignInLimits(per_address=SlidingWindow(5, 100.0), per_name=SlidingWindow(2, 100.0))
+        limits = SignInLimits(
+            per_address=SlidingWindow(5, 100.0),
+            per_name=SlidingWindow(2, 100.0),
+            per_device=SlidingWindow(3, 100.0),
+        )
         self.assertIsNone(limits.begin("10.0.0.1", "Alice", 0.0))
         self.assertIsNone(limits.begin("10.0.0.2", "alice ", 1.0))
         # the name is limited whatever the address and however it is spelt
@@ -260,6 +264,34 @@ class Limits(unittest.TestCase):
             self.assertIsNone(limits.begin("10.0.0.1", name, 4.0 + i))
         self.assertEqual(limits.begin("10.0.0.1", "f", 10.0), 90)
         self.assertIsNone(limits.begin("10.0.0.1", "f", 100.0))
+
+    def test_a_known_device_is_never_locked_out_by_strangers(self) -> None:
+        # Issue #11 item 1: 20 wrong guesses over two addresses lock unknown clients out of
+        # "alice" (and at most 10 per 10 minutes get through), but not her own browser.
+        limits = SignInLimits.default()
+        for i in range(20):
+            limits.begin(f"10.0.0.{1 + i % 2}", "alice", float(i))
+        self.assertIsNotNone(limits.begin("10.0.0.3", "alice", 30.0))
+        self.assertEqual(
+            sum(limits.begin(f"10.9.{i}.1", "alice", 31.0) is None for i in range(100)), 0
+        )
+        self.assertIsNone(limits.begin("10.0.0.1", "alice", 32.0, device="her-browser"))
+        limits.succeeded("10.0.0.1", "alice", 32.0, device="her-browser")
+        # A device's own failures lock out that device only.
+        for t in range(10):
+            self.assertIsNone(limits.begin("10.0.0.1", "alice", 40.0 + t, device="stolen"))
+        self.assertIsNotNone(limits.begin("10.0.0.1", "alice", 50.0, device="stolen"))
+        self.assertIsNone(limits.begin("10.0.0.1", "alice", 50.0, device="her-browser"))
+
+    def test_unknown_clients_bounded_per_name_per_hour(self) -> None:
+        limits = SignInLimits.default()
+        allowed = 0
+        for second in range(3600):
+            # a new address every second, guessing all the time
+            if limits.begin(f"10.{second // 250}.{second % 250}.1", "alice", float(second)) is None:
+                allowed += 1
+        self.assertLessEqual(allowed, 60)
+        self.assertGreaterEqual(allowed, 50)
 
     def test_address_keys(self) -> None:
         self.assertEqual(address_key("2001:db8::1"), address_key("2001:db8::ffff:1"))
@@ -324,3 +356,36 @@ class Csrf(unittest.TestCase):
         key = load_or_create_key(blocker)
         self.assertEqual(len(key), 32)
         self.assertNotEqual(key, load_or_create_key(blocker))
+
+
+class Devices(unittest.TestCase):
+    """Issue #11 item 1: device cookies bound to one account."""
+
+    def test_bound_to_the_exact_account(self) -> None:
+        from cocalcproxy.guard.devices import MAX_ENTRIES, DeviceCookies
+
+        devices = DeviceCookies(b"k" * 32)
+        value = devices.issue([], "alice")
+        cookie = [b"__Host-cocalcproxy_device=" + value.encode()]
+        nonce = devices.device_for(cookie, "alice")
+        self.assertIsNotNone(nonce)
+        for other in ("Alice", "alice ", "bob"):
+            self.assertIsNone(devices.device_for(cookie, other), other)
+        self.assertIsNone(DeviceCookies(b"x" * 32).device_for(cookie, "alice"))
+        self.assertIsNone(devices.device_for([b"cocalcproxy_device=" + value.encode()], "alice"))
+        forged = value[:-1] + ("A" if value[-1] != "A" else "B")
+        self.assertIsNone(
+            devices.device_for([b"__Host-cocalcproxy_device=" + forged.encode()], "alice")
+        )
+        # Signing in again keeps the device; other accounts join the same cookie, up to a bound.
+        again = devices.issue(cookie, "alice")
+        self.assertEqual(
+            devices.device_for([b"__Host-cocalcproxy_device=" + again.encode()], "alice"), nonce
+        )
+        both = devices.issue(cookie, "bob")
+        jar = [b"__Host-cocalcproxy_device=" + both.encode()]
+        self.assertEqual(devices.device_for(jar, "alice"), nonce)
+        self.assertIsNotNone(devices.device_for(jar, "bob"))
+        for i in range(10):
+            both = devices.issue([b"__Host-cocalcproxy_device=" + both.encode()], f"u{i}")
+        self.assertEqual(len(both.split("~")), MAX_ENTRIES)

@@ -21,6 +21,7 @@ from cocalcproxy.guard.checkers import make_portal
 from cocalcproxy.guard.core import DEFAULT_OUTAGE_GRACE, Clock, Guard
 from cocalcproxy.guard.credentials import legacy_cookie_safe
 from cocalcproxy.guard.csrf import CsrfTokens, load_or_create_key
+from cocalcproxy.guard.devices import DeviceCookies
 from cocalcproxy.guard.hop import Hop
 from cocalcproxy.guard.hopkeys import HopKeys
 from cocalcproxy.guard.oidc import OIDCSettings, ProviderClient, StateSealer
@@ -100,6 +101,7 @@ def build_guard(
         guard.on_signin_failure = metrics.signin_failure
         metrics.set_directory_up(lambda: guard.outage is None)
     key = load_or_create_key(state_dir)
+    guard.devices = DeviceCookies(key)
     session_lifetime = session_lifetime_days * SECONDS_PER_DAY
     guard_pages = GuardPages(
         guard,

@@ -41,6 +41,7 @@ from cocalcproxy.guard.cache import ExpiringCache
 from cocalcproxy.guard.checkers import IAccountAvatar, Identity, identity_of, make_portal
 from cocalcproxy.guard.credentials import (
     LEGACY_SESSION_COOKIE,
+    MAX_SECRET_LENGTH,
     SESSION_COOKIE,
     Credential,
     Malformed,
@@ -54,6 +55,7 @@ from cocalcproxy.guard.credentials import (
     has_legacy_cookie,
     session_cookie,
 )
+from cocalcproxy.guard.devices import DeviceCookies
 from cocalcproxy.guard.hopkeys import HopKeys, label_for
 from cocalcproxy.guard.ratelimit import SignInLimits
 from cocalcproxy.site import Access, ProxyRequest, is_websocket_upgrade
@@ -297,6 +299,8 @@ class Guard:
         # credentials.session_cookie); build_guard turns it off where project subdomains could
         # have tossed such a cookie (credentials.legacy_cookie_safe).
         self.legacy_session_cookie = True
+        # Device cookies for password sign-ins (guard/devices.py), set by build_guard.
+        self.devices: DeviceCookies | None = None
         self.send_to_hop: Callable[[Request, str, SignedOut], None] | None = None
         self.identities: CachedLookups[bytes, Identity | None] = CachedLookups(
             clock, lambda: self.generation, self._identity_ttl, max_entries, name="credentials"
@@ -359,24 +363,48 @@ class Guard:
         if hit is not None:
             self.identities.count(hit=True)
             return succeed(self._outcome(presented, hit))
-        attempt: tuple[str, str, float] | None = None
         if isinstance(credentials, NameAndSecret):
-            now = self.clock.seconds()
-            address = client_address(request)
-            wait = self.limits.begin(address, credentials.name, now)
-            if wait is not None:
-                return succeed(Limited(wait))
-            attempt = (address, credentials.name, now)
+            return self._name_and_secret(request, presented, key, credentials)
         d = self.identities.get(key, lambda: self._login(credentials))
 
         def decided(looked: Looked[Identity | None]) -> Outcome:
-            if attempt is not None and looked.value is not None:
-                self.limits.succeeded(*attempt)
             if looked.value is None and self.on_signin_failure is not None:
                 self.on_signin_failure()
             return self._outcome(presented, looked)
 
         return d.addCallback(decided)
+
+    def device_for(self, request: Request, name: str) -> str | None:
+        """The known device (guard/devices.py) a password attempt for ``name`` comes from."""
+        if self.devices is None:
+            return None
+        return self.devices.device_for(request.requestHeaders.getRawHeaders(b"cookie", []), name)
+
+    @inlineCallbacks
+    def _name_and_secret(  # type: ignore[no-untyped-def]
+        self, request: Request, presented: Presented, key: bytes, credentials: NameAndSecret
+    ):
+        """Basic credentials: an API token of the named account is never limited (tokens are
+        not guessable); a password follows the sign-in form's limits (ratelimit.py)."""
+        account = None
+        if 0 < len(credentials.secret) <= MAX_SECRET_LENGTH:
+            account = yield self.directory.account_for_token(credentials.secret)
+        if account is not None and account.name == credentials.name:
+            identity = Identity(account, "token")
+            looked = yield self.identities.get(key, lambda: succeed(identity))
+            return self._outcome(presented, looked)
+        now = self.clock.seconds()
+        address = client_address(request)
+        device = self.device_for(request, credentials.name)
+        wait = self.limits.begin(address, credentials.name, now, device)
+        if wait is not None:
+            return Limited(wait)
+        looked = yield self.identities.get(key, lambda: self._login(credentials))
+        if looked.value is not None:
+            self.limits.succeeded(address, credentials.name, now, device)
+        elif self.on_signin_failure is not None:
+            self.on_signin_failure()
+        return self._outcome(presented, looked)
 
     def _login(self, credentials: Any) -> Deferred[Identity | None]:
         d = self.portal.login(credentials, None, IAccountAvatar)

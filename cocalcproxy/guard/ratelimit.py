@@ -1,8 +1,24 @@
-"""Sign-in failure limits per client address and per account name. Pure: callers pass the time.
+"""Sign-in failure limits, after OWASP's "device cookies". Pure: callers pass the time.
 
-Only failures count. A client that reached either limit is refused (429 with Retry-After) until
-its oldest counted failure leaves the window, whether or not its next password would be right;
-that is what makes guessing slow. Memory is bounded: the oldest keys are forgotten first.
+Only password attempts count (API tokens are 256-bit random values: never limited). A password
+attempt comes either from a *known device* -- a browser that presents a device cookie bound to
+that very account (guard/devices.py), which only a successful sign-in to the account hands
+out -- or from an *unknown client*:
+
+* a known device is limited on its own (``per_device``): its failures lock out that device
+  only, never the account's other devices;
+* unknown clients are limited per account name (``per_name``), whatever their addresses, and
+  per address (``per_address``).
+
+So guessing from any number of addresses stays bounded per name (``per_name``: 10 failures per
+10 minutes, at most 60 an hour), while a flood of wrong guesses cannot lock the owner out of a
+browser she signed in with before. A client that reached a limit is refused (429 with
+Retry-After) until its oldest counted failure leaves the window, whether or not its next
+password would be right. Memory is bounded: the oldest keys are forgotten first.
+
+All state is failure times per string key, kept in :class:`SlidingWindow` objects, so a store
+shared by several processes (a directory table of key and time) can replace them later without
+changing :class:`SignInLimits`' callers.
 """
 
 from __future__ import annotations
@@ -85,33 +101,50 @@ def name_key(name: str) -> str:
 class SignInLimits:
     per_address: SlidingWindow
     per_name: SlidingWindow
+    per_device: SlidingWindow
 
     @classmethod
     def default(cls) -> SignInLimits:
-        return cls(per_address=SlidingWindow(20, 600.0), per_name=SlidingWindow(10, 600.0))
+        return cls(
+            per_address=SlidingWindow(20, 600.0),
+            per_name=SlidingWindow(10, 600.0),
+            per_device=SlidingWindow(10, 600.0),
+        )
 
-    def retry_after(self, address: str, name: str, now: float) -> int | None:
-        """Whole seconds (at least 1) until this address may try this name, or None."""
-        waits = [
-            self.per_address.retry_after(address_key(address), now),
-            self.per_name.retry_after(name_key(name), now),
-        ]
+    def retry_after(
+        self, address: str, name: str, now: float, device: str | None = None
+    ) -> int | None:
+        """Whole seconds (at least 1) until this client may try this name, or None."""
+        if device is not None:
+            waits = [self.per_device.retry_after(device, now)]
+        else:
+            waits = [
+                self.per_address.retry_after(address_key(address), now),
+                self.per_name.retry_after(name_key(name), now),
+            ]
         longest = max((w for w in waits if w is not None), default=None)
         return None if longest is None else max(1, math.ceil(longest))
 
-    def begin(self, address: str, name: str, now: float) -> int | None:
-        """Start an attempt: seconds to wait if limited, else None, the attempt counted as failed
-        until ``succeeded`` takes it back. Counting first means concurrent guesses cannot
-        overrun the limit while their passwords are being checked."""
-        wait = self.retry_after(address, name, now)
+    def begin(self, address: str, name: str, now: float, device: str | None = None) -> int | None:
+        """Start a password attempt: seconds to wait if limited, else None, the attempt counted
+        as failed until ``succeeded`` takes it back. Counting first means concurrent guesses
+        cannot overrun the limit while their passwords are being checked. ``device`` is the
+        known device the attempt comes from (a device cookie valid for ``name``), else None."""
+        wait = self.retry_after(address, name, now, device)
         if wait is None:
-            self.per_address.failed(address_key(address), now)
-            self.per_name.failed(name_key(name), now)
+            if device is not None:
+                self.per_device.failed(device, now)
+            else:
+                self.per_address.failed(address_key(address), now)
+                self.per_name.failed(name_key(name), now)
         return wait
 
-    def succeeded(self, address: str, name: str, started: float) -> None:
-        """The attempt begun at ``started`` was right: uncount it and forget the name's failures.
-        The address keeps its other failures, so a client cannot clear its count by signing in
-        to an account of its own between guesses at others."""
+    def succeeded(self, address: str, name: str, started: float, device: str | None = None) -> None:
+        """The attempt begun at ``started`` was right: uncount it and forget the name's (or the
+        device's) failures. The address keeps its other failures, so a client cannot clear its
+        count by signing in to an account of its own between guesses at others."""
+        if device is not None:
+            self.per_device.reset(device)
+            return
         self.per_address.forgive(address_key(address), started)
         self.per_name.reset(name_key(name))

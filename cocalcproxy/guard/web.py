@@ -40,6 +40,7 @@ from cocalcproxy.guard.credentials import (
     has_legacy_cookie,
 )
 from cocalcproxy.guard.csrf import CSRF_COOKIE, CsrfTokens, new_presession, well_formed_presession
+from cocalcproxy.guard.devices import DEVICE_COOKIE, DEVICE_LIFETIME
 
 log = Logger()
 
@@ -516,7 +517,8 @@ class GuardPages:
         shown_name = name[:MAX_NAME_LENGTH]
         address = client_address(request)
         started = self.clock.seconds()
-        wait = self.guard.limits.begin(address, name, started)
+        device = self.guard.device_for(request, name)
+        wait = self.guard.limits.begin(address, name, started, device)
         if wait is not None:
             log.info(
                 "sign-in refused (rate limit) for {name!r} from {address}",
@@ -543,8 +545,26 @@ class GuardPages:
                 self.guard.on_signin_failure()
             self._login_form(request, 403, next_path, shown_name, FAILED)
             return
-        self.guard.limits.succeeded(address, name, started)
+        self.guard.limits.succeeded(address, name, started, device)
+        self._remember_device(request, identity.account.name)
         yield self.start_session(request, identity.account, next_path, "password")
+
+    def _remember_device(self, request: Request, name: str) -> None:
+        """After a right password: this browser is a known device for ``name`` from now on
+        (guard/devices.py), so strangers' wrong guesses cannot lock it out."""
+        devices = self.guard.devices
+        if devices is None:
+            return
+        value = devices.issue(request.requestHeaders.getRawHeaders(b"cookie", []), name)
+        request.addCookie(
+            DEVICE_COOKIE.encode(),
+            value.encode("ascii"),
+            path=b"/",
+            max_age=str(DEVICE_LIFETIME).encode(),
+            secure=True,
+            httpOnly=True,
+            sameSite="lax",
+        )
 
     @inlineCallbacks
     def start_session(  # type: ignore[no-untyped-def]

@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from treq.client import HTTPClient
 from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -30,6 +31,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 from twisted.web import resource, server
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from tests.forward_harness import RawClient, raw_connect
 from tests.integration.test_hop import Browser, Echo
@@ -629,3 +633,114 @@ class HopLoginCsrf(unittest.TestCase):
         url, response, body = yield mallory.go(landing)
         self.assertEqual(response.code, 200, body)
         self.assertEqual(json.loads(body)["uri"], "/app")
+
+
+@implementer(IAgentEndpointFactory)
+class FromAddress:
+    """Every host name resolves to the proxy; connections come from ``source`` (127.0.0.x)."""
+
+    def __init__(self, port: int, authority: ssl.Certificate, source: str) -> None:
+        self.port = port
+        self.authority = authority
+        self.source = source
+
+    def endpointForURI(self, uri: Any) -> Any:  # noqa: N802
+        options = ssl.optionsForClientTLS(uri.host.decode(), trustRoot=self.authority)
+        tcp = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, bindAddress=(self.source, 0))
+        return wrapClientTLS(options, tcp)
+
+
+class LockoutIsNotADenialOfService(unittest.TestCase):
+    """Item 1: strangers' wrong guesses cannot lock an account out of a browser that signed in
+    to it before, nor out of its API tokens; unknown clients stay bounded per name."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.echo = Echo()
+        listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            server.Site(self.echo)
+        )
+        self.addCleanup(listening.stopListening)
+        self.proxy, self.authority = yield start_named_proxy(self, "localhost", None)
+        d = self.proxy.directory
+        yield d.add_user("alice", "alice-password")
+        project = yield d.add_project("alice", host="127.0.0.1")
+        _, self.token = yield d.create_token("alice")
+        self.main = f"https://localhost:{self.proxy.port}"
+        self.app = f"{self.main}/{project.id}/server/{listening.getHost().port}/app"
+
+    def browser_at(self, source: str) -> Browser:
+        b = Browser(self, self.proxy.port, self.authority)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        endpoints = FromAddress(self.proxy.port, self.authority, source)
+        b.http = HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool))
+        return b
+
+    @defer.inlineCallbacks
+    def form(self, b: Browser, password: str):  # type: ignore[no-untyped-def]
+        """One sign-in through the form; its status."""
+        _, _, body = yield b.go(self.main + "/_/login")
+        csrf = re.search(rb'name="csrf" value="([^"]*)"', body)
+        assert csrf is not None, body
+        fields = {"csrf": csrf.group(1).decode(), "next": "/", "name": "alice"}
+        response, _ = yield b.request(
+            "POST",
+            self.main + "/_/login",
+            data=urlencode({**fields, "password": password}).encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        return response.code
+
+    @defer.inlineCallbacks
+    def basic(self, b: Browser, secret: str):  # type: ignore[no-untyped-def]
+        response, _ = yield b.request(
+            "GET", self.app, headers={"Authorization": basic("alice", secret).decode()}
+        )
+        return response.code
+
+    @defer.inlineCallbacks
+    def test_twenty_wrong_guesses_from_two_addresses(self):  # type: ignore[no-untyped-def]
+        # Alice signed in with this browser before (her session has ended since).
+        alice = self.browser_at("127.0.0.1")
+        code = yield self.form(alice, "alice-password")
+        self.assertEqual(code, 303)
+        del alice.jar["localhost"]["__Host-cocalcproxy_session"]
+
+        # 20 wrong guesses for alice from two other addresses, by form and by Basic.
+        codes = []
+        for i in range(10):
+            code = yield self.form(self.browser_at("127.0.0.2"), f"guess-{i}")
+            codes.append(code)
+            code = yield self.basic(self.browser_at("127.0.0.3"), f"other-guess-{i}")
+            codes.append(code)
+        self.assertEqual(codes[:10], [403, 401] * 5)
+        self.assertEqual(set(codes[10:]), {429})
+        # Unknown clients are now limited for this name, from any address...
+        code = yield self.form(self.browser_at("127.0.0.4"), "alice-password")
+        self.assertEqual(code, 429)
+
+        # ...but alice, from the browser that signed in before, signs in at once,
+        code = yield self.form(alice, "alice-password")
+        self.assertEqual(code, 303)
+        response, body = yield alice.request("GET", self.app)
+        self.assertEqual(response.code, 200, body)
+        # Basic with her password from that browser works as well,
+        code = yield self.basic(alice, "alice-password")
+        self.assertEqual(code, 200)
+        # and her API tokens keep working, as Bearer and as Basic, from anywhere.
+        attacker = self.browser_at("127.0.0.2")
+        response, _ = yield attacker.request(
+            "GET", self.app, headers={"Authorization": f"Bearer {self.token}"}
+        )
+        self.assertEqual(response.code, 200)
+        code = yield self.basic(self.browser_at("127.0.0.3"), self.token)
+        self.assertEqual(code, 200)
+        # What made the difference: the device cookie her first sign-in left in her browser.
+        device = alice.jar["localhost"]["__Host-cocalcproxy_device"]
+        stranger = self.browser_at("127.0.0.4")
+        stranger.jar["localhost"] = {"__Host-cocalcproxy_device": device + "x"}  # forged
+        code = yield self.form(stranger, "alice-password")
+        self.assertEqual(code, 429)
