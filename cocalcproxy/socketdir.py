@@ -168,6 +168,12 @@ def open_checked(target: UnixTarget, own_paths: frozenset[str] = frozenset()) ->
                 child = os.open(part, _OPEN_FLAGS, dir_fd=fd)
             except FileNotFoundError:
                 raise SocketRefused(target, f"the folder {path} does not exist") from None
+            except PermissionError:
+                raise SocketRefused(
+                    target,
+                    f"the proxy may not reach {path}: give it search permission on the "
+                    "folders on the way (chmod g+x, with the proxy's group)",
+                ) from None
             except OSError as e:
                 raise SocketRefused(
                     target, f"{path} is not a folder or is a symbolic link ({e.strerror})"
@@ -179,6 +185,12 @@ def open_checked(target: UnixTarget, own_paths: frozenset[str] = frozenset()) ->
             sock: Facts | None = Facts.of(os.stat(name, dir_fd=fd, follow_symlinks=False))
         except FileNotFoundError:
             sock = None
+        except PermissionError:
+            raise SocketRefused(
+                target,
+                f"the proxy may not look into {path or '/'}: give it search permission there "
+                "(chmod g+x, with the proxy's group)",
+            ) from None
         own: set[tuple[int, int]] = set()
         for own_path in own_paths:
             try:

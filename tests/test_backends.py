@@ -361,3 +361,93 @@ class DatabaseRegistrationTests(unittest.TestCase):
             [("directory database", None, None, "/var/run/postgresql/.s.PGSQL.5432")],
         )
         self.assertEqual(self.registered("postgresql://u@no-such-host.invalid/db"), [])
+
+
+def as_user(uid: int, gid: int, work: Any) -> str:
+    """Run ``work()`` in a forked child under uid/gid; its return value or exception as text."""
+    import os
+
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child only reports through the pipe
+        message = "nothing"
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            message = str(work())
+        except BaseException as e:
+            message = f"{type(e).__name__}: {getattr(e, 'why', e)}"
+        finally:
+            os.write(write, message.encode())
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        message = pipe.read().decode()
+    os.waitpid(child, 0)
+    return message
+
+
+PROXY_UID = PROXY_GID = 54321
+OWNER_UID = 54322
+
+
+class SocketFolderAsAnotherUserTests(unittest.TestCase):
+    """The checks as an unprivileged proxy meets them (a forked child under unused ids)."""
+
+    def folder(self, mode: int, uid: int = 0, gid: int = 0) -> str:
+        import os
+        import shutil
+        import tempfile
+
+        parent = tempfile.mkdtemp(prefix="cp-user-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, parent, True)
+        os.chmod(parent, 0o755)
+        folder = os.path.join(parent, "alice")
+        os.mkdir(folder)
+        os.chown(folder, uid, gid)
+        os.chmod(folder, mode)
+        return folder
+
+    def test_folder_the_proxy_may_not_enter(self) -> None:
+        from cocalcproxy.socketdir import open_checked
+
+        folder = self.folder(0o700)
+        target = backends.UnixTarget(folder + "/x", 8000, None)
+        message = as_user(PROXY_UID, PROXY_GID, lambda: open_checked(target))
+        self.assertIn(f"the proxy may not reach {folder}/x: give it search", message)
+
+    def test_the_documented_set_up_lets_the_proxy_in(self) -> None:
+        """Folder of the owner with the proxy's group, mode 2750; socket 0660: the proxy (not
+        root) passes the checks and connects through the opened folder."""
+        import os
+        import socket
+
+        from cocalcproxy.socketdir import open_checked
+
+        folder = self.folder(0o2750, OWNER_UID, PROXY_GID)
+        path = os.path.join(folder, "8000")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(path)
+        listener.listen(1)
+        os.chown(path, OWNER_UID, PROXY_GID)
+        os.chmod(path, 0o660)
+
+        def connect() -> str:
+            fd, name = open_checked(backends.UnixTarget(folder, 8000, None))
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.connect(f"/proc/self/fd/{fd}/{name}")
+            return "connected"
+
+        self.assertEqual(as_user(PROXY_UID, PROXY_GID, connect), "connected")
+        # Another group's members could pass and write too: refused.
+        os.chown(path, OWNER_UID, 777)
+        os.chown(folder, OWNER_UID, 777)
+        os.chmod(folder, 0o751)
+        message = as_user(PROXY_UID, PROXY_GID, connect)
+        self.assertIn("members of group 777 can connect", message)
+        # A folder the proxy may not look into: refused, saying so.
+        os.chmod(folder, 0o750)
+        message = as_user(PROXY_UID, PROXY_GID, connect)
+        self.assertIn(f"the proxy may not look into {folder}: give it search", message)
