@@ -38,6 +38,7 @@ from twisted.logger import Logger
 
 from cocalcproxy import routing
 from cocalcproxy.guard.cache import ExpiringCache
+from cocalcproxy.guard.hopkeys import public_authority as authority
 from cocalcproxy.site import Access
 
 log = Logger()
@@ -54,13 +55,6 @@ def make_key() -> tuple[str, str]:
     key = ECKey.generate_key("P-256", auto_kid=True)
     assert key.kid is not None
     return key.kid, json.dumps(key.as_dict(private=True))
-
-
-def authority(host: str, port: int | None) -> str:
-    host = host.encode("idna").decode("ascii")
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return host if port in (None, 443) else f"{host}:{port}"
 
 
 def audience(

@@ -83,6 +83,12 @@ def authority(host: str, port: int | None) -> str:
     return name if port is None else f"{name}:{port}"
 
 
+def public_authority(host: str, port: int | None) -> str:
+    """The authority of one of the proxy's public URLs: ``host`` (a DNS name, IDNA-encoded
+    here) with ``:port`` unless it is the implied 443."""
+    return authority(host.encode("idna").decode("ascii"), None if port == 443 else port)
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 

@@ -30,6 +30,7 @@ from cocalcproxy.directory import (
 from cocalcproxy.guard import policy
 from cocalcproxy.guard.core import client_address, expire_cookie
 from cocalcproxy.guard.credentials import cookie_values
+from cocalcproxy.guard.hopkeys import public_authority as authority
 from cocalcproxy.guard.oidc import (
     STATE_LIFETIME,
     FlowState,
@@ -39,7 +40,6 @@ from cocalcproxy.guard.oidc import (
     UsedStates,
     identity_from_claims,
 )
-from cocalcproxy.identity import authority
 
 log = Logger()
 

@@ -180,6 +180,29 @@ class IdentityAssertionTests(unittest.TestCase):
         self.assertEqual(claims["sub"], "bob")
 
     @defer.inlineCallbacks
+    def test_project_host_audience(self):  # type: ignore[no-untyped-def]
+        """On a project subdomain the audience is the project host's origin."""
+        from treq.client import HTTPClient
+        from twisted.internet import ssl as twisted_ssl
+        from twisted.web.client import Agent
+
+        from tests.integration.test_hop import DOMAIN, Loopback
+
+        yield self.start("--identity-assertion", "--project-domain", DOMAIN)
+        with open(self.proxy.cert_path, "rb") as f:
+            authority = twisted_ssl.Certificate.loadPEM(f.read())
+        agent = Agent.usingEndpointFactory(reactor, Loopback(self.proxy.port, authority))
+        client = HTTPClient(agent)
+        origin = f"https://{self.pid}-{self.backend_port}.{DOMAIN}:{self.proxy.port}"
+        response = yield client.get(origin + "/deep/path", headers=self.auth["bob"])
+        body = yield response.content()
+        self.assertEqual(response.code, 200, body)
+        [token] = identity_headers(json.loads(body))
+        jwks = yield self.jwks()
+        claims = verify(token, jwks, self.origin, origin + "/")
+        self.assertEqual((claims["sub"], claims["project"]), ("bob", self.pid))
+
+    @defer.inlineCallbacks
     def test_without_the_option_no_assertion_and_no_forgery_passes(self):  # type: ignore[no-untyped-def]
         yield self.start()
         code, body = yield self.get(
