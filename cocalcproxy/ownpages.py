@@ -62,8 +62,6 @@ class OwnPages:
         if request.method not in (b"GET", b"HEAD"):
             pages.method_not_allowed(request)
             return
-        d: Deferred[None] = self.directory.ping()
-
         guard = getattr(self.guard_pages, "guard", None)
 
         def answer_status(status: str) -> None:
@@ -90,6 +88,13 @@ class OwnPages:
             guard.directory_failed(failure)
             answer_status(guard.directory_status())
 
+        if guard is not None and guard.outage is not None:
+            # A known outage: the guard's poll finds the directory back within a second; a
+            # ping here would only wait for the same failure (a connect timeout, on a dead
+            # network) once per check.
+            answer_status(guard.directory_status())
+            return
+        d: Deferred[None] = self.directory.ping()
         d.addCallbacks(lambda _: answer_status("ok"), failed)
 
     def jwks(self, request: ProxyRequest) -> None:
