@@ -199,6 +199,17 @@ class OIDCSignIn(unittest.TestCase):
             ("carol", "carol@example.org", "collaborator", self.proxy.url + path),
         )
 
+    @defer.inlineCallbacks
+    def test_without_a_provider_there_is_nothing_to_see(self):  # type: ignore[no-untyped-def]
+        self.proxy = yield start_proxy(self)
+        self.http = https_client(self, self.proxy.cert_path)
+        for path in ("/_/oidc/login", "/_/oidc/callback?code=x&state=y"):
+            response, _ = yield self.get(path)
+            self.assertEqual(response.code, 404, path)
+        response, body = yield self.get("/_/login")
+        self.assertNotIn("Sign in with", body)
+        self.assertIn('id="password"', body)
+
     # -- the state ------------------------------------------------------------------------------
 
     @defer.inlineCallbacks
