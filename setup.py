@@ -52,6 +52,8 @@ setup(
             # (tests/integration/test_apps_browser.py); pinned so a release cannot break the run.
             "jupyterlab==4.6.6",
             "streamlit==1.67.0",
+            "openapi-spec-validator>=0.7",
+            "jsonschema>=4.18",
         ],
         "docs": ["sphinx>=7"],
     },

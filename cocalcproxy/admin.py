@@ -17,21 +17,21 @@ import argparse
 import contextlib
 import getpass
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any, NoReturn
 
-from cocalcproxy.addresses import always_local
-from cocalcproxy.directory.hashing import generated_password
-from cocalcproxy.directory.model import Account, DirectoryError, InvalidInput, Project, TokenInfo
+from cocalcproxy import operations as ops
+from cocalcproxy.directory import validate
+from cocalcproxy.directory.model import DirectoryError, InvalidInput
 from cocalcproxy.directory.store import SyncDirectory, open_sync_directory
 from cocalcproxy.options import default_database_url, default_state_dir
 
 PROG = "cocalcproxy"
 
 DESCRIPTION = """\
-Administer the cocalcproxy directory: users, API tokens and projects.
+Administer the cocalcproxy directory: users, API tokens, projects, shared ports
+and admin API tokens.
 
 Commands that create something print its id (or token) alone on the last line of
 stdout, so pid=$(cocalcproxy project add --owner alice) works; --json prints JSON
@@ -44,7 +44,10 @@ output of creating commands (last line is what scripts capture):
   user add NAME --password-stdin   NAME
   user add NAME --oidc-subject SUB NAME (no password: the account signs in with the provider)
   token create NAME                the token id (for 'token revoke'), then the token
+  admin-token create               the token id (for 'admin-token revoke'), then the token
   project add ...                  the project id
+  project share PID PORT --visibility link
+                                   the share link (its secret is shown only once)
 
 notes:
   'user remove' deletes the account with its sessions, API tokens and collaborations;
@@ -104,6 +107,12 @@ def _days(value: str) -> float:
     if not 0 < days <= 36500:
         raise argparse.ArgumentTypeError("must be a positive number of days (at most 36500)")
     return days
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or value.startswith("0") or not 1 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port 1-65535: {value!r}")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,6 +236,56 @@ def build_parser() -> argparse.ArgumentParser:
     sub = leaf(projects, "remove", "delete a project and its collaborator list", cmd_project_remove)
     sub.add_argument("project_id", metavar="PID")
     leaf(projects, "list", "list the projects", cmd_project_list)
+
+    def share_policy(sub: Any) -> None:
+        sub.add_argument(
+            "--project-domain",
+            metavar="DOMAIN",
+            help="the proxy's --project-domain: print full URLs and refuse what it cannot serve",
+        )
+        sub.add_argument(
+            "--allow-sharing",
+            choices=ops.SHARING_LEVELS,
+            help="with --project-domain, refuse what the proxy's --allow-sharing forbids",
+        )
+
+    sub = leaf(
+        projects,
+        "share",
+        "set who may reach a port: private (members), link (anyone with the printed link), "
+        "public (anyone); served on project subdomains only",
+        cmd_project_share,
+    )
+    sub.add_argument("project_id", metavar="PID")
+    sub.add_argument("port", metavar="PORT", type=_port)
+    sub.add_argument("--visibility", choices=validate.VISIBILITIES, required=True)
+    sub.add_argument(
+        "--expires-in", metavar="DAYS", type=_days, help="end the share after DAYS days"
+    )
+    share_policy(sub)
+    sub = leaf(projects, "unshare", "make a shared port private again", cmd_project_unshare)
+    sub.add_argument("project_id", metavar="PID")
+    sub.add_argument("port", metavar="PORT", type=_port)
+    sub = leaf(projects, "shares", "list shared ports (all, or one project's)", cmd_project_shares)
+    sub.add_argument("project_id", metavar="PID", nargs="?")
+    share_policy(sub)
+
+    admin_tokens = group("admin-token", "manage tokens for the admin API (--admin-api)")
+    sub = leaf(admin_tokens, "create", "print a new admin API token", cmd_admin_token_create)
+    sub.add_argument("--description", metavar="TEXT", default="", help="what the token is for")
+    sub.add_argument(
+        "--expires-in", metavar="DAYS", type=_days, help="expire after DAYS days [default: never]"
+    )
+    sub = leaf(
+        admin_tokens, "revoke", "revoke an admin API token by its id", cmd_admin_token_revoke
+    )
+    sub.add_argument("token_id", metavar="TOKEN_ID")
+    leaf(
+        admin_tokens,
+        "list",
+        "list admin API tokens (ids, expiry; no secrets)",
+        cmd_admin_token_list,
+    )
     return parser
 
 
@@ -281,30 +340,8 @@ def read_password(stdin: IO[str]) -> str:
     return line
 
 
-def project_json(project: Project) -> dict[str, object]:
-    return {
-        "id": project.id,
-        "owner": project.owner_name,
-        "host": project.host,
-        "home": project.home,
-        "title": project.title,
-        "collaborators": list(project.collaborators),
-        "ports": None if project.ports is None else str(project.ports),
-        "socket_dir": project.socket_dir,
-        "socket_owner": project.socket_owner,
-    }
-
-
-def token_json(info: TokenInfo) -> dict[str, object]:
-    return {
-        "id": info.id,
-        "user": info.account_name,
-        "created": info.created,
-        "expires": info.expires,
-    }
-
-
-# Each command gets (directory, parsed arguments, output, stdin).
+# Each command gets (directory, parsed arguments, output, stdin) and calls one operation from
+# cocalcproxy.operations, the same the admin API calls; only the printing is here.
 
 
 def cmd_init(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
@@ -322,116 +359,103 @@ def cmd_init(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
         out.lines(f"{where} is ready (schema version {after})")
 
 
-def user_json(account: Account) -> dict[str, object]:
-    doc: dict[str, object] = {"id": account.id, "name": account.name}
-    if account.oidc_subject is not None:
-        doc["oidc_subject"] = account.oidc_subject
-    if account.email is not None:
-        doc["email"] = account.email
-    return doc
-
-
 def cmd_user_add(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
-    subject = args.oidc_subject
-    generated = not args.password_stdin and subject is None
-    password: str | None
-    if args.password_stdin:
-        password = read_password(stdin)
-    else:
-        password = generated_password() if generated else None
-    account = d.add_user(args.name, password, oidc_subject=subject)
+    password = read_password(stdin) if args.password_stdin else None
+    doc = ops.user_add(d, args.name, password, oidc_subject=args.oidc_subject)
     if out.as_json:
-        doc = user_json(account)
-        if generated:
-            doc["password"] = password
         out.document(doc)
-    elif generated and password is not None:
-        out.lines(account.name, password)
+    elif "password" in doc:
+        out.lines(doc["name"], doc["password"])
     else:
-        out.lines(account.name)
+        out.lines(doc["name"])
 
 
 def cmd_user_passwd(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
-    d.set_password(args.name, read_password(stdin))
+    doc = ops.user_passwd(d, args.name, read_password(stdin))
     if out.as_json:
-        out.document({"name": args.name})
+        out.document(doc)
 
 
 def cmd_user_remove(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
-    d.remove_user(args.name)
+    doc = ops.user_remove(d, args.name)
     if out.as_json:
-        out.document({"removed": args.name})
+        out.document(doc)
 
 
 def cmd_user_link(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
-    account = d.link_oidc_subject(args.name, args.oidc_subject)
+    doc = ops.user_link(d, args.name, args.oidc_subject)
     if out.as_json:
-        out.document(user_json(account))
+        out.document(doc)
 
 
 def cmd_user_unlink(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
-    account = d.link_oidc_subject(args.name, None)
+    doc = ops.user_link(d, args.name, None)
     if out.as_json:
-        out.document(user_json(account))
+        out.document(doc)
 
 
 def cmd_user_list(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
-    users = d.list_users()
+    users = ops.user_list(d).items
     if out.as_json:
-        out.document([user_json(u) for u in users])
+        out.document(users)
     else:
         out.lines(
             *(
-                u.name if u.oidc_subject is None else f"{u.name}\toidc={u.oidc_subject}"
+                u["name"] if "oidc_subject" not in u else f"{u['name']}\toidc={u['oidc_subject']}"
                 for u in users
             )
         )
 
 
 def cmd_token_create(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
-    token_id, token = d.create_token(args.name, args.expires_in)
+    doc = ops.token_create(d, args.name, args.expires_in)
     if out.as_json:
-        info = next(t for t in d.list_tokens(args.name) if t.id == token_id)
-        out.document({**token_json(info), "token": token})
+        out.document(doc)
     else:
-        out.lines(token_id, token)
+        out.lines(doc["id"], doc["token"])
 
 
 def cmd_token_revoke(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
-    d.revoke_token(args.token_id)
+    doc = ops.token_revoke(d, args.token_id)
     if out.as_json:
-        out.document({"revoked": args.token_id})
+        out.document(doc)
 
 
 def cmd_token_list(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
-    tokens = d.list_tokens(args.name)
+    tokens = ops.token_list(d, args.name).items
     if out.as_json:
-        out.document([token_json(t) for t in tokens])
+        out.document(tokens)
+    else:
+        out.lines(*(f"{t['id']}\t{t['user']}\texpires={_expiry(t['expires'])}" for t in tokens))
+
+
+def cmd_admin_token_create(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    doc = ops.admin_token_create(d, args.description, args.expires_in)
+    if out.as_json:
+        out.document(doc)
+    else:
+        out.lines(doc["id"], doc["token"])
+
+
+def cmd_admin_token_revoke(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    doc = ops.admin_token_revoke(d, args.token_id)
+    if out.as_json:
+        out.document(doc)
+
+
+def cmd_admin_token_list(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    tokens = ops.admin_token_list(d).items
+    if out.as_json:
+        out.document(tokens)
     else:
         out.lines(
-            *(
-                f"{t.id}\t{t.account_name}\texpires="
-                + ("never" if t.expires is None else _timestamp(t.expires))
-                for t in tokens
-            )
+            *(f"{t['id']}\texpires={_expiry(t['expires'])}\t{t['description']}" for t in tokens)
         )
 
 
-def _existing_home(home: str | None) -> None:
-    """Refuse a --home that is not a folder here: /raw/ would only ever answer 404 for it.
-
-    The proxy serves /raw/ from its own file system, so the check is made on the machine the
-    command runs on, which should be the proxy's."""
-    if not home or not os.path.isabs(home):
-        return  # "" removes the home; a relative path is refused by the directory
-    if not os.path.isdir(home):
-        why = "is not a folder" if os.path.exists(home) else "does not exist"
-        raise InvalidInput(f"--home {home} {why} on this machine (the proxy serves /raw/ from it)")
-
-
 def cmd_project_add(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
-    _existing_home(args.home)
-    project = d.add_project(
+    doc = ops.project_add(
+        d,
         args.owner,
         host=args.host,
         home=args.home,
@@ -440,43 +464,17 @@ def cmd_project_add(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) ->
         ports=args.ports,
         socket_dir=args.socket_dir,
         socket_owner=args.socket_owner,
+        warn=_warn,
     )
-    _warn_overlaps(d, project)
     if out.as_json:
-        out.document(project_json(project))
+        out.document(doc)
     else:
-        out.lines(project.id)
-
-
-def _warn_overlaps(d: SyncDirectory, project: Project) -> None:
-    """A warning (stderr, exit status 0) when the project's own port set overlaps the set of
-    another project on the same host: members of either reach the other's servers there."""
-    if project.ports is None or project.socket_dir is not None:
-        return
-    for other in d.list_projects():
-        if other.id == project.id or other.ports is None or other.socket_dir is not None:
-            continue
-        same_host = other.host == project.host or (
-            always_local(other.host) and always_local(project.host)
-        )
-        common = project.ports.intersection(other.ports)
-        if same_host and common:
-            sys.stderr.write(
-                f"{PROG}: warning: ports {common} of project {project.id} are also in the set "
-                f"of project {other.id} on the same host ({other.host}): members of either "
-                "project can reach the other's servers on them\n"
-            )
+        out.lines(doc["id"])
 
 
 def cmd_project_set(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
-    fields = (args.host, args.home, args.title, args.ports, args.socket_dir, args.socket_owner)
-    if all(value is None for value in fields):
-        raise InvalidInput(
-            "nothing to change: give --host, --home, --title, --ports, --socket-dir or "
-            "--socket-owner"
-        )
-    _existing_home(args.home)
-    project = d.set_project(
+    doc = ops.project_set(
+        d,
         args.project_id,
         host=args.host,
         home=args.home,
@@ -484,56 +482,107 @@ def cmd_project_set(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) ->
         ports=args.ports,
         socket_dir=args.socket_dir,
         socket_owner=args.socket_owner,
+        warn=_warn,
     )
-    _warn_overlaps(d, project)
     if out.as_json:
-        out.document(project_json(project))
+        out.document(doc)
 
 
 def cmd_collaborator_add(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
-    d.add_collaborator(args.project_id, args.name)
-    _show_project(d, args.project_id, out)
+    doc = ops.collaborator_add(d, args.project_id, args.name)
+    if out.as_json:
+        out.document(doc)
 
 
 def cmd_collaborator_remove(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
-    d.remove_collaborator(args.project_id, args.name)
-    _show_project(d, args.project_id, out)
-
-
-def _show_project(d: SyncDirectory, project_id: str, out: Output) -> None:
+    doc = ops.collaborator_remove(d, args.project_id, args.name)
     if out.as_json:
-        project = d.get_project(project_id)
-        out.document(None if project is None else project_json(project))
+        out.document(doc)
 
 
 def cmd_project_remove(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
-    d.remove_project(args.project_id)
+    doc = ops.project_remove(d, args.project_id)
     if out.as_json:
-        out.document({"removed": args.project_id})
+        out.document(doc)
 
 
 def cmd_project_list(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
-    projects = d.list_projects()
+    projects = ops.project_list(d).items
     if out.as_json:
-        out.document([project_json(p) for p in projects])
+        out.document(projects)
     else:
         out.lines(
             *(
                 "\t".join(
                     (
-                        p.id,
-                        f"owner={p.owner_name}",
-                        f"host={p.host}",
-                        f"home={p.home or '-'}",
-                        f"ports={'default' if p.ports is None else p.ports}",
-                        f"sockets={p.socket_dir or '-'}",
-                        f"collaborators={','.join(p.collaborators) or '-'}",
-                        f"title={p.title}",
+                        p["id"],
+                        f"owner={p['owner']}",
+                        f"host={p['host']}",
+                        f"home={p['home'] or '-'}",
+                        f"ports={'default' if p['ports'] is None else p['ports']}",
+                        f"sockets={p['socket_dir'] or '-'}",
+                        f"collaborators={','.join(p['collaborators']) or '-'}",
+                        f"title={p['title']}",
                     )
                 )
                 for p in projects
             )
         )
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"{PROG}: warning: {message}\n")
+
+
+def _policy(args: Any) -> ops.SharingPolicy | None:
+    """The command does not know a running proxy's options: with --project-domain it applies
+    that domain and --allow-sharing (and prints full URLs); without, no policy is applied here
+    and each proxy serves the share only when its own options allow it."""
+    domain = getattr(args, "project_domain", None)
+    if domain is None:
+        return None
+    return ops.SharingPolicy(getattr(args, "allow_sharing", None) or "public", domain.lower())
+
+
+def cmd_project_share(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    policy = _policy(args)
+    doc = ops.share_set(d, policy, args.project_id, args.port, args.visibility, args.expires_in)
+    if out.as_json:
+        out.document(doc)
+        return
+    if doc["visibility"] == "link":
+        out.lines(doc["link"])
+    elif "url" in doc:
+        out.lines(doc["url"])
+    if policy is None and doc["visibility"] != "private":
+        sys.stderr.write(
+            f"{PROG}: note: shared ports are served only on project subdomains, by proxies "
+            "started with --project-domain and an --allow-sharing that permits "
+            f"{doc['visibility']!r}\n"
+        )
+
+
+def cmd_project_unshare(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    doc = ops.share_remove(d, args.project_id, args.port)
+    if out.as_json:
+        out.document(doc)
+
+
+def cmd_project_shares(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:
+    shares = ops.share_list(d, _policy(args), args.project_id).items
+    if out.as_json:
+        out.document(shares)
+    else:
+        out.lines(
+            *(
+                f"{s['project']}\t{s['port']}\t{s['visibility']}\texpires={_expiry(s['expires'])}"
+                for s in shares
+            )
+        )
+
+
+def _expiry(value: float | None) -> str:
+    return "never" if value is None else _timestamp(value)
 
 
 def _timestamp(seconds: float) -> str:

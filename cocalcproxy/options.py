@@ -188,6 +188,21 @@ class Options(usage.Options):
         ],
         ["metrics", None, None, "Plain-HTTP endpoint for Prometheus /metrics (bind to loopback)."],
         [
+            "admin-api",
+            None,
+            None,
+            "Endpoint for the JSON admin API (Authorization: Bearer <admin token>, made with "
+            "'cocalcproxy admin-token create'; refuses to start while none exists). TLS on top "
+            "unless it is a Unix socket or loopback TCP. [default: off]",
+        ],
+        [
+            "allow-sharing",
+            None,
+            "link",
+            "What members may share beyond the project: none, link (secret links) or public "
+            "(also anyone). Shared ports are served only on --project-domain subdomains.",
+        ],
+        [
             "access-log",
             None,
             "-",
@@ -413,6 +428,8 @@ class Options(usage.Options):
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs --tls-cert")
         self._oidc_options()
+        if self["allow-sharing"] not in ("none", "link", "public"):
+            raise usage.UsageError("--allow-sharing must be none, link or public")
         if self["project-domain"] is not None:
             domain = self["project-domain"].strip(".").lower()
             # Letters, digits and hyphens only: the name ends up in URLs, a Content-Security-Policy

@@ -19,9 +19,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from cocalcproxy import accesslog, backendio, backends, forward, raw, relay, systemd, tls
+from cocalcproxy import accesslog, adminapi, backendio, backends, forward, raw, relay, systemd, tls
 from cocalcproxy import directory as directory_module
 from cocalcproxy import metrics as metrics_module
+from cocalcproxy import operations as ops
 from cocalcproxy.addresses import always_local
 from cocalcproxy.directory.dialect import dialect_for
 from cocalcproxy.directory.model import DirectoryError
@@ -375,6 +376,7 @@ class ProxyService(service.MultiService):
         self.listeners: list[ListenerService] = []
         self.redirect_listener: ListenerService | None = None
         self.metrics_listener: ListenerService | None = None
+        self.admin_api_listener: ListenerService | None = None
         self.tls_creator: tls.ReloadableServerCreator | None = None
         self.site: ProxySite | None = None
         self.metrics: metrics_module.Metrics = metrics_module.Metrics()
@@ -411,7 +413,7 @@ class ProxyService(service.MultiService):
 
     async def _stop_in_phases(self) -> None:
         children = list(self)
-        accepting = [*self.listeners, self.redirect_listener]
+        accepting = [*self.listeners, self.redirect_listener, self.admin_api_listener]
         last = [c for c in children if isinstance(c, DirectoryService)]
         phases: list[list[Any]] = [
             [c for c in children if c in accepting],
@@ -459,7 +461,7 @@ class ProxyService(service.MultiService):
 
     def all_listening(self) -> defer.Deferred[list[Any]]:
         waits = [listener.when_listening() for listener in self.listeners]
-        for extra in (self.redirect_listener, self.metrics_listener):
+        for extra in (self.redirect_listener, self.metrics_listener, self.admin_api_listener):
             if extra is not None:
                 waits.append(extra.when_listening())
         return defer.gatherResults(waits, consumeErrors=True)
@@ -505,6 +507,12 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         opened = directory_module.open_directory(options["database"], reactor)
     except directory_module.DirectoryError as e:
         raise usage.UsageError(f"cannot open the directory: {e}") from None
+    if options["admin-api"]:
+        try:
+            _refuse_unauthenticated_admin_api(opened)
+        except BaseException:
+            opened.close()
+            raise
     # Everything but DirectoryService sees the timed wrapper (directory query latency metric).
     directory = cast(
         directory_module.IDirectory, metrics_module.TimedDirectory(opened, proxy.metrics)
@@ -650,6 +658,8 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
             proxy.own_listeners,
         )
         proxy.metrics_listener.setServiceParent(proxy)
+    if options["admin-api"]:
+        _admin_api(proxy, options, opened, creator, reactor)
     proxy.systemd = systemd.SystemdService(reactor, proxy.all_listening)
     proxy.systemd.setServiceParent(proxy)
     return proxy
@@ -694,6 +704,37 @@ def _provider_http(reactor: Any) -> tuple[Any, Any]:
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 4
     return HTTPClient(cast(Any, Agent(reactor, pool=pool, connectTimeout=10))), pool
+
+
+def sharing_policy(options: Any) -> ops.SharingPolicy:
+    return ops.SharingPolicy(options["allow-sharing"], options["project-domain"])
+
+
+def _refuse_unauthenticated_admin_api(opened: Any) -> None:
+    """--admin-api is refused (UsageError) while no admin token exists: serving it without
+    authentication is never an option, and with no token it would serve nobody."""
+    try:
+        tokens = opened.sync.count_admin_tokens()
+    except directory_module.DirectoryError as e:
+        raise usage.UsageError(f"--admin-api: cannot read admin tokens: {e}") from None
+    if tokens == 0:
+        raise usage.UsageError(
+            "--admin-api needs an admin token to authenticate requests and none exists: "
+            "create one with 'cocalcproxy admin-token create' (same --state-dir/--database), "
+            "then start the proxy again"
+        )
+
+
+def _admin_api(proxy: ProxyService, options: Any, opened: Any, creator: Any, reactor: Any) -> None:
+    """The admin API listener: TLS with the proxy's certificate unless loopback or Unix."""
+    site: Any = adminapi.api_site(opened, sharing_policy(options), reactor)
+    description = options["admin-api"]
+    factory = TLSMemoryBIOFactory(creator, False, site) if adminapi.needs_tls(description) else site
+    # Registered among the proxy's own listeners: no project route can ever reach it.
+    proxy.admin_api_listener = ListenerService(
+        reactor, description, factory, "admin API", proxy.own_listeners
+    )
+    proxy.admin_api_listener.setServiceParent(proxy)
 
 
 def _https_port(options: Any) -> int | None:

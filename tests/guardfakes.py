@@ -126,9 +126,7 @@ class FakeDirectory:
                 return fail(NotFound("the parent session has ended"))
             family = found.family or parent
         token = secrets.token_urlsafe(32)
-        self.sessions[token] = _Session(
-            account_id, self.clock.seconds() + lifetime_seconds, family
-        )
+        self.sessions[token] = _Session(account_id, self.clock.seconds() + lifetime_seconds, family)
         self._bump()
         return self._answer("create_session", token)
 

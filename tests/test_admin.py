@@ -75,6 +75,8 @@ class AdminMixin:
             d._read(lambda tx: tx.all("SELECT * FROM collaborators ORDER BY project_id")),
             d._read(lambda tx: tx.all("SELECT * FROM sessions ORDER BY token_hash")),
             d._read(lambda tx: tx.all("SELECT * FROM api_tokens ORDER BY id")),
+            d._read(lambda tx: tx.all("SELECT * FROM admin_tokens ORDER BY id")),
+            d._read(lambda tx: tx.all("SELECT * FROM port_shares ORDER BY project_id, port")),
             d.change_counter(),
         )
 
@@ -478,6 +480,55 @@ class GlobalOptionTests(AdminMixin):
         self.assertEqual((result.code, json.loads(result.out)), (0, [{"id": 1, "name": "alice"}]))
 
 
+class AdminTokenAndShareCommandTests(AdminMixin):
+    def test_admin_tokens(self) -> None:
+        made = self.ok("admin-token", "create", "--description", "hub")
+        token_id, token = made.out.splitlines()
+        self.assertEqual(self.d.admin_token_id(token), token_id)
+        self.assertIsNone(self.d.admin_token_id(token + "x"))
+        listed = json.loads(self.ok("admin-token", "list", "--json").out)
+        self.assertEqual([(t["id"], t["description"]) for t in listed], [(token_id, "hub")])
+        self.assertNotIn(token, self.ok("admin-token", "list").out)
+        self.ok("admin-token", "revoke", token_id)
+        self.assertIsNone(self.d.admin_token_id(token))
+        self.refused("no admin token", "admin-token", "revoke", token_id)
+        self.refused("expected 16 hex digits", "admin-token", "revoke", "nope")
+
+    def test_share_unshare_list(self) -> None:
+        self.d.add_user("alice", "pw")
+        self.d.add_project("alice", project_id=PID)
+        result = self.cli("project", "share", PID, "8000", "--visibility", "link")
+        self.assertEqual(result.code, 0, result)
+        self.assertRegex(result.last_line, r"^/\.cocalcproxy/share\?s=[A-Za-z0-9_-]{40,}$")
+        self.assertIn("--project-domain", result.err)
+        full = self.ok(
+            "project", "share", PID, "8001", "--visibility", "public", "--expires-in", "1",
+            "--project-domain", "Proj.Test", "--allow-sharing", "public",
+        )  # fmt: skip
+        self.assertEqual(full.last_line, f"https://{PID}-8001.proj.test/")
+        self.assertEqual(
+            [
+                (s["port"], s["visibility"])
+                for s in json.loads(self.ok("project", "shares", "--json").out)
+            ],
+            [(8000, "link"), (8001, "public")],
+        )
+        self.refused(
+            "does not allow 'public'",
+            "project", "share", PID, "8002", "--visibility", "public",
+            "--project-domain", "proj.test", "--allow-sharing", "link",
+        )  # fmt: skip
+        self.refused("not a port", "project", "share", PID, "0", "--visibility", "link")
+        self.refused("not a port", "project", "share", PID, "080", "--visibility", "link")
+        self.refused(
+            "invalid project id", "project", "share", PID.upper(), "80", "--visibility", "link"
+        )
+        self.ok("project", "unshare", PID, "8000")
+        self.refused("is not shared", "project", "unshare", PID, "8000")
+        self.ok("project", "share", PID, "8001", "--visibility", "private")
+        self.assertEqual(self.ok("project", "shares").out, "")
+
+
 class SQLiteOnlyAdminTests(SQLiteBackend, AdminMixin, unittest.TestCase):
     def test_state_dir_default_file(self) -> None:
         state = os.path.abspath(self.mktemp())
@@ -508,6 +559,7 @@ for _name, _mixin in (
     ("Token", TokenCommandTests),
     ("Project", ProjectCommandTests),
     ("GlobalOption", GlobalOptionTests),
+    ("AdminTokenAndShare", AdminTokenAndShareCommandTests),
 ):
     for _prefix, _backend in (("SQLite", SQLiteBackend), ("Postgres", PostgresBackend)):
         _cls = type(f"{_prefix}{_name}Tests", (_backend, _mixin, unittest.TestCase), {})

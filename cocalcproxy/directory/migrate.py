@@ -22,6 +22,7 @@ STEPS: tuple[tuple[int, str], ...] = (
     (3, "0003_identity.sql"),
     (4, "0004_ports_and_sockets.sql"),
     (5, "0005_session_families.sql"),
+    (6, "0006_admin_tokens_and_shares.sql"),
 )
 LATEST = STEPS[-1][0]
 

@@ -51,6 +51,32 @@ class TokenInfo:
     expires: float | None
 
 
+@dataclass(frozen=True)
+class AdminTokenInfo:
+    """Public facts about an admin API token; only the SHA-256 of the secret is stored."""
+
+    id: str
+    description: str
+    created: float
+    expires: float | None
+
+
+@dataclass(frozen=True)
+class Share:
+    """A port of a project shared beyond its members: ``link`` (with a secret whose SHA-256 is
+    ``secret_hash``) or ``public``. A port without a Share is private (members only)."""
+
+    project_id: str
+    port: int
+    visibility: str
+    created: float
+    expires: float | None
+    secret_hash: str | None = field(default=None, repr=False)
+
+    def live(self, now: float) -> bool:
+        return self.expires is None or self.expires > now
+
+
 class DirectoryError(Exception):
     """A refusal whose message is safe to show to the person who asked (admin command, logs)."""
 

@@ -45,11 +45,13 @@ from cocalcproxy.directory.hashing import (
 from cocalcproxy.directory.migrate import migrate
 from cocalcproxy.directory.model import (
     Account,
+    AdminTokenInfo,
     Conflict,
     DirectoryError,
     InvalidInput,
     NotFound,
     Project,
+    Share,
     TokenInfo,
     Unavailable,
 )
@@ -486,9 +488,17 @@ class SyncDirectory:
 
         self._write(work)
 
-    def list_users(self) -> list[Account]:
+    def list_users(self, after: str | None = None, limit: int | None = None) -> list[Account]:
+        """Accounts ordered by name; ``after`` (a name) and ``limit`` page through them."""
+        limit = validate.page_limit(limit)
+        where, params = ("WHERE a.name > ? ", [after]) if after is not None else ("", [])
+        tail = f"LIMIT {int(limit)}" if limit is not None else ""
         rows = self._read(
-            lambda tx: tx.all(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts a ORDER BY a.name, a.id")  # noqa: S608
+            lambda tx: tx.all(
+                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts a {where}"  # noqa: S608
+                f"ORDER BY a.name, a.id {tail}",
+                *params,
+            )
         )
         return [_account(r) for r in rows]
 
@@ -564,18 +574,39 @@ class SyncDirectory:
 
         self._write(work)
 
-    def list_tokens(self, name: str | None = None) -> list[TokenInfo]:
-        """Public facts about API tokens (all, or one user's); the secrets are not stored."""
+    def list_tokens(
+        self, name: str | None = None, after: str | None = None, limit: int | None = None
+    ) -> list[TokenInfo]:
+        """Public facts about API tokens (all, or one user's); the secrets are not stored.
+        Paging (``after`` a token id, ``limit``) orders by token id."""
+        limit = validate.page_limit(limit)
         query = (
             "SELECT t.id, a.name, t.created, t.expires FROM api_tokens t "
             "JOIN accounts a ON a.id = t.account_id "
         )
+        paged = after is not None or limit is not None
+        conditions: list[str] = []
+        params: list[object] = []
+        if name is not None:
+            conditions.append("a.name = ?")
+            params.append(name)
+        if after is not None:
+            conditions.append("t.id > ?")
+            params.append(after)
+        where = ("WHERE " + " AND ".join(conditions) + " ") if conditions else ""
+        if paged:
+            order = "ORDER BY t.id" + (f" LIMIT {int(limit)}" if limit is not None else "")
+        else:
+            order = (
+                "ORDER BY t.created, t.id"
+                if name is not None
+                else "ORDER BY a.name, t.created, t.id"
+            )
 
         def work(tx: Tx) -> list[Any]:
-            if name is None:
-                return tx.all(query + "ORDER BY a.name, t.created, t.id")
-            self._require_account(tx, name)
-            return tx.all(query + "WHERE a.name = ? ORDER BY t.created, t.id", name)
+            if name is not None:
+                self._require_account(tx, name)
+            return tx.all(query + where + order, *params)
 
         if name is not None:
             validate.name(name)
@@ -882,12 +913,112 @@ class SyncDirectory:
             return None
         return self._read(lambda tx: self._load_project(tx, project_id))
 
-    def list_projects(self) -> list[Project]:
+    def list_projects(self, after: str | None = None, limit: int | None = None) -> list[Project]:
+        """Projects by owner name and age; with paging (``after`` a project id, ``limit``), by
+        id."""
+        limit = validate.page_limit(limit)
+        if after is None and limit is None:
+            return self._read(
+                lambda tx: self._projects(
+                    tx, tx.all(_PROJECT_COLUMNS + "ORDER BY a.name, p.created, p.id")
+                )
+            )
+        where, params = ("WHERE p.id > ? ", [after]) if after is not None else ("", [])
+        tail = f" LIMIT {int(limit)}" if limit is not None else ""
         return self._read(
             lambda tx: self._projects(
-                tx, tx.all(_PROJECT_COLUMNS + "ORDER BY a.name, p.created, p.id")
+                tx,
+                tx.all(_PROJECT_COLUMNS + where + "ORDER BY p.id" + tail, *params),  # noqa: S608
             )
         )
+
+    def put_project(
+        self,
+        project_id: str,
+        owner: str,
+        host: str = "127.0.0.1",
+        home: str | None = None,
+        title: str = "",
+        collaborators: Sequence[str] = (),
+        ports: str | None = None,
+        socket_dir: str | None = None,
+        socket_owner: int | str | None = None,
+    ) -> tuple[Project, bool]:
+        """Make the project exactly this (owner, host, home, title, port set (None: the
+        proxy's default), socket folder and owner, and the collaborator set), creating it when
+        needed, in one transaction; returns (project, created). Idempotent: the same call again
+        changes nothing (and does not bump the change counter)."""
+        validate.project_id(project_id)
+        validate.name(owner)
+        host = validate.host(host)
+        home = validate.home(home)
+        title = validate.title(title)
+        port_set = validate.ports(ports)
+        stored_ports = None if port_set is None else str(port_set)
+        sockets = validate.socket_dir(socket_dir or None)
+        sockets_owner = validate.socket_owner(socket_owner)
+        wanted = sorted({validate.name(n) for n in collaborators})
+        if owner in wanted:
+            raise InvalidInput(f"{owner!r} owns the project and cannot also be a collaborator")
+        now = self.clock()
+
+        def same(p: Project | None) -> bool:
+            return p is not None and (
+                p.owner_name == owner
+                and p.host == host
+                and p.home == home
+                and p.title == title
+                and (None if p.ports is None else str(p.ports)) == stored_ports
+                and p.socket_dir == sockets
+                and p.socket_owner == sockets_owner
+                and sorted(p.collaborators) == wanted
+            )
+
+        existing = self._read(lambda tx: self._load_project(tx, project_id))
+        if existing is not None and same(existing):
+            return existing, False
+
+        def work(tx: Tx) -> tuple[Project, bool]:
+            account = self._require_account(tx, owner)
+            members = [self._require_account(tx, n) for n in wanted]
+            found = self._load_project(tx, project_id)
+            if found is None:
+                tx.run(
+                    "INSERT INTO projects (id, owner_id, host, home, title, created, ports, "
+                    "socket_dir, socket_owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    project_id,
+                    account.id,
+                    host,
+                    home,
+                    title,
+                    now,
+                    stored_ports,
+                    sockets,
+                    sockets_owner,
+                )
+            else:
+                tx.run(
+                    "UPDATE projects SET owner_id = ?, host = ?, home = ?, title = ?, ports = ?, "
+                    "socket_dir = ?, socket_owner = ? WHERE id = ?",
+                    account.id,
+                    host,
+                    home,
+                    title,
+                    stored_ports,
+                    sockets,
+                    sockets_owner,
+                    project_id,
+                )
+            tx.run("DELETE FROM collaborators WHERE project_id = ?", project_id)
+            for member in members:
+                tx.run(
+                    "INSERT INTO collaborators (project_id, account_id) VALUES (?, ?)",
+                    project_id,
+                    member.id,
+                )
+            return self._require_project(tx, project_id), found is None
+
+        return self._write(work)
 
     def project_for(self, account_id: int, project_id: str) -> Project | None:
         """The project when the account owns it or collaborates on it; otherwise None, the
@@ -924,6 +1055,205 @@ class SyncDirectory:
                 ),
             )
         )
+
+    # admin API tokens
+
+    def create_admin_token(
+        self, description: str = "", expires_in_days: float | None = None
+    ) -> tuple[AdminTokenInfo, str]:
+        """A new admin API token: (its public facts, the secret). Only the SHA-256 of the
+        secret is stored; the secret cannot be shown again."""
+        description = validate.description(description)
+        days = validate.expires_in_days(expires_in_days)
+        now = self.clock()
+        expires = None if days is None else now + days * 86400
+        token_id, token = new_token_id(), new_token()
+
+        def work(tx: Tx) -> None:
+            tx.run(
+                "INSERT INTO admin_tokens (id, token_hash, description, created, expires) "
+                "VALUES (?, ?, ?, ?, ?)",
+                token_id,
+                token_hash(token),
+                description,
+                now,
+                expires,
+            )
+
+        self._write(work)
+        return AdminTokenInfo(token_id, description, now, expires), token
+
+    def list_admin_tokens(
+        self, after: str | None = None, limit: int | None = None
+    ) -> list[AdminTokenInfo]:
+        limit = validate.page_limit(limit)
+        where, params = ("WHERE id > ? ", [after]) if after is not None else ("", [])
+        tail = f" LIMIT {int(limit)}" if limit is not None else ""
+        rows = self._read(
+            lambda tx: tx.all(
+                "SELECT id, description, created, expires FROM admin_tokens "  # noqa: S608
+                + where
+                + "ORDER BY id"
+                + tail,
+                *params,
+            )
+        )
+        return [
+            AdminTokenInfo(r[0], r[1], float(r[2]), None if r[3] is None else float(r[3]))
+            for r in rows
+        ]
+
+    def revoke_admin_token(self, token_id: str) -> None:
+        validate.token_id(token_id)
+
+        def work(tx: Tx) -> None:
+            if tx.run("DELETE FROM admin_tokens WHERE id = ?", token_id) == 0:
+                raise NotFound(f"no admin token with id {token_id!r}")
+
+        self._write(work)
+
+    def admin_token_id(self, token: str) -> str | None:
+        """The id of the unexpired admin token whose secret is ``token``, else None. One
+        indexed lookup of the secret's SHA-256, as for API tokens (no comparison of secrets
+        in Python, so no timing that depends on how much of a guess was right)."""
+        if not isinstance(token, str) or not token or len(token) > TOKEN_MAX:
+            return None
+        digest = token_hash(token)
+        now = self.clock()
+        row = self._read(
+            lambda tx: tx.one(
+                "SELECT id FROM admin_tokens WHERE token_hash = ? "
+                "AND (expires IS NULL OR expires > ?)",
+                digest,
+                now,
+            )
+        )
+        return None if row is None else str(row[0])
+
+    def count_admin_tokens(self) -> int:
+        """How many unexpired admin tokens exist (the admin API refuses to start with none)."""
+        now = self.clock()
+        row = self._read(
+            lambda tx: tx.one(
+                "SELECT COUNT(*) FROM admin_tokens WHERE expires IS NULL OR expires > ?", now
+            )
+        )
+        return int(row[0])
+
+    # port shares
+
+    @staticmethod
+    def _share(row: Any) -> Share:
+        return Share(
+            project_id=row[0],
+            port=int(row[1]),
+            visibility=row[2],
+            created=float(row[4]),
+            expires=None if row[5] is None else float(row[5]),
+            secret_hash=row[3],
+        )
+
+    _SHARE_COLUMNS = (
+        "SELECT project_id, port, visibility, secret_hash, created, expires FROM port_shares "
+    )
+
+    def set_share(
+        self,
+        project_id: str,
+        port: int,
+        visibility: str,
+        expires_in_days: float | None = None,
+    ) -> tuple[Share | None, str | None]:
+        """Set a port's visibility: ``private`` removes any share (returns (None, None));
+        ``link`` makes a new secret each time (the old link stops working) and returns it;
+        ``public`` returns (share, None). Replaces what was there."""
+        validate.project_id(project_id)
+        validate.port(port)
+        validate.visibility(visibility)
+        days = validate.expires_in_days(expires_in_days)
+        now = self.clock()
+        expires = None if days is None else now + days * 86400
+        secret = new_token() if visibility == "link" else None
+        digest = None if secret is None else token_hash(secret)
+
+        def work(tx: Tx) -> Share | None:
+            self._require_project(tx, project_id)
+            tx.run("DELETE FROM port_shares WHERE project_id = ? AND port = ?", project_id, port)
+            if visibility == "private":
+                return None
+            tx.run(
+                "INSERT INTO port_shares (project_id, port, visibility, secret_hash, created, "
+                "expires) VALUES (?, ?, ?, ?, ?, ?)",
+                project_id,
+                port,
+                visibility,
+                digest,
+                now,
+                expires,
+            )
+            return Share(project_id, port, visibility, now, expires, digest)
+
+        return self._write(work), secret
+
+    def remove_share(self, project_id: str, port: int) -> None:
+        """Make the port private again; NotFound when it was not shared."""
+        validate.project_id(project_id)
+        validate.port(port)
+
+        def work(tx: Tx) -> None:
+            self._require_project(tx, project_id)
+            if (
+                tx.run(
+                    "DELETE FROM port_shares WHERE project_id = ? AND port = ?", project_id, port
+                )
+                == 0
+            ):
+                raise NotFound(f"port {port} of project {project_id!r} is not shared")
+
+        self._write(work)
+
+    def list_shares(
+        self,
+        project_id: str | None = None,
+        after: tuple[str, int] | None = None,
+        limit: int | None = None,
+    ) -> list[Share]:
+        """Shares (all, or one project's) by project id and port."""
+        limit = validate.page_limit(limit)
+        conditions: list[str] = []
+        params: list[object] = []
+        if project_id is not None:
+            validate.project_id(project_id)
+            conditions.append("project_id = ?")
+            params.append(project_id)
+        if after is not None:
+            conditions.append("(project_id > ? OR (project_id = ? AND port > ?))")
+            params.extend([after[0], after[0], after[1]])
+        where = ("WHERE " + " AND ".join(conditions) + " ") if conditions else ""
+        tail = f" LIMIT {int(limit)}" if limit is not None else ""
+
+        def work(tx: Tx) -> list[Any]:
+            if project_id is not None:
+                self._require_project(tx, project_id)
+            return tx.all(self._SHARE_COLUMNS + where + "ORDER BY project_id, port" + tail, *params)
+
+        return [self._share(r) for r in self._read(work)]
+
+    def share_for(self, project_id: str, port: int) -> tuple[Share, Project] | None:
+        """The share of a port with its project (for the proxy), or None when private."""
+        if not validate.is_project_id(project_id) or not isinstance(port, int):
+            return None
+
+        def work(tx: Tx) -> tuple[Share, Project] | None:
+            row = tx.one(
+                self._SHARE_COLUMNS + "WHERE project_id = ? AND port = ?", project_id, port
+            )
+            if row is None:
+                return None
+            project = self._load_project(tx, project_id)
+            return None if project is None else (self._share(row), project)
+
+        return self._read(work)
 
 
 class Directory:
@@ -1137,6 +1467,20 @@ class Directory:
 
     def get_project(self, project_id: str) -> Deferred[Project | None]:
         return self._call(self.sync.get_project, project_id)
+
+    def share_for(self, project_id: str, port: int) -> Deferred[tuple[Share, Project] | None]:
+        return self._call(self.sync.share_for, project_id, port)
+
+    def list_shares(self, project_id: str | None = None) -> Deferred[list[Share]]:
+        return self._call(self.sync.list_shares, project_id)
+
+    def admin_token_id(self, token: str) -> Deferred[str | None]:
+        return self._call(self.sync.admin_token_id, token)
+
+    def run(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        """Run ``work(sync_directory, *args, **kwargs)`` in the directory's thread pool: how
+        the admin API calls the shared operations (cocalcproxy.operations)."""
+        return self._call(work, self.sync, *args, **kwargs)
 
     def list_projects(self) -> Deferred[list[Project]]:
         return self._call(self.sync.list_projects)

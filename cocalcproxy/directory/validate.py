@@ -23,6 +23,10 @@ _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _TOKEN_ID = re.compile(r"[0-9a-f]{16}")
 
+#: A port's visibility: members only (no share), anyone with the link, anyone.
+VISIBILITIES = ("private", "link", "public")
+DESCRIPTION_MAX = 200
+
 
 def _shown(value: str, limit: int = 80) -> str:
     text = value if len(value) <= limit else value[:limit] + "..."
@@ -65,6 +69,38 @@ def new_project_id() -> str:
 def token_id(value: str) -> str:
     if not isinstance(value, str) or not _TOKEN_ID.fullmatch(value):
         raise InvalidInput(f"invalid token id {_shown(str(value))}: expected 16 hex digits")
+    return value
+
+
+def port(value: int) -> int:
+    """A TCP port 1..65535 (an int, never a bool or a string)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise InvalidInput(f"invalid port {_shown(str(value))}: expected a number 1-65535")
+    return value
+
+
+def visibility(value: str) -> str:
+    if value not in VISIBILITIES:
+        raise InvalidInput(
+            f"invalid visibility {_shown(str(value))}: use one of " + ", ".join(VISIBILITIES)
+        )
+    return value
+
+
+def description(value: str) -> str:
+    """Like a title: up to 200 printable characters."""
+    if not isinstance(value, str) or len(value) > DESCRIPTION_MAX:
+        raise InvalidInput(f"invalid description: at most {DESCRIPTION_MAX} characters")
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co") for c in value):
+        raise InvalidInput("invalid description: control and formatting characters are not allowed")
+    return value
+
+
+def page_limit(value: int | None, maximum: int = 1000) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise InvalidInput(f"invalid limit: expected a number 1-{maximum}")
     return value
 
 
