@@ -72,6 +72,7 @@ class AdminApiProcess(unittest.TestCase):
         self.sockdir = tempfile.mkdtemp(prefix="ccp-api-")
         self.addCleanup(shutil.rmtree, self.sockdir, True)
         self.socket = os.path.join(self.sockdir, "admin.sock")
+        self.cli("init")
         created = self.cli("admin-token", "create", "--description", "tests")
         self.token = created["token"]
         self.token_id = created["id"]

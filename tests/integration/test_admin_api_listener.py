@@ -21,6 +21,8 @@ def make_admin_token(state_dir: str) -> str:
     import json
 
     out = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert admin.main(["--state-dir", state_dir, "init"]) == 0
     with contextlib.redirect_stdout(out):
         status = admin.main(["--state-dir", state_dir, "--json", "admin-token", "create"])
     assert status == 0
@@ -116,3 +118,32 @@ class ListenerTransport(unittest.TestCase):
         refused = yield plain.get(f"http://127.0.0.1:{port}/openapi.json")
         self.assertEqual(refused.code, 401)
         yield refused.content()
+
+
+class NotReachableThroughRoutes(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_a_project_route_never_reaches_the_admin_api(self):  # type: ignore[no-untyped-def]
+        """The listener is among the proxy's own: even a project on this machine with every port
+        allowed gets 404 for it, and nothing reaches the API."""
+        import base64
+
+        state = self.mktemp()
+        os.makedirs(state)
+        token = make_admin_token(state)
+        proxy = yield start_proxy(
+            self, "--admin-api", "tcp:0:interface=127.0.0.1", "--deny-ports", "none",
+            state_dir=state,
+        )  # fmt: skip
+        port = proxy.service.admin_api_listener.port.getHost().port
+        yield proxy.directory.add_user("alice", "alice-password")
+        project = yield proxy.directory.add_project("alice", host="127.0.0.1", ports="all")
+        client = https_client(self, proxy.cert_path, persistent=False)
+        basic = "Basic " + base64.b64encode(b"alice:alice-password").decode()
+        for path in (f"/{project.id}/server/{port}/openapi.json", f"/{project.id}/port/{port}/v1"):
+            response = yield client.get(
+                proxy.url + path,
+                headers={"Authorization": basic, "X-Admin": f"Bearer {token}"},
+            )
+            body = yield response.content()
+            self.assertEqual(response.code, 404, path)
+            self.assertNotIn(b"openapi", body)
