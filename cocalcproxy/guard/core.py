@@ -262,6 +262,9 @@ def is_navigation(request: Request) -> bool:
 class Guard:
     """Implements ``site.Guard``; also answers the sign-in pages' questions."""
 
+    #: Seconds between polls woken by change notifications (see ``wake``).
+    wake_spacing = 0.05
+
     def __init__(
         self,
         directory: IDirectory,
@@ -324,6 +327,10 @@ class Guard:
         self._loop_done: Deferred[Any] | None = None
         self._woken: Deferred[None] | None = None
         self._wake_again = False
+        self._wake_call: Any = None
+        self._polls_started = 0
+        self._polls_applied = 0
+        self._last_wake = float("-inf")
 
     def _identity_ttl(self, identity: Identity | None) -> float:
         if identity is None:
@@ -532,6 +539,9 @@ class Guard:
         self._loop_done.addErrback(lambda f: log.failure("guard polling stopped", f))
 
     def stop(self) -> Deferred[Any]:
+        if self._wake_call is not None and self._wake_call.active():
+            self._wake_call.cancel()
+        self._wake_call = None
         loop, done = self._loop, self._loop_done
         self._loop = self._loop_done = None
         if loop is None or done is None:
@@ -541,13 +551,30 @@ class Guard:
         return done
 
     def wake(self) -> None:
-        """The directory announced a change: poll now rather than at the next tick. While such
-        a poll runs, further wakes make one more poll after it (the change may have been
-        committed after it read the counter), never a pile of them."""
+        """The directory announced a change: poll soon rather than at the next tick.
+
+        A poll woken this way starts at once, or ``wake_spacing`` after the previous one: a
+        burst of changes (a class signing in at once; every sign-in is a change) then drops the
+        caches at most 20 times a second, not once per change, and a revocation still applies
+        within about 50 ms. A wake while such a poll is due changes nothing (that poll reads the
+        counter after this change); a wake while one runs makes one more after it (the change
+        may have been committed after it read the counter): never a pile of polls."""
+        if self._wake_call is not None:
+            return
         if self._woken is not None:
             self._wake_again = True
             return
+        delay = self._last_wake + self.wake_spacing - self.clock.seconds()
+        if delay > 0:
+            clock: Any = self.clock  # the reactor, or task.Clock in tests
+            self._wake_call = clock.callLater(delay, self._wake_now)
+            return
+        self._wake_now()
+
+    def _wake_now(self) -> None:
+        self._wake_call = None
         self._wake_again = False
+        self._last_wake = self.clock.seconds()
         polled = self.poll()
         if polled.called:
             self._after_wake(None)
@@ -558,6 +585,7 @@ class Guard:
     def _after_wake(self, _: object) -> None:
         self._woken = None
         if self._wake_again:
+            self._wake_again = False
             self.wake()
 
     def invalidate(self) -> None:
@@ -569,12 +597,13 @@ class Guard:
     def poll(self) -> Deferred[None]:
         """Read the change counter; on a change drop caches and re-check watched grants; on a
         failure, an outage (see ``directory_failed``). Never fails, so the LoopingCall goes on."""
+        self._polls_started += 1
         d: Deferred[Any] = self.directory.change_counter()
-        d.addCallbacks(self._counter_read, self._counter_failed)
+        d.addCallbacks(self._counter_read, self._counter_failed, (self._polls_started,))
         d.addErrback(lambda f: log.failure("guard poll failed", f))
         return d.addCallback(lambda _: None)
 
-    def _counter_read(self, counter: int) -> Deferred[None]:
+    def _counter_read(self, counter: int, started: int = 0) -> Deferred[None]:
         now = self.clock.seconds()
         self.last_contact = now
         if self.outage is not None:
@@ -583,6 +612,11 @@ class Guard:
                 seconds=now - self.outage.since,
             )
             self.outage = None
+        # A notification's poll may overtake the periodic one: an answer older than one already
+        # applied is stale (the newer one saw everything it saw), and would look like a change.
+        if started and started < self._polls_applied:
+            return succeed(None)
+        self._polls_applied = max(self._polls_applied, started)
         previous, self.last_counter = self.last_counter, counter
         if previous is not None and counter != previous:
             self.invalidate()

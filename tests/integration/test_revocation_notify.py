@@ -107,6 +107,19 @@ def run_admin(url: str, *args: str, stdin: str | None = None) -> dict[str, Any]:
     return json.loads(done.stdout) if done.stdout.strip() else {}
 
 
+def credential_lookups(metrics_port: int) -> float:
+    """A proxy's credential-cache misses so far, from its /metrics."""
+    conn = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    m = re.search(r'^cocalcproxy_cache_misses_total\{cache="credentials"\} (\S+)$', text, re.M)
+    assert m is not None, "no credential cache-miss metric"
+    return float(m.group(1))
+
+
 def listener_pids(url: str) -> set[int]:
     """Backend pids of the proxies' change listeners on the test's database."""
     import psycopg
@@ -130,11 +143,18 @@ class TwoProxiesHearRevocationsAtOnce(unittest.TestCase):
         self.pid = run_admin(self.url, "project", "add", "--owner", "alice")["id"]
         self.path = f"/{self.pid}/server/{self.start_backend()}/"
         self.proxies = []
+        self.metrics_ports = []
         for _ in range(2):
             state = Path(self.mktemp()).absolute()
-            proxy = ProxyProcess(str(state), "--database", self.url).start()
+            metrics_port = free_port()
+            proxy = ProxyProcess(
+                str(state),
+                "--database", self.url,
+                "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1",
+            ).start()  # fmt: skip
             self.addCleanup(proxy.stop)
             self.proxies.append(proxy)
+            self.metrics_ports.append(metrics_port)
         self.clients = []
         for proxy in self.proxies:
             proxy.wait_listening()
@@ -166,9 +186,18 @@ class TwoProxiesHearRevocationsAtOnce(unittest.TestCase):
         command; seconds from the commit's notification until each proxy refuses it."""
         created = run_admin(self.url, "token", "create", "alice")
         headers = {"Authorization": f"Bearer {created['token']}"}
-        for client in self.clients:
+        for client, metrics_port in zip(self.clients, self.metrics_ports, strict=True):
             self.assertEqual(client.status(self.path, headers), 200)
-            self.assertEqual(client.status(self.path, headers), 200)  # now from the cache
+
+            def cached(client: KeepAliveClient = client, port: int = metrics_port) -> bool:
+                """The token's answer is in the proxy's cache (the token's creation, a change
+                itself, may have dropped it just after the first request): only a dropped cache
+                can make this proxy refuse it."""
+                misses = credential_lookups(port)
+                self.assertEqual(client.status(self.path, headers), 200)
+                return credential_lookups(port) == misses
+
+            wait_for(cached, 10, "the token's answer to be cached")
         heard: list[float] = []
         counter = self.clock.counter()
         waiter = threading.Thread(target=lambda: heard.append(self.clock.wait_beyond(counter, 60)))
@@ -296,6 +325,17 @@ class PollIsTheFallback(unittest.TestCase):
         yield until(lambda: not listener.listening, 10, "the proxy to notice the cut")
         self.assertEqual(notifications_up(), 0.0)
 
+        # The guard has seen every change so far, and the token's answer is in its cache (a
+        # second request costs no directory lookup), so only a poll can make it refuse.
+        guard = guard_service_of(running.service).guard
+        yield guard.poll()
+        self.assertEqual((yield status()), 502)
+        lookups = directory_lookups(metrics)
+        self.assertGreater(lookups, 0)  # the metric is there: the first request missed
+        self.assertEqual((yield status()), 502)
+        self.assertEqual(directory_lookups(metrics), lookups, "not served from the cache")
+        generation = guard.generation
+
         yield directory.revoke_token(token_id)
         revoked = time.monotonic()
         while (yield status()) != 401:
@@ -303,6 +343,7 @@ class PollIsTheFallback(unittest.TestCase):
             yield deferLater(reactor, 0.02)
         took = time.monotonic() - revoked
         self.assertFalse(listener.listening, "the refusal must have come from the poll")
+        self.assertGreater(guard.generation, generation, "the poll dropped the cache")
         self.assertLess(took, 2.0)
 
         listener.connect = original_connect
@@ -325,6 +366,14 @@ class PollIsTheFallback(unittest.TestCase):
             f"\npoll fallback: refused {took * 1000:.0f} ms after the revocation; "
             f"after reconnecting: {(time.monotonic() - revoked) * 1000:.0f} ms"
         )
+
+
+def directory_lookups(metrics: Any) -> float:
+    """Directory calls made for credentials so far (the guard's cache misses)."""
+    value = metrics.registry.get_sample_value(
+        "cocalcproxy_cache_misses_total", {"cache": "credentials"}
+    )
+    return float(value or 0.0)
 
 
 def guard_service_of(proxy: Any) -> Any:
