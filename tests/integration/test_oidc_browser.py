@@ -29,8 +29,13 @@ ACCOUNTS = {
 }
 
 
-class RealProviderInABrowser(unittest.TestCase):
+class ProviderAndProxy(unittest.TestCase):
+    """Set-up shared by the browser tests: backend, provider, proxy (with ``proxy_args``) and
+    a browser (with ``browser_args``)."""
+
     timeout = 300
+    proxy_args: tuple[str, ...] = ()
+    browser_args: tuple[str, ...] = ()
 
     def setUp(self) -> None:
         self.state = str(Path(self.mktemp()).absolute())
@@ -72,11 +77,12 @@ class RealProviderInABrowser(unittest.TestCase):
             "--oidc-client-secret-file", str(secret),
             "--oidc-name", "Test IdP",
             "--password-login", "off",
+            *self.proxy_args,
             port=port,
         ).start()  # fmt: skip
         self.addCleanup(self.proxy.stop)
         self.proxy.wait_listening()
-        self.browser = WebDriver(self)
+        self.browser = WebDriver(self, self.browser_args)
 
     def sign_in_at_the_provider(self, login: str) -> None:
         """From the proxy's sign-in page: the button, the provider's login and consent."""
@@ -95,6 +101,8 @@ class RealProviderInABrowser(unittest.TestCase):
     def session_cookies(self) -> list[dict[str, object]]:
         return [c for c in self.browser.cookies() if c["name"] == headers.SESSION_COOKIE.decode()]
 
+
+class RealProviderInABrowser(ProviderAndProxy):
     def test_whole_flow_sign_out_and_key_rotation(self) -> None:
         proxied = f"{self.proxy.url}/{self.pid}/server/{self.backend_port}/"
         self.browser.go(proxied)
@@ -139,3 +147,25 @@ class RealProviderInABrowser(unittest.TestCase):
         self.assertNotIn(MARKER, self.browser.source)
         listed = admin(self.state, "user", "list")
         self.assertEqual(listed.stdout, "carol\toidc=carol\ndana\toidc=dana\n")
+
+
+class RealProviderThroughTheHop(ProviderAndProxy):
+    """A project subdomain: the browser is sent to the main host to sign in with the provider,
+    and comes back through the sign-in hop with a cookie for that project host only."""
+
+    proxy_args = ("--project-domain", "proj.test")
+    browser_args = ("--host-resolver-rules=MAP *.proj.test 127.0.0.1",)
+
+    def test_sign_in_with_the_provider_for_a_project_host(self) -> None:
+        host = f"{self.pid}-{self.backend_port}.proj.test"
+        page = f"https://{host}:{self.proxy.port}/index.html?from=hop"
+        self.browser.go(page)
+        self.sign_in_at_the_provider("carol")
+        try:
+            wait_for(lambda: self.browser.url == page, 30, "the project host after the hop")
+        except AssertionError as e:
+            detail = f"{e}\nat {self.browser.url}\n{self.proxy.output()[-3000:]}"
+            raise AssertionError(detail) from None
+        wait_for(lambda: MARKER in self.browser.source, 30, "the backend's page")
+        hosts = sorted(str(c["domain"]) for c in self.session_cookies())
+        self.assertEqual(hosts, [host])  # the browser is looking at the project host
