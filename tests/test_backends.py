@@ -70,6 +70,15 @@ class PortListTests(unittest.TestCase):
             with self.assertRaises(PortListError, msg=repr(bad)):
                 parse_ports(bad)
 
+    def test_hosts_in_disguise_refused(self) -> None:
+        """Names the C resolver reads as IP addresses (inet_aton) would escape the loopback
+        rules; the directory refuses them."""
+        for bad in ("0x7f000001", "0x7f.1", "0x7f.0.0.1", "0X7F.0.0.1", "127.0x0.0.1"):
+            with self.assertRaisesRegex(InvalidInput, "another notation", msg=bad):
+                validate.host(bad)
+        for fine in ("0xdeadbeef.example", "x0.example", "host-0x1"):
+            self.assertEqual(validate.host(fine), fine)
+
     def test_validate_maps_to_invalid_input(self) -> None:
         self.assertIsNone(validate.ports(None))
         self.assertIsNone(validate.ports("default"))

@@ -22,6 +22,7 @@ _NAME = re.compile(r"[A-Za-z0-9._@][A-Za-z0-9._@-]{0,63}")
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _TOKEN_ID = re.compile(r"[0-9a-f]{16}")
+_NUMERIC_LABEL = re.compile(r"0x[0-9a-f]*|[0-9]+")
 
 #: A port's visibility: members only (no share), anyone with the link, anyone.
 VISIBILITIES = ("private", "link", "public")
@@ -131,6 +132,13 @@ def host(value: str) -> str:
         raise InvalidInput(
             f"invalid host {_shown(value)}: give a host name or an IP address only "
             "(no scheme, port, path or spaces)"
+        )
+    if all(_NUMERIC_LABEL.fullmatch(label) for label in labels):
+        # 0x7f000001 or 0x7f.1: the C resolver reads these as IP addresses (inet_aton), which
+        # would hide a loopback address from the shared-host rules: insist on the usual form.
+        raise InvalidInput(
+            f"invalid host {_shown(value)}: it reads as an IP address in another notation; "
+            "give the address in its usual form (such as 127.0.0.1)"
         )
     return lowered
 

@@ -5,6 +5,7 @@ treq and ``websockets`` as clients."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import socket
@@ -26,7 +27,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from cocalcproxy.addresses import always_local, ip_of
 from cocalcproxy.backendio import is_local_address
 from tests.directory_support import new_postgres_url
-from tests.relay_support import WSBackend, in_thread, on_reactor
+from tests.relay_support import WSBackend, in_thread, on_reactor, wait_for
 from tests.support import https_client, start_proxy
 
 
@@ -159,6 +160,16 @@ class SharedLoopbackTests(ProxyCase):
         self.assertEqual(code, 404, "A shares its host too: no default ports")
         hint = self.log.matching(b.id, "--ports", "--socket-dir")
         self.assertTrue(hint, "the log line says the project needs --ports or --socket-dir")
+        # The access log records why (the client's 404 does not).
+        log_path = os.path.join(self.proxy.state_dir, "access.log")
+
+        def refused_lines() -> list[dict[str, Any]]:
+            with open(log_path, encoding="utf-8") as f:
+                lines = [json.loads(line) for line in f if line.strip()]
+            return [line for line in lines if line.get("backend") == "port-not-allowed"]
+
+        yield wait_for(lambda: len(refused_lines()) >= 2)
+        self.assertEqual({line["status"] for line in refused_lines()}, {404})
         # With their own disjoint port sets each reaches its own servers only.
         yield self.directory.set_project(a.id, ports=f"{jupyter_a}")
         yield self.directory.set_project(b.id, ports=f"{jupyter_a + 1}-{jupyter_a + 5}")
