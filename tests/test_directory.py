@@ -634,6 +634,45 @@ class ProjectTests(SyncMixin):
             self.d.remove_project("nope")
 
 
+class SignInFailureTests(SyncMixin):
+    """Issue #11 item 1: the sign-in limiter's counters, shared by every process on a
+    directory (two SyncDirectory objects stand for two proxy processes)."""
+
+    def test_counted_together_by_every_process(self) -> None:
+        one, two = self.d, self.open()
+        checks = [("name:alice", 3, 600.0), ("address:10.0.0.1", 5, 600.0)]
+        counter = one.change_counter()
+        self.assertIsNone(one.signin_attempt(checks)[0])
+        self.assertIsNone(two.signin_attempt([("name:alice", 3, 600.0)])[0])
+        self.clock.now += 10
+        self.assertIsNone(one.signin_attempt(checks)[0])
+        self.clock.now += 10
+        wait, _ = two.signin_attempt([("name:alice", 3, 600.0), ("address:10.0.0.9", 5, 600.0)])
+        self.assertEqual(wait, 580.0)  # the oldest of the three leaves the window then
+        # A refused attempt records nothing: the other address is still clean.
+        self.assertIsNone(one.signin_attempt([("address:10.0.0.9", 1, 600.0)])[0])
+        # Failed sign-ins change nobody's access: no cache anywhere is dropped for them.
+        self.assertEqual(one.change_counter(), counter)
+
+    def test_forgive_reset_and_expiry(self) -> None:
+        d = self.d
+        wait, at = d.signin_attempt([("address:a", 2, 60.0), ("name:n", 2, 60.0)])
+        self.assertIsNone(wait)
+        d.signin_forgive("address:a", at)  # the password was right
+        d.signin_reset("name:n")
+        self.assertEqual(self.raw("SELECT limit_key FROM signin_failures"), [])
+        for _ in range(2):
+            self.assertIsNone(d.signin_attempt([("device:x", 2, 60.0)])[0])
+        self.assertIsNotNone(d.signin_attempt([("device:x", 2, 60.0)])[0])
+        self.clock.now += 61
+        self.assertIsNone(d.signin_attempt([("device:x", 2, 60.0)])[0])
+        self.clock.now += 3601
+        d.signin_attempt([("device:y", 2, 60.0)])
+        self.assertEqual(
+            [r[0] for r in self.raw("SELECT limit_key FROM signin_failures")], ["device:y"]
+        )
+
+
 class ChangeCounterTests(SyncMixin):
     def test_every_write_bumps_reads_do_not(self) -> None:
         d = self.d
@@ -837,6 +876,14 @@ class SQLiteProjectTests(SQLiteBackend, ProjectTests, unittest.TestCase):
 
 
 class PostgresProjectTests(PostgresBackend, ProjectTests, unittest.TestCase):
+    pass
+
+
+class SQLiteSignInFailureTests(SQLiteBackend, SignInFailureTests, unittest.TestCase):
+    pass
+
+
+class PostgresSignInFailureTests(PostgresBackend, SignInFailureTests, unittest.TestCase):
     pass
 
 

@@ -12,7 +12,7 @@ decisions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.defer import Deferred
@@ -99,6 +99,15 @@ class IDirectory(Protocol):
     def account_for_session(self, token: str) -> Deferred[Account | None]: ...
 
     def delete_session(self, token: str) -> Deferred[None]: ...
+
+    # failed password sign-ins, counted for every process on the directory (guard/ratelimit.py)
+    def signin_attempt(
+        self, checks: Sequence[tuple[str, int, float]]
+    ) -> Deferred[tuple[float | None, float]]: ...
+
+    def signin_forgive(self, key: str, at: float) -> Deferred[None]: ...
+
+    def signin_reset(self, key: str) -> Deferred[None]: ...
 
     # projects
     def add_project(

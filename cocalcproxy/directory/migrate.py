@@ -23,6 +23,7 @@ STEPS: tuple[tuple[int, str], ...] = (
     (4, "0004_ports_and_sockets.sql"),
     (5, "0005_session_families.sql"),
     (6, "0006_admin_tokens_and_shares.sql"),
+    (7, "0007_signin_failures.sql"),
 )
 LATEST = STEPS[-1][0]
 

@@ -701,6 +701,61 @@ class SyncDirectory:
             )
         )
 
+    # failed sign-ins (guard/ratelimit.py, DirectoryLimiter)
+
+    def signin_attempt(
+        self, checks: Sequence[tuple[str, int, float]]
+    ) -> tuple[float | None, float]:
+        """Start a password attempt under ``checks`` (key, limit, window seconds): when a key
+        already has ``limit`` failures within its window, (seconds until the oldest of them
+        leaves it, now) and nothing is recorded; else a failure is recorded under every key
+        (taken back by ``signin_forgive`` if the password was right) and (None, now). One
+        transaction, so processes sharing the directory count together. Never bumps the change
+        counter (a failed sign-in changes nobody's access)."""
+        now = self.clock()
+        wanted = [(str(key)[:512], int(limit), float(window)) for key, limit, window in checks]
+
+        def work(tx: Tx) -> tuple[float | None, float]:
+            longest = max((window for _, _, window in wanted), default=0.0)
+            tx.run("DELETE FROM signin_failures WHERE at <= ?", now - max(longest, 3600.0))
+            waits = []
+            for key, limit, window in wanted:
+                rows = tx.all(
+                    "SELECT at FROM signin_failures WHERE limit_key = ? AND at > ? "
+                    "ORDER BY at DESC LIMIT ?",
+                    key,
+                    now - window,
+                    limit,
+                )
+                if len(rows) >= limit:
+                    waits.append(min(float(r[0]) for r in rows) + window - now)
+            if waits:
+                return max(waits), now
+            for key, _, _ in wanted:
+                tx.run("INSERT INTO signin_failures (limit_key, at) VALUES (?, ?)", key, now)
+            return None, now
+
+        return self._write(work, bump=False)
+
+    def signin_forgive(self, key: str, at: float) -> None:
+        """Take back one failure of ``key`` recorded at ``at`` (the attempt was right)."""
+        self._write(
+            lambda tx: tx.run(
+                "DELETE FROM signin_failures WHERE id IN "
+                "(SELECT id FROM signin_failures WHERE limit_key = ? AND at = ? LIMIT 1)",
+                str(key)[:512],
+                float(at),
+            ),
+            bump=False,
+        )
+
+    def signin_reset(self, key: str) -> None:
+        """Forget every failure of ``key`` (a right password for that name or device)."""
+        self._write(
+            lambda tx: tx.run("DELETE FROM signin_failures WHERE limit_key = ?", str(key)[:512]),
+            bump=False,
+        )
+
     def purge_expired(self) -> int:
         """Delete expired sessions and API tokens; returns how many rows went."""
         now = self.clock()
@@ -1418,6 +1473,17 @@ class Directory:
 
     def purge_expired(self) -> Deferred[int]:
         return self._call(self.sync.purge_expired)
+
+    def signin_attempt(
+        self, checks: Sequence[tuple[str, int, float]]
+    ) -> Deferred[tuple[float | None, float]]:
+        return self._call(self.sync.signin_attempt, checks)
+
+    def signin_forgive(self, key: str, at: float) -> Deferred[None]:
+        return self._call(self.sync.signin_forgive, key, at)
+
+    def signin_reset(self, key: str) -> Deferred[None]:
+        return self._call(self.sync.signin_reset, key)
 
     def add_project(
         self,

@@ -26,6 +26,7 @@ from cocalcproxy.guard.hop import Hop
 from cocalcproxy.guard.hopkeys import HopKeys
 from cocalcproxy.guard.oidc import OIDCSettings, ProviderClient, StateSealer
 from cocalcproxy.guard.oidcweb import OIDCPages
+from cocalcproxy.guard.ratelimit import DirectoryLimiter
 from cocalcproxy.guard.web import GuardPages
 from cocalcproxy.metrics import Metrics
 
@@ -102,6 +103,7 @@ def build_guard(
         metrics.set_directory_up(lambda: guard.outage is None)
     key = load_or_create_key(state_dir)
     guard.devices = DeviceCookies(key)
+    guard.limiter = DirectoryLimiter(directory)
     session_lifetime = session_lifetime_days * SECONDS_PER_DAY
     guard_pages = GuardPages(
         guard,

@@ -57,7 +57,7 @@ from cocalcproxy.guard.credentials import (
 )
 from cocalcproxy.guard.devices import DeviceCookies
 from cocalcproxy.guard.hopkeys import HopKeys, label_for
-from cocalcproxy.guard.ratelimit import SignInLimits
+from cocalcproxy.guard.ratelimit import Attempt, Limiter, MemoryLimiter, SignInLimits
 from cocalcproxy.site import Access, ProxyRequest, is_websocket_upgrade
 
 log = Logger()
@@ -286,7 +286,11 @@ class Guard:
         self.outage: Outage | None = None
         self.clock = clock
         self.portal = portal if portal is not None else make_portal(directory)
-        self.limits = limits if limits is not None else SignInLimits.default()
+        # Failed password sign-ins (ratelimit.py): counted in this process unless build_guard
+        # hands in a DirectoryLimiter (every process on the directory counting together).
+        self.limiter: Limiter = MemoryLimiter(
+            limits if limits is not None else SignInLimits.default(), clock
+        )
         self.poll_interval = poll_interval
         self.credential_ttl = credential_ttl
         self.negative_ttl = negative_ttl
@@ -400,15 +404,14 @@ class Guard:
             identity = Identity(account, "token")
             looked = yield self.identities.get(key, lambda: succeed(identity))
             return self._outcome(presented, looked)
-        now = self.clock.seconds()
         address = client_address(request)
         device = self.device_for(request, credentials.name)
-        wait = self.limits.begin(address, credentials.name, now, device)
-        if wait is not None:
-            return Limited(wait)
+        attempt = yield self.limiter.begin(address, credentials.name, device)
+        if not isinstance(attempt, Attempt):
+            return Limited(attempt)
         looked = yield self.identities.get(key, lambda: self._login(credentials))
         if looked.value is not None:
-            self.limits.succeeded(address, credentials.name, now, device)
+            yield self.limiter.succeeded(attempt)
         elif self.on_signin_failure is not None:
             self.on_signin_failure()
         return self._outcome(presented, looked)

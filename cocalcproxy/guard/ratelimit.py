@@ -16,9 +16,11 @@ browser she signed in with before. A client that reached a limit is refused (429
 Retry-After) until its oldest counted failure leaves the window, whether or not its next
 password would be right. Memory is bounded: the oldest keys are forgotten first.
 
-All state is failure times per string key, kept in :class:`SlidingWindow` objects, so a store
-shared by several processes (a directory table of key and time) can replace them later without
-changing :class:`SignInLimits`' callers.
+All state is failure times per string key. The guard asks a :class:`Limiter`: the proxy uses
+:class:`DirectoryLimiter`, which keeps the failures in the directory (table
+``signin_failures``), so every worker process and every machine on one directory counts
+together; :class:`MemoryLimiter` keeps them in :class:`SlidingWindow` objects in this process
+(tests, and the rules in their plainest form).
 """
 
 from __future__ import annotations
@@ -26,7 +28,17 @@ from __future__ import annotations
 import ipaddress
 import math
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, succeed
+
+#: (failures, window in seconds) for unknown clients per address, per account name, and for
+#: each known device.
+PER_ADDRESS = (20, 600.0)
+PER_NAME = (10, 600.0)
+PER_DEVICE = (10, 600.0)
 
 
 class SlidingWindow:
@@ -106,9 +118,9 @@ class SignInLimits:
     @classmethod
     def default(cls) -> SignInLimits:
         return cls(
-            per_address=SlidingWindow(20, 600.0),
-            per_name=SlidingWindow(10, 600.0),
-            per_device=SlidingWindow(10, 600.0),
+            per_address=SlidingWindow(*PER_ADDRESS),
+            per_name=SlidingWindow(*PER_NAME),
+            per_device=SlidingWindow(*PER_DEVICE),
         )
 
     def retry_after(
@@ -148,3 +160,99 @@ class SignInLimits:
             return
         self.per_address.forgive(address_key(address), started)
         self.per_name.reset(name_key(name))
+
+
+# --- the guard's interface ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A password attempt allowed to go ahead (counted as failed until ``succeeded``)."""
+
+    address: str
+    name: str
+    device: str | None
+    started: float
+
+
+class Limiter(Protocol):
+    def begin(self, address: str, name: str, device: str | None) -> Deferred[int | Attempt]:
+        """The Attempt to go ahead with, or the whole seconds (at least 1) to wait."""
+        ...
+
+    def succeeded(self, attempt: Attempt) -> Deferred[None]:
+        """The attempt's password was right."""
+        ...
+
+
+class Clock(Protocol):
+    def seconds(self) -> float: ...
+
+
+class MemoryLimiter:
+    """The limits counted in this process only."""
+
+    def __init__(self, limits: SignInLimits, clock: Clock) -> None:
+        self.limits = limits
+        self.clock = clock
+
+    def begin(self, address: str, name: str, device: str | None) -> Deferred[int | Attempt]:
+        now = self.clock.seconds()
+        wait = self.limits.begin(address, name, now, device)
+        if wait is not None:
+            return succeed(wait)
+        return succeed(Attempt(address, name, device, now))
+
+    def succeeded(self, attempt: Attempt) -> Deferred[None]:
+        self.limits.succeeded(attempt.address, attempt.name, attempt.started, attempt.device)
+        return succeed(None)
+
+
+def _checks(address: str, name: str, device: str | None) -> list[tuple[str, int, float]]:
+    if device is not None:
+        return [("device:" + device, *PER_DEVICE)]
+    return [
+        ("address:" + address_key(address), *PER_ADDRESS),
+        ("name:" + name_key(name), *PER_NAME),
+    ]
+
+
+class SignInStore(Protocol):
+    """What DirectoryLimiter needs of the directory (``IDirectory``'s sign-in counters)."""
+
+    def signin_attempt(
+        self, checks: Sequence[tuple[str, int, float]]
+    ) -> Deferred[tuple[float | None, float]]: ...
+
+    def signin_forgive(self, key: str, at: float) -> Deferred[None]: ...
+
+    def signin_reset(self, key: str) -> Deferred[None]: ...
+
+
+class DirectoryLimiter:
+    """The same rules, counted in the directory: every process on it counts together (one
+    transaction per attempt; two processes racing on one key can each let one more through)."""
+
+    def __init__(self, store: SignInStore) -> None:
+        self.store = store
+
+    def begin(self, address: str, name: str, device: str | None) -> Deferred[int | Attempt]:
+        def decided(answer: tuple[float | None, float]) -> int | Attempt:
+            wait, at = answer
+            if wait is not None:
+                return max(1, math.ceil(wait))
+            return Attempt(address, name, device, at)
+
+        return self.store.signin_attempt(_checks(address, name, device)).addCallback(decided)
+
+    def succeeded(self, attempt: Attempt) -> Deferred[None]:
+        if attempt.device is not None:
+            return self.store.signin_reset("device:" + attempt.device)
+        forgiven = self.store.signin_forgive(
+            "address:" + address_key(attempt.address), attempt.started
+        )
+
+        def reset(_: Any) -> Deferred[None]:
+            return self.store.signin_reset("name:" + name_key(attempt.name))
+
+        return forgiven.addCallback(reset)

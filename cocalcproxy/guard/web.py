@@ -41,6 +41,7 @@ from cocalcproxy.guard.credentials import (
 )
 from cocalcproxy.guard.csrf import CSRF_COOKIE, CsrfTokens, new_presession, well_formed_presession
 from cocalcproxy.guard.devices import DEVICE_COOKIE, DEVICE_LIFETIME
+from cocalcproxy.guard.ratelimit import Attempt
 
 log = Logger()
 
@@ -516,10 +517,10 @@ class GuardPages:
             return
         shown_name = name[:MAX_NAME_LENGTH]
         address = client_address(request)
-        started = self.clock.seconds()
         device = self.guard.device_for(request, name)
-        wait = self.guard.limits.begin(address, name, started, device)
-        if wait is not None:
+        attempt = yield self.guard.limiter.begin(address, name, device)
+        if not isinstance(attempt, Attempt):
+            wait = attempt
             log.info(
                 "sign-in refused (rate limit) for {name!r} from {address}",
                 name=name[:80],
@@ -545,7 +546,7 @@ class GuardPages:
                 self.guard.on_signin_failure()
             self._login_form(request, 403, next_path, shown_name, FAILED)
             return
-        self.guard.limits.succeeded(address, name, started, device)
+        yield self.guard.limiter.succeeded(attempt)
         self._remember_device(request, identity.account.name)
         yield self.start_session(request, identity.account, next_path, "password")
 

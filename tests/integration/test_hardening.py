@@ -744,3 +744,28 @@ class LockoutIsNotADenialOfService(unittest.TestCase):
         stranger.jar["localhost"] = {"__Host-cocalcproxy_device": device + "x"}  # forged
         code = yield self.form(stranger, "alice-password")
         self.assertEqual(code, 429)
+
+
+class LimitsSharedThroughTheDirectory(unittest.TestCase):
+    """Item 1 (and issue #10): two proxies on one directory count sign-in failures together."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_guesses_spread_over_two_proxies_hit_one_limit(self):  # type: ignore[no-untyped-def]
+        state = os.path.abspath(self.mktemp())
+        first = yield start_proxy(self, state_dir=state)
+        second = yield start_proxy(self, state_dir=state)
+        yield first.directory.add_user("alice", "alice-password")
+        project = yield first.directory.add_project("alice", host="127.0.0.1")
+        codes = []
+        for i in range(12):
+            proxy = (first, second)[i % 2]
+            http = https_client(self, proxy.cert_path)
+            response = yield http.get(
+                f"{proxy.url}/{project.id}/server/9/",
+                headers={b"Authorization": [basic("alice", f"guess-{i}")]},
+            )
+            yield response.content()
+            codes.append(response.code)
+        self.assertEqual(codes, [401] * 10 + [429] * 2)
