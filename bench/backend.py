@@ -57,9 +57,13 @@ async def read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> in
     return total
 
 
-def head(status: str, length: int, content_type: str = "text/plain") -> bytes:
+def head(status: str, length: int, content_type: str = "text/plain", close: bool = False) -> bytes:
+    """A response head; ``close`` says the connection closes after it (a client that reuses
+    connections, like node's agent in configurable-http-proxy, must be told)."""
+    connection = "Connection: close\r\n" if close else ""
     return (
-        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n"
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n"
+        f"{connection}\r\n"
     ).encode()
 
 
@@ -78,12 +82,14 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                     name, value = line.split(":", 1)
                     headers[name.strip().lower()] = value.strip()
             received = await read_body(reader, headers)
+            close = "close" in {t.strip().lower() for t in headers.get("connection", "").split(",")}
             parts = urlsplit(target)
             if parts.path.endswith("/small"):
-                writer.write(head("200 OK", len(SMALL)) + (SMALL if method != "HEAD" else b""))
+                body = SMALL if method != "HEAD" else b""
+                writer.write(head("200 OK", len(SMALL), close=close) + body)
             elif parts.path.endswith("/large"):
                 size = int(parse_qs(parts.query).get("bytes", ["0"])[0])
-                writer.write(head("200 OK", size, "application/octet-stream"))
+                writer.write(head("200 OK", size, "application/octet-stream", close=close))
                 remaining = size if method != "HEAD" else 0
                 while remaining:
                     piece = CHUNK if remaining >= len(CHUNK) else CHUNK[:remaining]
@@ -92,11 +98,11 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                     await writer.drain()
             elif parts.path.endswith("/upload"):
                 body = json.dumps({"received": received}).encode()
-                writer.write(head("200 OK", len(body), "application/json") + body)
+                writer.write(head("200 OK", len(body), "application/json", close=close) + body)
             else:
-                writer.write(head("404 Not Found", 0))
+                writer.write(head("404 Not Found", 0, close=close))
             await writer.drain()
-            if headers.get("connection", "").lower() == "close":
+            if close:
                 return
     except (ConnectionError, ValueError):
         return
