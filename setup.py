@@ -52,6 +52,10 @@ setup(
             # (tests/integration/test_apps_browser.py); pinned so a release cannot break the run.
             "jupyterlab==4.6.6",
             "streamlit==1.67.0",
+            # Servers on a Unix socket, as the user guide's socket-folder recipes run them
+            # (tests/integration/test_socket_apps.py; Jupyter is above, Flask from ">=3").
+            "uvicorn==0.54.0",
+            "gunicorn==27.0.1",
             "openapi-spec-validator>=0.7",
             "jsonschema>=4.18",
         ],

@@ -263,7 +263,7 @@ class SocketEndpoint:
 
 
 HOW_TO_LISTEN = (
-    "Jupyter: jupyter lab --ServerApp.sock={path} --ServerApp.sock-mode=0660; "
+    "Jupyter: jupyter lab --ServerApp.sock={path} --ServerApp.sock_mode=0660; "
     "uvicorn (FastAPI): uvicorn app:app --uds {path}; "
     "gunicorn (Flask): gunicorn --bind unix:{path} app:app."
 )
