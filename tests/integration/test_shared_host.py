@@ -500,6 +500,8 @@ class SocketFolderTests(ProxyCase):
         self.assertIn(path, page)
         for how in ("--ServerApp.sock=", "--uds", "--bind unix:"):
             self.assertIn(how, page)
+        got = yield self.websocket(f"/{self.pid}/server/8888/", "alice")
+        self.assertEqual(got[0], 502, "a WebSocket to a missing socket too")
 
     @defer.inlineCallbacks
     def refused(self, port: int, *why: str):  # type: ignore[no-untyped-def]
