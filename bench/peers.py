@@ -183,7 +183,8 @@ class Peer:
 
 def admin(*args: str, stdin: str | None = None) -> str:
     """The ``cocalcproxy`` admin command; its last line of output."""
-    return admin_output(*args, stdin=stdin).strip().splitlines()[-1]
+    lines = admin_output(*args, stdin=stdin).strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def admin_output(*args: str, stdin: str | None = None) -> str:
@@ -228,8 +229,17 @@ class CocalcProxy(Peer):
     backend_port: int = 0
     ws_port: int = 0
 
+    extra: list[str] = field(default_factory=list)
+
     def path(self, backend_path: str) -> str:
         return f"/{self.project_id}/server/{self.backend_port}/{backend_path}"
+
+    def metrics_port(self) -> int:
+        """The port of its ``--metrics tcp:PORT:...`` listener (given in ``extra``)."""
+        for option, value in zip(self.extra, self.extra[1:], strict=False):
+            if option == "--metrics":
+                return int(value.split(":")[1])
+        raise SystemExit(f"{self.label} has no --metrics listener")
 
     def ws_path(self) -> str:
         return f"/{self.project_id}/port/{self.ws_port}/{WS_PATH}"
@@ -289,6 +299,7 @@ def start_cocalcproxy(
         project_id=project_id,
         backend_port=backend.port,
         ws_port=backend.ws_port,
+        extra=list(extra),
     )
 
     def ready() -> bool:

@@ -415,16 +415,28 @@ def scenario_workers(run: Run) -> None:
 
 
 def scenario_revocation(run: Run) -> None:
-    """Two cocalcproxy processes on one PostgreSQL database: a token revoked with the admin
-    command, from the commit (seen by our own LISTEN connection) until each proxy refuses it."""
-    figure = run.figure("revocation on PostgreSQL, two proxies: commit to refusal", "ms", "lower")
-    for name in run.peers:
-        if name != SUBJECT:
-            figure.missing[name] = "n/a (no authentication)"
+    """Two cocalcproxy processes on one PostgreSQL database. Each trial makes a change with the
+    admin command (alternately: revoke a token; remove a collaborator) after both proxies have
+    the credential's answer in their caches, and measures from the commit (seen by our own
+    LISTEN connection) until each proxy refuses."""
+    token_figure = run.figure(
+        "revocation on PostgreSQL, two proxies: token revoked, commit to refusal", "ms", "lower"
+    )
+    member_figure = run.figure(
+        "revocation on PostgreSQL, two proxies: collaborator removed, commit to refusal",
+        "ms",
+        "lower",
+    )
+    figures = (token_figure, member_figure)
+    for f in figures:
+        for name in run.peers:
+            if name != SUBJECT:
+                f.missing[name] = "n/a (no authentication)"
     try:
         import psycopg
     except ImportError:
-        figure.missing[SUBJECT] = "n/a (psycopg not installed)"
+        for f in figures:
+            f.missing[SUBJECT] = "n/a (psycopg not installed)"
         return
     maintenance = run.args.postgres
     database = f"cocalcproxy_bench_{os.getpid()}_{secrets.token_hex(4)}"
@@ -432,7 +444,8 @@ def scenario_revocation(run: Run) -> None:
         with psycopg.connect(maintenance, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f'CREATE DATABASE "{database}"')
     except psycopg.Error as e:
-        figure.missing[SUBJECT] = f"n/a (PostgreSQL: {str(e).strip().splitlines()[0]})"
+        for f in figures:
+            f.missing[SUBJECT] = f"n/a (PostgreSQL: {str(e).strip().splitlines()[0]})"
         return
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -449,6 +462,8 @@ def scenario_revocation(run: Run) -> None:
         where = ["--database", url_for_proxy]
         peers_module.admin(*where, "init")
         peers_module.admin(*where, "user", "add", "bench", "--password-stdin", stdin="pw\n")
+        peers_module.admin(*where, "user", "add", "member", "--password-stdin", stdin="pw\n")
+        member_token = peers_module.admin(*where, "token", "create", "member")
         project_id = peers_module.admin(*where, "project", "add", "--owner", "bench")
         for i in (1, 2):
             proxies.append(
@@ -456,7 +471,11 @@ def scenario_revocation(run: Run) -> None:
                     run.work / f"revocation-{i}",
                     run.backend,
                     run.proxy_cpus,
-                    run.args.proxy_option,
+                    [
+                        *run.args.proxy_option,
+                        "--metrics",
+                        f"tcp:{peers_module.free_port()}:interface=127.0.0.1",
+                    ],
                     database=url_for_proxy,
                     project_id=project_id,
                     label=f"cocalcproxy {i} on PostgreSQL",
@@ -464,8 +483,22 @@ def scenario_revocation(run: Run) -> None:
             )
         with psycopg.connect(url, autocommit=True) as listen:
             listen.execute("LISTEN cocalcproxy_changes")
-            for _ in range(run.settings.revocation_trials):
-                for latency in revocation_trial(where, proxies, listen):
+            for trial in range(run.settings.revocation_trials):
+                if trial % 2 == 0:
+                    created = json.loads(
+                        peers_module.admin_output(*where, "--json", "token", "create", "bench")
+                    )
+                    headers = {"Authorization": f"Bearer {created['token']}"}
+                    change = ["token", "revoke", created["id"]]
+                    figure, refusal = token_figure, 401
+                else:
+                    peers_module.admin_output(
+                        *where, "project", "collaborator", "add", project_id, "member"
+                    )
+                    headers = {"Authorization": f"Bearer {member_token}"}
+                    change = ["project", "collaborator", "remove", project_id, "member"]
+                    figure, refusal = member_figure, 404
+                for latency in revocation_trial(where, proxies, listen, headers, change, refusal):
                     figure.add(SUBJECT, latency * 1000)
     finally:
         for proxy in proxies:
@@ -477,13 +510,32 @@ def scenario_revocation(run: Run) -> None:
             conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
+def credential_lookups(proxy: peers_module.CocalcProxy) -> float:
+    """The proxy's credential-cache misses so far (from its --metrics listener)."""
+    import re
+    import urllib.request
+
+    port = proxy.metrics_port()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:  # noqa: S310
+        text = response.read().decode()
+    m = re.search(r'^cocalcproxy_cache_misses_total\{cache="credentials"\} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
 def revocation_trial(
-    where: list[str], proxies: list[peers_module.CocalcProxy], listen: object
+    where: list[str],
+    proxies: list[peers_module.CocalcProxy],
+    listen: object,
+    headers: dict[str, str],
+    change: list[str],
+    refusal: int,
 ) -> list[float]:
+    """Seconds from the commit of ``change`` until each proxy answers ``refusal``. Before the
+    change, each proxy must have answered the credential from its cache (its previous answer may
+    have been dropped by the change that made the credential: then ask again), so that only a
+    dropped cache can make it refuse."""
     import http.client
 
-    created = json.loads(peers_module.admin_output(*where, "--json", "token", "create", "bench"))
-    headers = {"Authorization": f"Bearer {created['token']}"}
     clients = []
     for proxy in proxies:
         conn = http.client.HTTPSConnection(
@@ -498,9 +550,15 @@ def revocation_trial(
         response.read()
         return response.status
 
-    for i in range(len(proxies)):
-        if status(i) != 200 or status(i) != 200:  # the second from the proxy's cache
-            raise SystemExit("revocation: a fresh token was refused")
+    for i, proxy in enumerate(proxies):
+        for _ in range(50):
+            before = credential_lookups(proxy)
+            if status(i) != 200:
+                raise SystemExit(f"revocation: allowed credentials refused before {change}")
+            if credential_lookups(proxy) == before:
+                break
+        else:
+            raise SystemExit("revocation: the proxy never answered from its cache")
     counter_row = listen.execute("SELECT value FROM change_counter WHERE id = 1").fetchone()  # type: ignore[attr-defined]
     counter = int(counter_row[0])
     heard: list[float] = []
@@ -516,7 +574,7 @@ def revocation_trial(
     waiter = threading.Thread(target=wait_for_commit)
     waiter.start()
     admin = subprocess.Popen(
-        [sys.executable, "-m", "cocalcproxy.admin", *where, "token", "revoke", created["id"]],
+        [sys.executable, "-m", "cocalcproxy.admin", *where, *change],
         env=peers_module.child_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -525,14 +583,16 @@ def revocation_trial(
     deadline = time.monotonic() + 30
     while len(refused) < len(proxies) and time.monotonic() < deadline:
         for i in range(len(proxies)):
-            if i not in refused and status(i) == 401:
+            if i not in refused and status(i) == refusal:
                 refused[i] = time.monotonic()
-    admin.communicate(timeout=60)
+    _, stderr = admin.communicate(timeout=60)
     waiter.join(60)
     for conn in clients:
         conn.close()
+    if admin.returncode != 0:
+        raise SystemExit(f"revocation: cocalcproxy {' '.join(change)} failed: {stderr!r}")
     if len(refused) < len(proxies) or not heard:
-        raise SystemExit("revocation: a proxy never refused the revoked token")
+        raise SystemExit(f"revocation: a proxy never refused after {' '.join(change)}")
     return [max(0.0, refused[i] - heard[0]) for i in range(len(proxies))]
 
 
