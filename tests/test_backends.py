@@ -460,3 +460,57 @@ class SocketFolderAsAnotherUserTests(unittest.TestCase):
         os.chmod(folder, 0o750)
         message = as_user(PROXY_UID, PROXY_GID, connect)
         self.assertIn(f"the proxy may not look into {folder}: give it search", message)
+
+
+HOSTS = ("127.0.0.1", "127.9.9.9", "::1", "localhost", "0.0.0.0", "10.0.0.5", "10.0.0.6",
+         "db.example", "::ffff:127.0.0.1")  # fmt: skip
+SMALL_SETS = st.one_of(
+    st.none(),
+    st.sampled_from([ports.NONE, ports.ALL, parse_ports("8000-8010"), parse_ports("22,9100")]),
+)
+
+
+class PolicyPropertyTests(unittest.TestCase):
+    """Whatever the project and the policy: what decide() lets through obeys every rule."""
+
+    @given(
+        host=st.sampled_from(HOSTS),
+        own_ports=SMALL_SETS,
+        default=SMALL_SETS,
+        deny=st.sampled_from([ports.NONE, backends.DEFAULT_DENY, parse_ports("8005")]),
+        shares=st.booleans(),
+        neighbours=st.booleans(),
+        sockets=st.booleans(),
+        port=st.sampled_from([22, 80, 1023, 1024, 5432, 8000, 8005, 8010, 9100, 65535]),
+    )
+    def test_invariants(
+        self, host: str, own_ports: PortSet | None, default: PortSet | None, deny: PortSet,
+        shares: bool, neighbours: bool, sockets: bool, port: int,
+    ) -> None:  # fmt: skip
+        own = backends.OwnListeners()
+        own.add("metrics listener", port=9100)
+        policy = backends.Policy(default_ports=default, deny_ports=deny, own=own)
+        p = project(host=host, ports=own_ports, shares_host=shares,
+                    loopback_neighbours=neighbours,
+                    socket_dir="/run/p" if sockets else None)  # fmt: skip
+        allowed, _ = backends.ports_for(p, policy, lan)
+        decision = backends.decide(route(port), p, policy, lan)
+        if own_ports is not None:
+            self.assertEqual(allowed, own_ports, "the project's own set wins")
+        elif default is not None:
+            self.assertEqual(allowed, default, "then the operator's")
+        if isinstance(decision, backends.Refused):
+            self.assertIn(decision.reason, ("port-not-allowed", "port-denied", "own-listener"))
+            return
+        self.assertIn(port, allowed)
+        if sockets:
+            self.assertEqual(decision, backends.UnixTarget("/run/p", port, None))
+            return
+        self.assertEqual(decision, backends.TcpTarget(host, port))
+        self.assertNotIn(port, deny)
+        on_this_machine = lan(host) or host in ("localhost", "::ffff:127.0.0.1")
+        self.assertFalse(port == 9100 and on_this_machine, "never the metrics listener")
+        if own_ports is None and default is None:
+            shared = shares or (neighbours and on_this_machine)
+            self.assertFalse(shared, "auto allows nothing on a shared host")
+            self.assertGreaterEqual(port, 1024)
