@@ -108,9 +108,11 @@ def stop_parsing(channel: Any) -> None:
         transport = getattr(channel, "transport", None)
         if transport is None:
             return
-        transport.pauseProducing()
         tcp = getattr(transport, "transport", None)  # under TLS: the TCP transport
-        (tcp if tcp is not None else transport).loseConnection()
+        target = tcp if tcp is not None else transport
+        if not getattr(target, "disconnecting", False):
+            target.pauseProducing()
+            target.loseConnection()
 
     def drain(data: bytes) -> None:
         nonlocal left

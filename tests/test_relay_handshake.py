@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import socket
 from typing import Any
 
 from hypothesis import given, settings
@@ -446,27 +445,28 @@ class RawTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_connect_timeout_is_504(self):  # type: ignore[no-untyped-def]
-        # A listener whose backlog is full: the kernel drops further SYNs, so connect hangs.
-        hang = socket.socket()
-        self.addCleanup(hang.close)
-        hang.bind(("127.0.0.1", 0))
-        hang.listen(0)
-        port = hang.getsockname()[1]
-        for _ in range(3):
-            filler = socket.socket()
-            self.addCleanup(filler.close)
-            filler.setblocking(False)
-            try:
-                filler.connect(("127.0.0.1", port))
-            except BlockingIOError:
-                pass
+        # A backend whose connect never completes. (A listener with a full backlog is not a
+        # reliable way to get that: the kernel sometimes refuses instead, which is a 502.)
+        hanging: list[defer.Deferred[Any]] = []
+
+        class HangingEndpoint:
+            def connect(self, factory: Any) -> defer.Deferred[Any]:
+                d: defer.Deferred[Any] = defer.Deferred()
+                hanging.append(d)
+                return d
+
+        real = self.proxy.relay.backends
+        self.patch(real, "endpoint", lambda target: HangingEndpoint())
+        port = 40123  # unprivileged and on no deny list; nothing connects anyway
         client = yield self.connect()
         client.transport.write(upgrade(self.proxy.path(port)))
         yield wait_for(lambda: len(self.proxy.relay._pending) == 1)
+        self.assertEqual(len(hanging), 1)
         self.clock.advance(11)
         yield wait_for(lambda: client.data.endswith(b"}\n"))
         self.assertTrue(client.data.startswith(b"HTTP/1.1 504 "), client.data)
         self.assertIn(f"port {port}".encode(), client.data)
+        self.assertTrue(hanging[0].called, "the timed-out connect was cancelled")
 
     @defer.inlineCallbacks
     def test_refused_requests_never_reach_a_backend(self):  # type: ignore[no-untyped-def]
