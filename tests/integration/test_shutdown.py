@@ -306,19 +306,18 @@ class WebSocketAtShutdownTests(unittest.TestCase):
         self.addCleanup(proxy.stop)
         proxy.wait_listening()
 
-        connection = ws_client.connect(
+        with ws_client.connect(
             f"wss://localhost:{proxy.port}/{pid}/server/{backend_port}/echo",
             ssl=tls_context(proxy),
             additional_headers={"Authorization": f"Bearer {token}"},
             open_timeout=30,
-        )
-        self.addCleanup(connection.close)
-        connection.send("hello")
-        self.assertEqual(connection.recv(timeout=30), "hello")
+        ) as connection:
+            connection.send("hello")
+            self.assertEqual(connection.recv(timeout=30), "hello")
 
-        proxy.signal(signal.SIGTERM)
-        with self.assertRaises(ConnectionClosed) as caught:
-            connection.recv(timeout=30)
+            proxy.signal(signal.SIGTERM)
+            with self.assertRaises(ConnectionClosed) as caught:
+                connection.recv(timeout=30)
         received = caught.exception.rcvd
         self.assertIsNotNone(received, proxy.output()[-3000:])
         assert received is not None
