@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.web import http, server
 
 from cocalcproxy.bannerless import BannerlessRequest
+from cocalcproxy.site import REQUEST_HEAD_TIMEOUT, proxy_channel_protocol
 
 log = Logger()
 
@@ -301,6 +302,9 @@ class QuietSite(server.Site):
     """
 
     requestFactory = BannerlessRequest
+    # Slow clients are cut off as on the HTTPS listeners (--request-head-timeout).
+    protocol = proxy_channel_protocol
+    request_head_timeout: float | None = REQUEST_HEAD_TIMEOUT
 
     def log(self, request: http.Request) -> None:
         return None

@@ -37,6 +37,7 @@ from twisted.web import resource, server
 from twisted.web.http import HTTPChannel
 
 from cocalcproxy import operations as ops
+from cocalcproxy.bannerless import BannerlessRequest
 from cocalcproxy.directory import validate
 from cocalcproxy.directory.model import (
     Conflict,
@@ -45,6 +46,7 @@ from cocalcproxy.directory.model import (
     NotFound,
     Unavailable,
 )
+from cocalcproxy.site import REQUEST_HEAD_TIMEOUT, proxy_channel_protocol
 
 log = Logger()
 
@@ -502,7 +504,7 @@ def _log_warning(message: str) -> None:
 # -- HTTP ----------------------------------------------------------------------------------------
 
 
-class ApiRequest(server.Request):
+class ApiRequest(BannerlessRequest):
     """Refuses a body over MAX_BODY as soon as it is announced or exceeded (413, close)."""
 
     too_large = False
@@ -689,6 +691,9 @@ class AdminApi(resource.Resource):
 class ApiSite(server.Site):
     requestFactory = ApiRequest  # type: ignore[assignment]
     displayTracebacks = False
+    # No Twisted banner (bannerless.py) and the same slow-client deadlines as every listener.
+    protocol = proxy_channel_protocol
+    request_head_timeout: float | None = REQUEST_HEAD_TIMEOUT
 
     def getResourceFor(self, request: server.Request) -> resource.IResource:  # noqa: N802
         request.responseHeaders.removeHeader(b"server")

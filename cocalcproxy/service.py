@@ -641,6 +641,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
             RedirectResource(options["hostname"], _https_port(options)), reactor=reactor
         )
         redirect_site.displayTracebacks = False
+        redirect_site.request_head_timeout = options["request-head-timeout"]
         proxy.redirect_listener = ListenerService(
             reactor,
             options["redirect-http"],
@@ -650,10 +651,12 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         )
         proxy.redirect_listener.setServiceParent(proxy)
     if options["metrics"]:
+        metrics_site = metrics_module.metrics_site(proxy.metrics, reactor)
+        metrics_site.request_head_timeout = options["request-head-timeout"]  # type: ignore[attr-defined]
         proxy.metrics_listener = ListenerService(
             reactor,
             options["metrics"],
-            metrics_module.metrics_site(proxy.metrics, reactor),
+            metrics_site,
             "Prometheus metrics",
             proxy.own_listeners,
         )
@@ -728,6 +731,7 @@ def _refuse_unauthenticated_admin_api(opened: Any) -> None:
 def _admin_api(proxy: ProxyService, options: Any, opened: Any, creator: Any, reactor: Any) -> None:
     """The admin API listener: TLS with the proxy's certificate unless loopback or Unix."""
     site: Any = adminapi.api_site(opened, sharing_policy(options), reactor)
+    site.request_head_timeout = options["request-head-timeout"]
     description = options["admin-api"]
     factory = TLSMemoryBIOFactory(creator, False, site) if adminapi.needs_tls(description) else site
     # Registered among the proxy's own listeners: no project route can ever reach it.

@@ -583,9 +583,10 @@ class ProxyChannel(HTTPChannel):
         return True
 
 
-def _proxy_channel_protocol(factory: Any) -> Any:
-    """The site's protocol: Twisted's HTTP/1.1-or-HTTP/2 wrapper around a ProxyChannel (ALPN
-    offers only http/1.1, see tls.py)."""
+def proxy_channel_protocol(factory: Any) -> Any:
+    """The protocol of every listener's Site (HTTPS, redirect, metrics, admin API): Twisted's
+    HTTP/1.1-or-HTTP/2 wrapper around a ProxyChannel (ALPN offers only http/1.1, see tls.py).
+    The Site's ``request_head_timeout`` attribute sets the deadlines."""
     return http._GenericHTTPChannelProtocol(ProxyChannel())
 
 
@@ -603,7 +604,7 @@ class ProxySite(server.Site):
     #: (--request-head-timeout); None turns both off.
     request_head_timeout: float | None = REQUEST_HEAD_TIMEOUT
 
-    protocol = _proxy_channel_protocol
+    protocol = proxy_channel_protocol
 
     def __init__(self, root: resource.Resource, **kwargs: Any) -> None:
         # Twisted keeps an idle keep-alive connection (or one trickling a request head) for 12 hours

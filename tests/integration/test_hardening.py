@@ -36,6 +36,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from tests.forward_harness import RawClient, raw_connect
+from tests.integration.test_admin_api_listener import make_admin_token
 from tests.integration.test_hop import Browser, Echo
 from tests.rawsupport import Exchange, parse_response, poll
 from tests.support import https_client, start_proxy
@@ -179,16 +180,36 @@ class NoBanner(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):  # type: ignore[no-untyped-def]
+        state = os.path.abspath(self.mktemp())
+        os.makedirs(state)
+        make_admin_token(state)
         self.proxy = yield start_proxy(
             self,
             "--redirect-http",
             "tcp:0:interface=127.0.0.1",
             "--metrics",
             "tcp:0:interface=127.0.0.1",
+            "--admin-api",
+            "tcp:0:interface=127.0.0.1",
+            "--request-head-timeout",
+            "2",
+            state_dir=state,
         )
         service = self.proxy.service
         self.redirect_port = service.redirect_listener.port.getHost().port
         self.metrics_port = service.metrics_listener.port.getHost().port
+        self.admin_port = service.admin_api_listener.port.getHost().port
+
+    @defer.inlineCallbacks
+    def test_slow_heads_cut_off_on_the_plain_listeners_too(self):  # type: ignore[no-untyped-def]
+        # Item 4 on the redirect (public port 80), metrics and admin API listeners.
+        for port in (self.redirect_port, self.metrics_port, self.admin_port):
+            client = SlowClient(b"G", b"ET / HTTP/1.1\r\nHost: x\r\n", 0.5)
+            started = time.monotonic()
+            yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+            closed_at = yield client.closed
+            self.assertLess(closed_at - started, 2.0 + 4.0, port)
+            self.assertTrue(client.received.startswith(b"HTTP/1.1 408 "), client.received[:200])
 
     def assert_ours(self, raw: bytes, status: int) -> None:
         response = parse_response(raw)
@@ -205,7 +226,7 @@ class NoBanner(unittest.TestCase):
         self.assertEqual(response.header(b"x-content-type-options"), b"nosniff")
         self.assertIsNotNone(response.header(b"content-security-policy"))
         self.assertIn(b"OPTIONS", response.header(b"allow") or b"")
-        for port in (self.redirect_port, self.metrics_port):
+        for port in (self.redirect_port, self.metrics_port, self.admin_port):
             raw = yield plain_exchange(port, ask)
             self.assert_ours(raw, 200)
             self.assertEqual(parse_response(raw).header(b"x-frame-options"), b"DENY")
