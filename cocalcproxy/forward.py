@@ -76,9 +76,13 @@ class _BackendProtocol(HTTP11ClientProtocol):
     """
 
     _head_limit: HeadLimit | None = None
+    #: Whether any byte arrived since the current request was sent: a backend that answered
+    #: (even with a head the proxy refuses) has the request, so it is never sent again.
+    answered = False
 
     def request(self, request: Any) -> Deferred[IResponse]:
         self._head_limit = HeadLimit()
+        self.answered = False
         d = super().request(request)
         parser = getattr(self, "_parser", None)
 
@@ -89,6 +93,8 @@ class _BackendProtocol(HTTP11ClientProtocol):
         return d.addCallback(keep)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if data:
+            self.answered = True
         limit = self._head_limit
         if limit is not None:
             try:
@@ -127,6 +133,10 @@ class _ReplayingRetry(_RetryingHTTP11ClientProtocol):
             return False
         reasons = getattr(exception, "reasons", None) or []
         if any(reason.check(CancelledError) for reason in reasons):
+            return False
+        # Twisted calls a failure "never received" when its parser saw no byte; a head refused
+        # by the HeadLimit before the parser saw it is an answer all the same.
+        if getattr(self._clientProtocol, "answered", False):
             return False
         return bodyProducer is None or isinstance(bodyProducer, _SpooledBody)
 

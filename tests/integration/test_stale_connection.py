@@ -169,3 +169,74 @@ class StaleConnectionTests(unittest.TestCase):
         self.assertEqual(code, 502)
         self.assertEqual(self.backend.closed_unread - before, 2)
         self.assertEqual(self.backend.received, [])
+
+
+class HugeHeadBackend(Protocol):
+    """Answers its first request normally and keeps the connection; answers every later request
+    with a response head of 300 fields, written at once (one segment on loopback)."""
+
+    def __init__(self, factory: RacingFactory) -> None:
+        self.factory = factory
+        self.conn = h11.Connection(h11.SERVER)
+        self.body = b""
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.factory.connections += 1
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.conn.receive_data(data)
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                self.method = event.method
+                self.body = b""
+            elif isinstance(event, h11.Data):
+                self.body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                self.factory.received.append((self.method, len(self.body), b""))
+                assert self.transport is not None
+                if len(self.factory.received) == 1:
+                    self.transport.write(
+                        self.conn.send(
+                            h11.Response(status_code=200, headers=[("Content-Length", "2")])
+                        )
+                        + self.conn.send(h11.Data(data=b"ok"))
+                        + self.conn.send(h11.EndOfMessage())
+                    )
+                    self.conn.start_next_cycle()
+                else:
+                    fields = b"".join(b"X-Field-%d: v\r\n" % i for i in range(300))
+                    self.transport.write(
+                        b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: 0\r\n\r\n"
+                    )
+                return
+            else:
+                return
+
+
+class AnsweredRequestsNotReplayedTests(unittest.TestCase):
+    """A backend that answered, however badly, has processed the request: the retry (meant for
+    a connection that died before the request reached the backend) must not send it again."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_post_answered_with_too_large_a_head_is_not_sent_twice(self):  # type: ignore[no-untyped-def]
+        backend = RacingFactory()
+        backend.buildProtocol = lambda addr: HugeHeadBackend(backend)  # type: ignore[method-assign]
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(backend)
+        self.addCleanup(port.stopListening)
+        proxy = yield start_proxy(self)
+        client = https_client(self, proxy.cert_path)
+        url = proxy.server_url(port.getHost().port, "/pay")
+        response = yield client.request("POST", url, data=b"first")
+        self.assertEqual((yield response.content()), b"ok")
+        response = yield client.request("POST", url, data=b"charge-once")
+        page = yield response.content()
+        self.assertEqual(response.code, 502, page[:300])
+        self.assertIn(b"too large an answer head", page)
+        # The second POST reached the backend, which answered: it must not be replayed.
+        self.assertEqual([r[1] for r in backend.received], [5, 11])
+        self.assertEqual(backend.connections, 1)
