@@ -56,6 +56,8 @@ class RequestFacts:
     backend_error: str | None = None
     # How a WebSocket relay ended ("client closed", "idle timeout", ...).
     websocket_end: str | None = None
+    # "link" or "public" when the request came in through a shared port (no account).
+    share: str | None = None
 
 
 def _text(raw: bytes | None, limit: int = 512) -> str | None:
@@ -102,6 +104,7 @@ def facts_of(request: server.Request, now: float) -> RequestFacts:
         port=getattr(info, "port", None),
         backend_error=_word(extra.get("backend")),
         websocket_end=_word(extra.get("websocket_end")),
+        share=_word(extra.get("share")),
     )
 
 
@@ -142,6 +145,8 @@ def format_line(facts: RequestFacts) -> str:
         record["backend"] = facts.backend_error
     if facts.websocket_end is not None:
         record["websocket_end"] = facts.websocket_end
+    if facts.share is not None:
+        record["share"] = facts.share
     return _ENCODER.encode(record) + "\n"
 
 

@@ -67,6 +67,8 @@ OIDC_STATE_COOKIE = b"__Host-cocalcproxy_oidc"
 #: A browser's standing for password sign-ins (guard/devices.py): set after a successful
 #: sign-in, so that strangers' wrong guesses cannot lock the account out of that browser.
 DEVICE_COOKIE = b"__Host-cocalcproxy_device"
+#: A link share's cookie on the one shared project host (guard/shares.py).
+SHARE_COOKIE = b"__Host-cocalcproxy_share"
 #: Every cookie the proxy sets or reads, as sent.
 PROXY_COOKIES: tuple[bytes, ...] = (
     SESSION_COOKIE,
@@ -74,6 +76,7 @@ PROXY_COOKIES: tuple[bytes, ...] = (
     CSRF_COOKIE,
     HOP_STATE_COOKIE,
     OIDC_STATE_COOKIE,
+    SHARE_COOKIE,
 )
 
 _COOKIE_PREFIXES = (b"__host-", b"__secure-")

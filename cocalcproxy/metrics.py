@@ -109,6 +109,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.shared_requests = Counter(
+            "cocalcproxy_shared_requests",
+            "Requests let in through a shared port (not as a member), by visibility.",
+            ["visibility"],
+            registry=r,
+        )
         self.signin_failures = Counter(
             "cocalcproxy_signin_failures",
             "Failed sign-ins and rejected credentials.",
@@ -171,6 +177,8 @@ class Metrics:
             self._bytes_out(form).inc(facts.bytes_out)
         if facts.backend_error is not None:
             self.backend_failure(facts.backend_error)
+        if facts.share in ("link", "public"):
+            self.shared_requests.labels(facts.share).inc()
 
     def backend_failure(self, reason: str = "other") -> None:
         self._backend_failures(reason).inc()

@@ -51,6 +51,8 @@ class OwnPages:
             self.jwks(request)
         elif page.name == "favicon":
             self.static(request, b"favicon.ico", max_age=FAVICON_MAX_AGE)
+        elif page.name == "share_landing" and hasattr(self.guard_pages, "share_landing"):
+            getattr(self.guard_pages, "share_landing")(request, page.rest.decode("ascii"))  # noqa: B009
         elif page.name == "hop_landing" and hasattr(self.guard_pages, "hop_landing"):
             getattr(self.guard_pages, "hop_landing")(request, page.rest.decode("ascii"))  # noqa: B009
         elif self.guard_pages is not None and hasattr(self.guard_pages, page.name):

@@ -53,7 +53,7 @@ DRAIN_LIMIT = 64 * 1024
 #: ... and the client has at most this many seconds to close before the connection is aborted.
 LINGER_SECONDS = 5.0
 
-FORM_PAGES = frozenset({"login", "logout"})
+FORM_PAGES = frozenset({"login", "logout", "share"})
 
 
 # --- the one place that reads Twisted's private channel state --------------------------------

@@ -46,6 +46,7 @@ _OWN_PAGES = {
     b"/_/oidc/login": "oidc_login",
     b"/_/oidc/callback": "oidc_callback",
     b"/_/open": "open",
+    b"/_/share": "share",
 }
 #: Own pages outside ``/_/`` (browsers ask for these by name).
 FAVICON = b"/favicon.ico"
@@ -55,6 +56,8 @@ NO_ROUTE = "no such route"
 #: The one path on a project subdomain that the proxy answers itself (the sign-in hop lands
 #: there, see cocalcproxy.guard.hop); everything else on a subdomain is the project's.
 HOP_LANDING = b"/.cocalcproxy/hop"
+#: Where a link share's secret is presented, on a port subdomain (guard/shares.py).
+SHARE_LANDING = b"/.cocalcproxy/share"
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,8 @@ def _parse_subdomain(label: bytes, path: bytes, query: bytes, target: bytes) -> 
         return NotFound("port out of range")
     if path == HOP_LANDING:
         return OwnPage("hop_landing", label)
+    if path == SHARE_LANDING and which != b"raw":
+        return OwnPage("share_landing", label)
     if which == b"raw":
         if not _safe_raw_path(path):
             return NotFound("unsafe file path")

@@ -541,6 +541,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         oidc=oidc,
         http=provider_http,
         outage_grace=options["directory-grace"],
+        sharing=sharing_policy(options),
     )
     identity: IdentityAssertions | None = None
     if options["identity-assertion"]:

@@ -39,6 +39,9 @@ class Access:
 
     account: Account
     project: Project
+    #: Set (``link`` or ``public``) when the request came in through a shared port rather than
+    #: as a member: no account, no member rights (guard/shares.py).
+    share: str | None = field(default=None, kw_only=True)
     _revoked_callbacks: list[Callable[[], None]] = field(default_factory=list, repr=False)
     revoked: bool = False
 
@@ -370,8 +373,10 @@ class Root(resource.Resource):
     def _dispatch(self, access: Access | None, request: ProxyRequest, route: routing.Route) -> None:
         if access is None:
             return
-        request.log_info.account = access.account.name
+        request.log_info.account = access.account.name if access.share is None else None
         request.log_info.project = access.project.id
+        if access.share is not None:
+            request.log_info.extra["share"] = access.share
         handler: Handler
         if route.kind == "raw":
             handler = self.raw
@@ -379,7 +384,7 @@ class Root(resource.Resource):
             handler = self.relay
         else:
             handler = self.forwarder
-        if self.identity is not None and route.kind != "raw":
+        if self.identity is not None and route.kind != "raw" and access.share is None:
             request.identity_assertion = self.identity(route, access)
         handler.handle(request, route, access)
 

@@ -13,7 +13,7 @@ decisions.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 
@@ -24,9 +24,12 @@ from cocalcproxy.directory.model import (
     InvalidInput,
     NotFound,
     Project,
+    Share,
     TokenInfo,
     Unavailable,
 )
+
+T = TypeVar("T")
 
 __all__ = [
     "Account",
@@ -148,6 +151,16 @@ class IDirectory(Protocol):
         ...
 
     def projects_for(self, account_id: int) -> Deferred[list[Project]]: ...
+
+    def share_for(self, project_id: str, port: int) -> Deferred[tuple[Share, Project] | None]:
+        """A shared port with its project, or None when the port is private."""
+        ...
+
+    def list_shares(self, project_id: str | None = None) -> Deferred[list[Share]]: ...
+
+    def run(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        """``work(sync_directory, *args, **kwargs)`` in the directory's threads."""
+        ...
 
 
 if TYPE_CHECKING:

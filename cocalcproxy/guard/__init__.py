@@ -27,8 +27,10 @@ from cocalcproxy.guard.hopkeys import HopKeys
 from cocalcproxy.guard.oidc import OIDCSettings, ProviderClient, StateSealer
 from cocalcproxy.guard.oidcweb import OIDCPages
 from cocalcproxy.guard.ratelimit import DirectoryLimiter
+from cocalcproxy.guard.shares import Shares
 from cocalcproxy.guard.web import GuardPages
 from cocalcproxy.metrics import Metrics
+from cocalcproxy.operations import SharingPolicy
 
 __all__ = ["Guard", "GuardPages", "GuardService", "build_guard"]
 
@@ -83,6 +85,7 @@ def build_guard(
     oidc: OIDCSettings | None = None,
     http: Any = None,
     outage_grace: float = DEFAULT_OUTAGE_GRACE,
+    sharing: SharingPolicy | None = None,
 ) -> tuple[Guard, GuardPages, GuardService]:
     """The guard, its pages and the service that keeps it current. ``change_listener`` makes
     the directory's change notifications (``Directory.change_listener``; None where it has
@@ -134,4 +137,9 @@ def build_guard(
             project_domain=project_domain,
             session_lifetime=session_lifetime,
         ).install(guard_pages)
+        if sharing is not None and sharing.project_domain is not None:
+            guard.shares = Shares(guard, directory, key, sharing)
+            guard_pages.shares = guard.shares
+            if metrics is not None:
+                guard.shares.lookups.observer = metrics
     return guard, guard_pages, GuardService(guard, notifications)

@@ -22,7 +22,7 @@ import secrets
 import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
@@ -59,6 +59,9 @@ from cocalcproxy.guard.devices import DeviceCookies
 from cocalcproxy.guard.hopkeys import HopKeys, label_for
 from cocalcproxy.guard.ratelimit import Attempt, Limiter, MemoryLimiter, SignInLimits
 from cocalcproxy.site import Access, ProxyRequest, is_websocket_upgrade
+
+if TYPE_CHECKING:
+    from cocalcproxy.guard.shares import ShareGrant, Shares
 
 log = Logger()
 
@@ -302,6 +305,8 @@ class Guard:
         # must carry a tag bound to their host (hopkeys.HopKeys), and signed-out navigations
         # are sent to the sign-in hop on the main host (hop.Hop.send_to_main_host).
         self.hop_keys: HopKeys | None = None
+        # Shared ports (guard.shares.Shares, set by build_guard with --project-domain).
+        self.shares: Shares | None = None
         # Whether the main host still reads sessions under the cookie's old name (see
         # credentials.session_cookie); build_guard turns it off where project subdomains could
         # have tossed such a cookie (credentials.legacy_cookie_safe).
@@ -322,7 +327,9 @@ class Guard:
         for lookups in (self.identities, self.projects):
             lookups.outage = self._current_outage
             lookups.failed = self.directory_failed
-        self.grants: weakref.WeakKeyDictionary[Access, Grant] = weakref.WeakKeyDictionary()
+        self.grants: weakref.WeakKeyDictionary[Access, Grant | ShareGrant] = (
+            weakref.WeakKeyDictionary()
+        )
         # Set by the backend policy (backendio.PolicyGuard): does an open connection's route
         # still go where it went, now that the project changed? False revokes it.
         self.still_allowed: Callable[[Access, Project], bool] | None = None
@@ -474,6 +481,23 @@ class Guard:
     # -- may they reach this project ----------------------------------------------------------
 
     def authorize(self, request: ProxyRequest, route: routing.Route) -> Deferred[Access | None]:
+        if self.shares is not None and self.shares.applies(route):
+            try:
+                shared = self.shares.decide(request, route)
+            except Exception:
+                return fail()
+
+            def through_share(access: Access | None) -> Deferred[Access | None] | Access | None:
+                if access is not None or request._disconnected:
+                    return access
+                return self._authorize_member(request, route)
+
+            return shared.addCallback(through_share)
+        return self._authorize_member(request, route)
+
+    def _authorize_member(
+        self, request: ProxyRequest, route: routing.Route
+    ) -> Deferred[Access | None]:
         # Plain callbacks rather than @inlineCallbacks: on the common path (both caches hit) the
         # Deferreds have already fired, and the generator machinery cost more than the lookups.
         try:
@@ -596,6 +620,8 @@ class Guard:
         self.generation += 1
         self.identities.clear()
         self.projects.clear()
+        if self.shares is not None:
+            self.shares.clear()
 
     def poll(self) -> Deferred[None]:
         """Read the change counter; on a change drop caches and re-check watched grants; on a
@@ -696,7 +722,10 @@ class Guard:
             elif access.watched and (
                 grant.generation < self.generation or grant.valid_until <= now
             ):
-                due.append(self._recheck(access, grant))
+                if isinstance(grant, Grant):
+                    due.append(self._recheck(access, grant))
+                elif self.shares is not None:
+                    due.append(self.shares.recheck(access, grant))
         if not due:
             return succeed(None)
         return gatherResults(due).addCallback(lambda _: None)

@@ -100,6 +100,15 @@ class CsrfTokens:
             return False
         return _equal(self.logout_token(session), token)
 
+    def share_token(self, session: str) -> str:
+        """The start page's share forms: bound to the session, like sign-out's."""
+        return self._mac(b"share", hashlib.sha256(session.encode("utf-8", "replace")).digest())
+
+    def check_share(self, session: str | None, token: str | None) -> bool:
+        if not session or not token:
+            return False
+        return _equal(self.share_token(session), token)
+
 
 def _equal(expected: str, given: str) -> bool:
     return hmac.compare_digest(expected.encode("ascii"), given.encode("utf-8", "replace"))

@@ -7,6 +7,7 @@ security headers; everything reflected goes through twisted.web.template, which 
 from __future__ import annotations
 
 import json
+from html import escape
 from importlib import resources
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -17,9 +18,10 @@ from twisted.web.iweb import IRenderable, IRequest, ITemplateLoader
 from twisted.web.server import Request
 from twisted.web.template import Element, Tag, XMLString, flattenString, renderer, tags
 
+from cocalcproxy import operations as ops
 from cocalcproxy import pages
-from cocalcproxy.directory import Account, IDirectory, Project
-from cocalcproxy.directory.model import Unavailable
+from cocalcproxy.directory import Account, IDirectory, Project, validate
+from cocalcproxy.directory.model import InvalidInput, Share, Unavailable
 from cocalcproxy.guard import policy
 from cocalcproxy.guard.checkers import Identity
 from cocalcproxy.guard.core import (
@@ -42,6 +44,7 @@ from cocalcproxy.guard.credentials import (
 from cocalcproxy.guard.csrf import CSRF_COOKIE, CsrfTokens, new_presession, well_formed_presession
 from cocalcproxy.guard.devices import DEVICE_COOKIE, DEVICE_LIFETIME
 from cocalcproxy.guard.ratelimit import Attempt
+from cocalcproxy.operations import SharingPolicy
 
 log = Logger()
 
@@ -141,9 +144,15 @@ class IndexPage(Element):
         logout_csrf: str | None,
         project_domain: str | None,
         open_subdomain: bool = False,
+        shares: dict[str, list[Share]] | None = None,
+        share_csrf: str | None = None,
+        sharing: SharingPolicy | None = None,
     ) -> None:
         super().__init__()
         self.open_subdomain = open_subdomain
+        self.shares = shares or {}
+        self.share_csrf = share_csrf
+        self.sharing = sharing
         self.account = account
         self.project_list = projects
         self.logout_csrf = logout_csrf
@@ -169,6 +178,7 @@ class IndexPage(Element):
                     tags.td(role),
                     tags.td(tags.a("files", href=f"/{p.id}/raw/")),
                     tags.td(self._open_form(p)),
+                    tags.td(*self._sharing(p)),
                 )
             )
         return tags.table(
@@ -179,10 +189,62 @@ class IndexPage(Element):
                     tags.th("You are", scope="col"),
                     tags.th("Raw files", scope="col"),
                     tags.th("Open a server", scope="col"),
+                    tags.th("Shared ports", scope="col"),
                 )
             ),
             tags.tbody(*rows),
         )
+
+    def _sharing(self, project: Project) -> list[Tag | str]:
+        """The project's shared ports (public ones marked, so members see what is exposed) and,
+        where the operator allows sharing, a POST form to change a port's visibility."""
+        out: list[Tag | str] = []
+        shared = self.shares.get(project.id, [])
+        if shared:
+            items = []
+            for share in shared:
+                host = f"{project.id}-{share.port}.{self.project_domain}"
+                label = "PUBLIC" if share.visibility == "public" else "link"
+                items.append(
+                    tags.li(
+                        tags.strong(label) if share.visibility == "public" else label,
+                        " ",
+                        tags.a(f"port {share.port}", href=f"https://{host}/"),
+                        class_=f"share-{share.visibility}",
+                    )
+                )
+            out.append(tags.ul(*items, class_="shares"))
+        else:
+            out.append(tags.span("none", class_="shares-none"))
+        sharing = self.sharing
+        if self.share_csrf is None or sharing is None or sharing.project_domain is None:
+            return out
+        choices = [v for v in ("private", "link", "public") if sharing.allows(v)]
+        if len(choices) < 2:
+            return out
+        field_id = f"share-port-{project.id}"
+        out.append(
+            tags.form(
+                tags.input(type="hidden", name="csrf", value=self.share_csrf),
+                tags.input(type="hidden", name="project", value=project.id),
+                tags.label("Port", for_=field_id, class_="inline"),
+                " ",
+                tags.input(
+                    type="number", id=field_id, name="port", min="1", max="65535",
+                    required="required", class_="port",
+                ),
+                " ",
+                tags.select(
+                    *[tags.option(v, value=v) for v in choices], name="visibility"
+                ),
+                " ",
+                tags.button("Share port", type="submit"),
+                method="post",
+                action="/_/share",
+                class_="share-port",
+            )
+        )  # fmt: skip
+        return out
 
     def _open_form(self, project: Project) -> Tag:
         """GET /_/open?project=...&port=N&form=...: the proxy builds the URL (no script)."""
@@ -232,6 +294,27 @@ class IndexPage(Element):
         if self.logout_csrf is None:
             return ""
         return tag.fillSlots(csrf=self.logout_csrf)
+
+
+def shared_page(doc: dict[str, Any]) -> bytes:
+    """What a share form did; a link share's link is shown here once."""
+    port, visibility = int(doc["port"]), str(doc["visibility"])
+    if visibility == "private":
+        text = f"<p>Port {port} is private again: only members can reach it.</p>"
+    elif visibility == "public":
+        url = escape(str(doc.get("url", "")))
+        text = (
+            f"<p>Port {port} is <strong>public</strong>: anyone can open "
+            f'<a href="{url}">{url}</a>.</p>'
+        )
+    else:
+        link = escape(str(doc.get("link", "")))
+        text = (
+            f"<p>Port {port} is shared with whoever has this link. It is shown only now; "
+            "sharing the port again makes a new one and this one stops working.</p>"
+            f"<p><code>{link}</code></p>"
+        )
+    return pages.page("Shared port", text + '<p><a href="/">Back to your projects</a></p>')
 
 
 def _send(
@@ -338,6 +421,8 @@ class GuardPages:
         self.project_domain = project_domain
         # The sign-in hop for project subdomains (guard.hop.Hop), with --project-domain.
         self.hop_pages: Any = None
+        # Shared ports (guard.shares.Shares), with --project-domain.
+        self.shares: Any = None
         # Signing in with the OpenID provider (guard.oidcweb.OIDCPages), with --oidc-issuer.
         self.oidc_pages: Any = None
         # --password-login off: no password form, no POST /_/login (Basic is the portal's).
@@ -351,11 +436,96 @@ class GuardPages:
         else:
             self.hop_pages.hop(request)
 
+    def share_landing(self, request: Request, label: str) -> None:
+        if self.shares is None:
+            pages.not_found(request)
+        else:
+            self.shares.land(request, label)
+
     def hop_landing(self, request: Request, label: str) -> None:
         if self.hop_pages is None:
             pages.not_found(request)
         else:
             self.hop_pages.land(request, label)
+
+    # -- /_/share: the start page's "share port N" form ----------------------------------------
+
+    def share(self, request: Request) -> None:
+        if request.method != b"POST":
+            pages.method_not_allowed(request, b"POST")
+            return
+        d = self._share(request)
+        d.addErrback(self._failed, request)
+
+    @inlineCallbacks
+    def _share(self, request: Request):  # type: ignore[no-untyped-def]
+        try:
+            form = read_form(request)
+        except FormError as e:
+            pages.write_error(request, e.status, e.title, e.detail)
+            return
+        outcome = yield self.guard.signed_in(request)
+        if outcome is None:
+            return
+        credentials = outcome.presented.credentials
+        session = credentials.token if isinstance(credentials, SessionToken) else None
+        if not self._same_origin(request) or not self.csrf.check_share(session, form.get("csrf")):
+            pages.write_error(
+                request,
+                403,
+                "Not shared",
+                "The form had expired or came from another site. Reload the start page and "
+                "try again.",
+            )
+            return
+        if self.shares is None:
+            pages.write_error(
+                request,
+                403,
+                "Sharing is off",
+                "Sharing needs project subdomains: a shared port is served only on its own "
+                "subdomain, never on this host (it holds your session). The operator has not "
+                "set --project-domain.",
+            )
+            return
+        project_id, port_text = form.get("project", ""), form.get("port", "")
+        visibility = form.get("visibility", "")
+        if not (port_text.isdigit() and not port_text.startswith("0") and len(port_text) <= 5):
+            pages.write_error(request, 400, "Cannot share that", "Give a port from 1 to 65535.")
+            return
+        account = outcome.identity.account
+        project = (
+            (yield self.directory.project_for(account.id, project_id))
+            if validate.is_project_id(project_id)
+            else None
+        )
+        if project is None:
+            pages.not_found(request)
+            return
+        try:
+            doc = yield self.directory.run(
+                ops.share_set, self.shares.sharing, project.id, int(port_text), visibility
+            )
+        except ops.Forbidden as e:
+            pages.write_error(request, 403, "Not allowed", str(e))
+            return
+        except InvalidInput as e:
+            pages.write_error(request, 400, "Cannot share that", str(e))
+            return
+        log.info(
+            "{name} set port {port} of {pid} to {visibility}",
+            name=account.name, port=port_text, pid=project.id, visibility=doc["visibility"],
+        )  # fmt: skip
+        if request._disconnected:
+            return
+        body = shared_page(doc)
+        request.setResponseCode(200)
+        pages.set_own_page_headers(request)
+        request.setHeader(b"Referrer-Policy", b"no-referrer")
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Content-Length", str(len(body)).encode())
+        request.write(body)
+        request.finish()
 
     # -- /_/open: the start page's "open port N" form ----------------------------------------
 
@@ -713,12 +883,24 @@ class GuardPages:
             if isinstance(credentials, SessionToken)
             else None
         )
+        shares: dict[str, list[Share]] = {}
+        share_csrf = None
+        if self.shares is not None:
+            for p in projects:
+                shares[p.id] = yield self.directory.list_shares(p.id)
+            if isinstance(credentials, SessionToken):
+                share_csrf = self.csrf.share_token(credentials.token)
+        if request._disconnected:
+            return
         element = IndexPage(
             account.name,
             projects,
             logout_csrf,
             self.project_domain,
             open_subdomain=self.hop_pages is not None,
+            shares=shares,
+            share_csrf=share_csrf,
+            sharing=None if self.shares is None else self.shares.sharing,
         )
         html = yield flattenString(None, cast(IRenderable, element))
         _send(request, 200, b"<!DOCTYPE html>\n" + html, b"text/html; charset=utf-8")
