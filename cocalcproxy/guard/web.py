@@ -225,7 +225,7 @@ class IndexPage(Element):
         field_id = f"share-port-{project.id}"
         out.append(
             tags.form(
-                tags.input(type="hidden", name="csrf", value=self.share_csrf),
+                tags.input(type="hidden", name="share_csrf", value=self.share_csrf),
                 tags.input(type="hidden", name="project", value=project.id),
                 tags.label("Port", for_=field_id, class_="inline"),
                 " ",
@@ -469,7 +469,9 @@ class GuardPages:
             return
         credentials = outcome.presented.credentials
         session = credentials.token if isinstance(credentials, SessionToken) else None
-        if not self._same_origin(request) or not self.csrf.check_share(session, form.get("csrf")):
+        if not self._same_origin(request) or not self.csrf.check_share(
+            session, form.get("share_csrf")
+        ):
             pages.write_error(
                 request,
                 403,

@@ -45,7 +45,7 @@ class PageCase(unittest.TestCase):
     def csrf_of(self, page: str) -> str | None:
         forms = re.findall(r'<form[^>]*action="/_/share".*?</form>', page, re.S)
         for form in forms:
-            found = re.search(r'name="csrf" value="([^"]+)"', form)
+            found = re.search(r'name="share_csrf" value="([^"]+)"', form)
             if found:
                 return html.unescape(found.group(1))
         return None
@@ -77,7 +77,7 @@ class StartPageSharing(PageCase):
         csrf = self.csrf_of(page)
         self.assertIsNotNone(csrf)
         pid = self.project.id
-        fields = {"csrf": csrf, "project": pid, "port": "8000", "visibility": "link"}
+        fields = {"share_csrf": csrf, "project": pid, "port": "8000", "visibility": "link"}
         response, body = yield self.post(self.alice, fields)
         self.assertEqual(response.code, 200, body)
         self.assertEqual(response.headers.getRawHeaders("Referrer-Policy"), ["no-referrer"])
@@ -101,10 +101,10 @@ class StartPageSharing(PageCase):
         csrf = self.csrf_of(page)
         assert csrf is not None
         pid = self.project.id
-        good = {"csrf": csrf, "project": pid, "port": "8000", "visibility": "public"}
+        good = {"share_csrf": csrf, "project": pid, "port": "8000", "visibility": "public"}
         cases = [
-            (self.alice, {**good, "csrf": "forged"}, {}, 403),
-            (self.alice, {k: v for k, v in good.items() if k != "csrf"}, {}, 403),
+            (self.alice, {**good, "share_csrf": "forged"}, {}, 403),
+            (self.alice, {k: v for k, v in good.items() if k != "share_csrf"}, {}, 403),
             (self.alice, good, {"Origin": "https://evil.example"}, 403),
             (self.alice, good, {"Sec-Fetch-Site": "cross-site"}, 403),
             (self.alice, {**good, "port": "0"}, {}, 400),
@@ -116,7 +116,7 @@ class StartPageSharing(PageCase):
         self.assertIsNone(self.csrf_of(bob_page), "bob has no project, so no form")
         # bob, signed in but not a member, with a token made for his own session
         bob_csrf = self.proxy.service.site.resource.own_pages.guard_pages.csrf.share_token(self.bob)
-        cases.append((self.bob, {**good, "csrf": bob_csrf}, {}, 404))
+        cases.append((self.bob, {**good, "share_csrf": bob_csrf}, {}, 404))
         cases.append(("not-a-session", good, {}, 401))
         for session, fields, headers, status in cases:
             response, body = yield self.post(session, fields, **headers)
@@ -133,7 +133,12 @@ class StartPageWithoutProjectDomain(PageCase):
         page = yield self.start_page(self.alice)
         self.assertIsNone(self.csrf_of(page))
         csrf = self.proxy.service.site.resource.own_pages.guard_pages.csrf.share_token(self.alice)
-        fields = {"csrf": csrf, "project": self.project.id, "port": "8000", "visibility": "link"}
+        fields = {
+            "share_csrf": csrf,
+            "project": self.project.id,
+            "port": "8000",
+            "visibility": "link",
+        }
         response, body = yield self.post(self.alice, fields)
         self.assertEqual(response.code, 403)
         self.assertIn("project-domain", body)
