@@ -337,6 +337,16 @@ class SlowClients(unittest.TestCase):
             self.assertNotIn(b"twisted", client.received.lower())
 
     @defer.inlineCallbacks
+    def test_a_connection_that_never_finishes_its_tls_handshake(self):  # type: ignore[no-untyped-def]
+        # Plain TCP to the HTTPS port, then a trickle of bytes that are not a TLS handshake
+        # either: the deadline counts from the connection's start.
+        client = SlowClient(b"\x16", b"\x03" * 100, 1.0)
+        started = time.monotonic()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxy.port), client)
+        closed_at = yield client.closed
+        self.assertLess(closed_at - started, HEAD_TIMEOUT + 7.0)
+
+    @defer.inlineCallbacks
     def test_idle_kept_alive_connection_is_not_a_slow_head(self):  # type: ignore[no-untyped-def]
         ask = b"GET /_/health HTTP/1.1\r\nHost: localhost\r\n\r\n"
         client = yield connect_tls(self, self.proxy, SlowClient(ask, b"", 60.0))
