@@ -194,11 +194,14 @@ class Shares:
         def checked(looked: Any) -> None:
             found = looked.value
             share = None if found is None else found[0]
+            still_allowed = self.guard.still_allowed
             if (
-                share is None
+                found is None
+                or share is None
                 or not self._usable(share)
                 or share.visibility != grant.visibility
                 or share.secret_hash != grant.secret_hash
+                or (still_allowed is not None and not still_allowed(access, found[1]))
             ):
                 log.info(
                     "share of {pid} port {port} withdrawn: closing",
@@ -212,7 +215,15 @@ class Shares:
             if share.expires is not None:
                 grant.valid_until = min(grant.valid_until, share.expires)
 
-        return d.addCallback(checked)
+        def failed(failure: Any) -> None:
+            log.failure(
+                "re-checking the share of {pid} port {port} failed; will retry",
+                failure,
+                pid=grant.project_id,
+                port=grant.port,
+            )
+
+        return d.addCallbacks(checked, failed)
 
     # -- /.cocalcproxy/share?s=SECRET&next=PATH on a shared host --------------------------------
 
