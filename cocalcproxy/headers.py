@@ -77,6 +77,7 @@ PROXY_COOKIES: tuple[bytes, ...] = (
     HOP_STATE_COOKIE,
     OIDC_STATE_COOKIE,
     SHARE_COOKIE,
+    DEVICE_COOKIE,
 )
 
 _COOKIE_PREFIXES = (b"__host-", b"__secure-")

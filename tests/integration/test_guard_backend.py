@@ -15,6 +15,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial import unittest
 from twisted.web import resource, server
 
+from cocalcproxy import headers as header_policy
 from tests.support import https_client, start_proxy
 
 
@@ -111,6 +112,31 @@ class CredentialsStayHere(unittest.TestCase):
         self.assertIn("theme=dark", sent["cookie"])
         self.assertIn("_xsrf=abc", sent["cookie"])
         self.assertEqual(sent["authorization"], "token jupyter-token")
+
+    @defer.inlineCallbacks
+    def test_no_cookie_the_proxy_sets_reaches_the_backend(self):  # type: ignore[no-untyped-def]
+        # Every cookie name headers.py defines (the device cookie, a browser's standing for
+        # password sign-ins, was once left out): a project's server on the main host must see
+        # none of them, whatever the visitor's browser holds.
+        names = sorted(
+            value.decode()
+            for key, value in vars(header_policy).items()
+            if key.endswith("_COOKIE") and isinstance(value, bytes)
+        )
+        self.assertIn("__Host-cocalcproxy_device", names)
+        cookie = "; ".join(
+            [f"{header_policy.SESSION_COOKIE.decode()}={self.session}"]
+            + [
+                f"{name}=secret-{i}"
+                for i, name in enumerate(names)
+                if name != header_policy.SESSION_COOKIE.decode()
+            ]
+            + ["theme=dark"]
+        )
+        code, body = yield self.fetch({"Cookie": cookie})
+        self.assertEqual(code, 200, body)
+        sent = dict((k.lower(), v) for k, v in json.loads(body)["headers"])
+        self.assertEqual(sent["cookie"], "theme=dark")
 
     @defer.inlineCallbacks
     def test_refused_requests_never_reach_the_backend(self):  # type: ignore[no-untyped-def]
