@@ -860,6 +860,12 @@ class GuardPages:
         projects: list[Project] = yield self.directory.projects_for(account.id)
         if request._disconnected:
             return
+        shares: dict[str, list[Share]] = {}
+        if self.shares is not None:
+            for p in projects:
+                shares[p.id] = yield self.directory.list_shares(p.id)
+        if request._disconnected:
+            return
         if not pages.wants_html(request):
             body = json.dumps(
                 {
@@ -872,6 +878,14 @@ class GuardPages:
                             "raw": f"/{p.id}/raw/",
                             "server": f"/{p.id}/server/{{port}}/",
                             "port": f"/{p.id}/port/{{port}}/",
+                            "shared_ports": [
+                                {
+                                    "port": sh.port,
+                                    "visibility": sh.visibility,
+                                    "expires": sh.expires,
+                                }
+                                for sh in shares.get(p.id, [])
+                            ],
                         }
                         for p in projects
                     ],
@@ -885,13 +899,9 @@ class GuardPages:
             if isinstance(credentials, SessionToken)
             else None
         )
-        shares: dict[str, list[Share]] = {}
         share_csrf = None
-        if self.shares is not None:
-            for p in projects:
-                shares[p.id] = yield self.directory.list_shares(p.id)
-            if isinstance(credentials, SessionToken):
-                share_csrf = self.csrf.share_token(credentials.token)
+        if self.shares is not None and isinstance(credentials, SessionToken):
+            share_csrf = self.csrf.share_token(credentials.token)
         if request._disconnected:
             return
         element = IndexPage(

@@ -91,6 +91,14 @@ class StartPageSharing(PageCase):
         page = yield self.start_page(self.alice)
         self.assertIn("PUBLIC", page)
         self.assertIn(f"https://{pid}-9000.{DOMAIN}/", page)
+        response = yield self.http.get(
+            self.proxy.url + "/", headers={"Cookie": f"{SESSION}={self.alice}"}
+        )
+        listed = yield response.json()
+        self.assertEqual(
+            [(s["port"], s["visibility"]) for s in listed["projects"][0]["shared_ports"]],
+            [(8000, "link"), (9000, "public")],
+        )
         response, body = yield self.post(self.alice, {**fields, "visibility": "private"})
         self.assertEqual(response.code, 200, body)
         self.assertEqual((yield self.shares()), [(pid, 9000, "public")])
