@@ -322,6 +322,35 @@ class OperationTests(AdminApiProcess):
         )
         self.assertEqual(self.cli("project", "list")[0]["collaborators"], ["carol"])
 
+    def test_ports_and_socket_folders(self) -> None:
+        self.cli("user", "add", "alice", "--password-stdin", stdin="pw\n")
+        body = {"owner": "alice", "ports": "8888, 8000-8099", "socket_dir": None}
+        made = conforms(self.api.request("PUT", f"/v1/projects/{PID}", body=body), 201, "Project")
+        self.assertEqual((made["ports"], made["socket_dir"]), ("8000-8099,8888", None))
+        self.assertEqual(
+            conforms(self.api.request("PUT", f"/v1/projects/{PID}", body=body), 200, "Project"),
+            made,
+        )
+        patched = conforms(
+            self.api.request(
+                "PATCH", f"/v1/projects/{PID}", body={"ports": None, "socket_owner": 1000}
+            ),
+            200,
+            "Project",
+        )
+        self.assertEqual((patched["ports"], patched["socket_owner"]), (None, 1000))
+        self.error(
+            self.api.request("PATCH", f"/v1/projects/{PID}", body={"ports": "80-x"}),
+            422,
+            "invalid_input",
+        )
+        self.error(
+            self.api.request("PATCH", f"/v1/projects/{PID}", body={"socket_dir": "relative"}),
+            422,
+            "invalid_input",
+        )
+        self.assertEqual(self.cli("project", "list")[0]["socket_owner"], 1000)
+
     def test_project_list_pages(self) -> None:
         self.cli("user", "add", "alice", "--password-stdin", stdin="pw\n")
         ids = sorted(self.cli("project", "add", "--owner", "alice")["id"] for _ in range(5))
