@@ -26,7 +26,7 @@ from cocalcproxy import operations as ops
 from cocalcproxy.addresses import always_local
 from cocalcproxy.directory.dialect import dialect_for
 from cocalcproxy.directory.model import DirectoryError
-from cocalcproxy.guard import build_guard
+from cocalcproxy.guard import build_guard, csrf
 from cocalcproxy.identity import IdentityAssertions
 from cocalcproxy.ownpages import OwnPages
 from cocalcproxy.redirect import RedirectResource
@@ -527,10 +527,15 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     provider_http, provider_pool = (
         _provider_http(reactor) if options["oidc"] is not None else (None, None)
     )
+    try:
+        form_key = csrf.shared_key(cast(Any, opened).sync, options["state-dir"])
+    except (directory_module.DirectoryError, ValueError) as e:
+        opened.close()
+        raise usage.UsageError(f"cannot load the form key from the directory: {e}") from None
     guard, guard_pages, guard_service = build_guard(
         directory,
         reactor,
-        state_dir=options["state-dir"],
+        key=form_key,
         session_lifetime_days=options["session-lifetime"],
         project_domain=options["project-domain"],
         metrics=proxy.metrics,

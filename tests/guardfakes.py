@@ -57,6 +57,7 @@ class FakeDirectory:
         self.tokens: dict[str, _Token] = {}
         self.sessions: dict[str, _Session] = {}
         self.projects: dict[str, Project] = {}
+        self.used: dict[tuple[str, str], float] = {}
         self.calls: Counter[str] = Counter()
         self.unavailable = False
         self.hold = False
@@ -129,6 +130,14 @@ class FakeDirectory:
         self.sessions[token] = _Session(account_id, self.clock.seconds() + lifetime_seconds, family)
         self._bump()
         return self._answer("create_session", token)
+
+    def use_once(self, purpose: str, value: str, expires: float) -> Deferred[bool]:
+        now = self.clock.seconds()
+        self.used = {k: v for k, v in self.used.items() if v > now}
+        first = (purpose, value) not in self.used
+        if first:
+            self.used[(purpose, value)] = expires
+        return self._answer("use_once", first)
 
     def delete_session(self, token: str) -> Deferred[None]:
         gone = [t for t, s in self.sessions.items() if t == token or s.family == token]
@@ -343,11 +352,18 @@ HTML = {b"Accept": b"text/html,application/xhtml+xml"}
 
 
 def make_world(
-    hsts_max_age: int = 0, project_domain: str | None = None, **guard_options: Any
+    hsts_max_age: int = 0,
+    project_domain: str | None = None,
+    directory: FakeDirectory | None = None,
+    **guard_options: Any,
 ) -> World:
-    clock = Clock()
-    clock.advance(1_800_000_000)
-    directory = FakeDirectory(clock)
+    """A site over a fake directory; pass another world's ``directory`` for a second proxy
+    process on the same directory (it shares that world's clock)."""
+    if directory is None:
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        directory = FakeDirectory(clock)
+    clock = directory.clock
     guard = Guard(directory, clock, **guard_options)  # type: ignore[arg-type]
     guard_pages = GuardPages(
         guard,

@@ -6,6 +6,7 @@ Each test class is a mixin run twice: on a fresh SQLite file and on a fresh Post
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from argon2 import PasswordHasher
@@ -673,6 +674,84 @@ class SignInFailureTests(SyncMixin):
         )
 
 
+class SharedStateTests(SyncMixin):
+    """Issue #10: the form key and single-use values, shared by every process on a directory
+    (two SyncDirectory objects stand for two proxy processes, threads for ones racing)."""
+
+    def test_one_secret_for_every_process_made_once(self) -> None:
+        one, two = self.d, self.open()
+        counter = one.change_counter()
+        made: list[str] = []
+
+        def make(value: str) -> Callable[[], str]:
+            def maker() -> str:
+                made.append(value)
+                return value
+
+            return maker
+
+        self.assertEqual(one.shared_secret("form-key", make("aa" * 32)), "aa" * 32)
+        self.assertEqual(two.shared_secret("form-key", make("bb" * 32)), "aa" * 32)
+        self.assertEqual(made, ["aa" * 32])  # the second process did not even make one
+        self.assertEqual(two.shared_secret("other", make("cc" * 32)), "cc" * 32)
+        self.assertEqual(one.change_counter(), counter)
+
+    def test_processes_starting_at_once_agree(self) -> None:
+        directories = [self.open() for _ in range(6)]
+        barrier = threading.Barrier(len(directories))
+        results: list[str] = []
+
+        def start(d: SyncDirectory, value: str) -> None:
+            barrier.wait()
+            results.append(d.shared_secret("form-key", lambda: value))
+
+        threads = [
+            threading.Thread(target=start, args=(d, f"{i:02x}" * 32))
+            for i, d in enumerate(directories)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(len(results), len(directories))
+        self.assertEqual(len(set(results)), 1, results)
+
+    def test_used_once_by_every_process(self) -> None:
+        one, two = self.d, self.open()
+        counter = one.change_counter()
+        expires = self.clock.now + 120
+        self.assertTrue(one.use_once("hop-ticket", "t1", expires))
+        self.assertFalse(two.use_once("hop-ticket", "t1", expires))
+        self.assertFalse(one.use_once("hop-ticket", "t1", expires))
+        # Another purpose, another value: their own.
+        self.assertTrue(two.use_once("oidc-state", "t1", expires))
+        self.assertTrue(two.use_once("hop-ticket", "t2", expires))
+        # Only digests are kept.
+        stored = [r[0] for r in self.raw("SELECT digest FROM used_once")]
+        self.assertNotIn("t1", stored)
+        self.assertEqual(one.change_counter(), counter)
+        # Swept once expired (the caller refuses the expired value itself by then).
+        self.clock.now += 121
+        self.assertTrue(one.use_once("hop-ticket", "t3", self.clock.now + 120))
+        self.assertEqual(len(self.raw("SELECT digest FROM used_once")), 1)
+
+    def test_a_race_has_one_winner(self) -> None:
+        directories = [self.open() for _ in range(6)]
+        barrier = threading.Barrier(len(directories))
+        results: list[bool] = []
+
+        def claim(d: SyncDirectory) -> None:
+            barrier.wait()
+            results.append(d.use_once("hop-ticket", "raced", self.clock.now + 60))
+
+        threads = [threading.Thread(target=claim, args=(d,)) for d in directories]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(sorted(results), [False] * (len(directories) - 1) + [True])
+
+
 class ChangeCounterTests(SyncMixin):
     def test_every_write_bumps_reads_do_not(self) -> None:
         d = self.d
@@ -884,6 +963,14 @@ class SQLiteSignInFailureTests(SQLiteBackend, SignInFailureTests, unittest.TestC
 
 
 class PostgresSignInFailureTests(PostgresBackend, SignInFailureTests, unittest.TestCase):
+    pass
+
+
+class SQLiteSharedStateTests(SQLiteBackend, SharedStateTests, unittest.TestCase):
+    pass
+
+
+class PostgresSharedStateTests(PostgresBackend, SharedStateTests, unittest.TestCase):
     pass
 
 

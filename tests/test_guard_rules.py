@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import base64
 import os
-import stat
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
+from cocalcproxy.directory.store import open_sync_directory
 from cocalcproxy.guard import credentials as c
 from cocalcproxy.guard.cache import ExpiringCache
-from cocalcproxy.guard.csrf import CsrfTokens, load_or_create_key, new_presession
+from cocalcproxy.guard.csrf import CsrfTokens, legacy_key, new_presession, shared_key
 from cocalcproxy.guard.policy import location, login_location, safe_next, same_origin_post
 from cocalcproxy.guard.ratelimit import SignInLimits, SlidingWindow, address_key
+from tests.directory_support import new_sqlite_url
 
 
 def basic(text: str) -> bytes:
@@ -339,23 +340,44 @@ class Csrf(unittest.TestCase):
         self.assertFalse(tokens.check_logout("session-a", tokens.login_token("x" * 43)))
         self.assertNotIn("session-a", t)
 
-    def test_key_file(self) -> None:
-        state = self.mktemp()
-        key = load_or_create_key(state)
-        path = os.path.join(state, "secrets", "csrf.key")
+    def test_key_in_the_directory_shared_by_every_process(self) -> None:
+        # Issue #10: the key is the directory's, not a state directory's: two proxies with
+        # their own state directories on one directory make each other's tokens.
+        url = new_sqlite_url(self)
+        one = open_sync_directory(url)
+        two = open_sync_directory(url)
+        self.addCleanup(one.close)
+        self.addCleanup(two.close)
+        key = shared_key(one, self.mktemp())
         self.assertEqual(len(key), 32)
-        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
-        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode), 0o700)
-        self.assertEqual(load_or_create_key(state), key)
-        self.assertEqual(os.listdir(os.path.dirname(path)), ["csrf.key"])
+        self.assertEqual(shared_key(two, self.mktemp()), key)
+        self.assertEqual(shared_key(one, self.mktemp()), key)  # a restart keeps it
 
-    def test_unwritable_state_gives_per_process_key(self) -> None:
-        blocker = self.mktemp()
-        with open(blocker, "w") as f:
-            f.write("a file where the state directory should be")
-        key = load_or_create_key(blocker)
-        self.assertEqual(len(key), 32)
-        self.assertNotEqual(key, load_or_create_key(blocker))
+    def test_an_old_key_file_is_adopted_on_upgrade(self) -> None:
+        # Forms open in browsers and subdomain cookies made with the old key keep working.
+        state = self.mktemp()
+        os.makedirs(os.path.join(state, "secrets"), mode=0o700)
+        old = bytes(range(32))
+        with open(os.path.join(state, "secrets", "csrf.key"), "wb") as f:
+            f.write(old)
+        url = new_sqlite_url(self)
+        d = open_sync_directory(url)
+        self.addCleanup(d.close)
+        presession = new_presession()
+        token = CsrfTokens(old).login_token(presession)
+        key = shared_key(d, state)
+        self.assertEqual(key, old)
+        self.assertTrue(CsrfTokens(shared_key(d, self.mktemp())).check_login(presession, token))
+        # A short or unreadable file is not a key: a fresh one is made instead.
+        short = self.mktemp()
+        os.makedirs(os.path.join(short, "secrets"))
+        with open(os.path.join(short, "secrets", "csrf.key"), "wb") as f:
+            f.write(b"short")
+        self.assertIsNone(legacy_key(short))
+        other = open_sync_directory(new_sqlite_url(self))
+        self.addCleanup(other.close)
+        self.assertNotEqual(shared_key(other, short), b"short")
+        self.assertEqual(len(shared_key(other, short)), 32)
 
 
 class Devices(unittest.TestCase):

@@ -11,7 +11,7 @@ from twisted.trial import unittest
 from cocalcproxy import routing
 from cocalcproxy.guard.hop import Hop
 from cocalcproxy.guard.hopkeys import LANDING_PATH, HopKeys, Target, new_state, parse_target
-from tests.guardfakes import HTML, World, make_world
+from tests.guardfakes import HTML, FakeDirectory, World, make_world, parse_response
 
 DOMAIN = "projects.example"
 PID = "5f0e3a0c-9d1b-4c2e-8f3a-7b6c5d4e3f21"
@@ -149,8 +149,9 @@ class Routing(unittest.TestCase):
         )
 
 
-def hop_world() -> tuple[World, Hop]:
-    world = make_world(project_domain=DOMAIN)
+def hop_world(directory: FakeDirectory | None = None) -> tuple[World, Hop]:
+    """A proxy with the hop; with ``directory``, a second process on that world's directory."""
+    world = make_world(project_domain=DOMAIN, directory=directory)
     hop = Hop(
         world.guard,
         world.directory,  # type: ignore[arg-type]
@@ -162,6 +163,8 @@ def hop_world() -> tuple[World, Hop]:
         session_lifetime=3600.0,
     )
     hop.install(world.guard_pages)
+    if directory is not None:
+        return world, hop
     world.directory.add_user("alice", "pw")
     world.directory.add_user("mallory", "pw")
     world.directory.add_project("alice", PID)
@@ -304,6 +307,33 @@ class Flow(unittest.TestCase):
             self.assertIn(b"/_/hop?to=", r.header(b"location") or b"")
         main = self.world.request(b"GET", b"/", headers={**HTML, b"Cookie": cookie.encode()})
         self.assertEqual((main.status, main.header(b"location")), (302, b"/_/login"))
+
+    def test_a_ticket_is_redeemed_once_across_processes(self) -> None:
+        # Issue #10: two proxy processes (workers, machines) on one directory, the same ticket
+        # landing on both at once (both in flight before the directory answers either). Only
+        # the directory's claim can tell them apart; before it, both got a session.
+        other, _ = hop_world(self.world.directory)
+        ticket = self.ticket_for()
+        sessions_before = set(self.world.directory.sessions)
+        self.world.directory.hold = True
+        target = f"{LANDING_PATH}?ticket={ticket}&next=%2F".encode()
+        headers = {**HTML, b"Cookie": f"__Host-cocalcproxy_hop={STATE}".encode()}
+        first = self.world.send(b"GET", target, headers=headers, host=SUB)
+        second = other.send(b"GET", target, headers=headers, host=SUB)
+        while self.world.directory.held:
+            self.world.directory.release()
+        self.world.directory.hold = False
+        answers = sorted(
+            [parse_response(t.value()) for t in (first, second)], key=lambda r: r.status
+        )
+        self.assertEqual([r.status for r in answers], [302, 403])
+        self.assertIn("__Host-cocalcproxy_session", answers[0].cookies())
+        self.assertNotIn(b"set-cookie", answers[1].headers)
+        # One new session on the project host, and the ticket's own session gone.
+        self.assertEqual(len(set(self.world.directory.sessions) - sessions_before), 1)
+        # Later, through either process: refused.
+        self.assertEqual(self.land(ticket, next_path="/").status, 403)
+        self.assertEqual(other.request(b"GET", target, headers=headers, host=SUB).status, 403)
 
     def test_a_landing_link_used_by_another_browser_is_refused(self) -> None:
         # Issue #11 item 5 (login CSRF): a member's own landing link, sent to someone else.

@@ -18,7 +18,6 @@ from cocalcproxy.guard.oidc import (
     ProviderClient,
     SignInError,
     StateSealer,
-    UsedStates,
     check_issuer_option,
     identity_from_claims,
     parse_metadata,
@@ -124,12 +123,6 @@ class StateCookie(unittest.TestCase):
         self.assertIsNone(sealer.open(value[:-3] + "AAA", 1000.0))
         self.assertIsNone(sealer.open("garbage", 1000.0))
         self.assertEqual(len(pkce_challenge(flow.verifier)), 43)
-
-    def test_states_are_used_once(self) -> None:
-        used = UsedStates()
-        self.assertTrue(used.claim("s", 100.0, 0.0))
-        self.assertFalse(used.claim("s", 100.0, 50.0))
-        self.assertTrue(used.claim("t", 100.0, 50.0))
 
 
 class IdToken(unittest.TestCase):

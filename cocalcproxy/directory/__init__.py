@@ -112,6 +112,12 @@ class IDirectory(Protocol):
 
     def signin_reset(self, key: str) -> Deferred[None]: ...
 
+    # state shared by every process on the directory: a secret made once by whoever asks first,
+    # and values (hop tickets, OpenID states) that may be used only once across all processes
+    def shared_secret(self, name: str, make: Callable[[], str]) -> Deferred[str]: ...
+
+    def use_once(self, purpose: str, value: str, expires: float) -> Deferred[bool]: ...
+
     # projects
     def add_project(
         self,

@@ -24,6 +24,7 @@ STEPS: tuple[tuple[int, str], ...] = (
     (5, "0005_session_families.sql"),
     (6, "0006_admin_tokens_and_shares.sql"),
     (7, "0007_signin_failures.sql"),
+    (8, "0008_shared_secrets.sql"),
 )
 LATEST = STEPS[-1][0]
 

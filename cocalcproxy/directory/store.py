@@ -756,6 +756,49 @@ class SyncDirectory:
             bump=False,
         )
 
+    # state shared by every process on the directory (guard/csrf.py, guard/hop.py, oidcweb.py)
+
+    def shared_secret(self, name: str, make: Callable[[], str]) -> str:
+        """The secret called ``name``, made with ``make`` by the first process that asks for it
+        (INSERT ... ON CONFLICT DO NOTHING, then SELECT): however many start at once, all of
+        them get the one value that went in. Never bumps the change counter."""
+        now = self.clock()
+
+        def work(tx: Tx) -> str:
+            row = tx.one("SELECT secret FROM shared_secrets WHERE name = ?", name)
+            if row is None:
+                tx.run(
+                    "INSERT INTO shared_secrets (name, secret, created) VALUES (?, ?, ?) "
+                    "ON CONFLICT (name) DO NOTHING",
+                    name,
+                    make(),
+                    now,
+                )
+                row = tx.one("SELECT secret FROM shared_secrets WHERE name = ?", name)
+            return str(row[0])
+
+        return self._write(work, bump=False)
+
+    def use_once(self, purpose: str, value: str, expires: float) -> bool:
+        """Claim ``value`` for ``purpose`` (e.g. a hop ticket): True the first time, False every
+        later time in any process on the directory, until ``expires`` (then the row is swept;
+        the caller's own expiry must refuse the value by then). Only a digest is kept."""
+        now = self.clock()
+        digest = token_hash(value)
+
+        def work(tx: Tx) -> bool:
+            tx.run("DELETE FROM used_once WHERE expires <= ?", now)
+            inserted = tx.run(
+                "INSERT INTO used_once (purpose, digest, expires) VALUES (?, ?, ?) "
+                "ON CONFLICT (purpose, digest) DO NOTHING",
+                purpose,
+                digest,
+                max(float(expires), now + 1.0),
+            )
+            return inserted == 1
+
+        return self._write(work, bump=False)
+
     def purge_expired(self) -> int:
         """Delete expired sessions and API tokens; returns how many rows went."""
         now = self.clock()
@@ -1470,6 +1513,12 @@ class Directory:
 
     def delete_session(self, token: str) -> Deferred[None]:
         return self._call(self.sync.delete_session, token)
+
+    def shared_secret(self, name: str, make: Callable[[], str]) -> Deferred[str]:
+        return self._call(self.sync.shared_secret, name, make)
+
+    def use_once(self, purpose: str, value: str, expires: float) -> Deferred[bool]:
+        return self._call(self.sync.use_once, purpose, value, expires)
 
     def purge_expired(self) -> Deferred[int]:
         return self._call(self.sync.purge_expired)

@@ -20,7 +20,7 @@ from cocalcproxy.directory import IDirectory
 from cocalcproxy.guard.checkers import make_portal
 from cocalcproxy.guard.core import DEFAULT_OUTAGE_GRACE, Clock, Guard
 from cocalcproxy.guard.credentials import legacy_cookie_safe
-from cocalcproxy.guard.csrf import CsrfTokens, load_or_create_key
+from cocalcproxy.guard.csrf import CsrfTokens
 from cocalcproxy.guard.devices import DeviceCookies
 from cocalcproxy.guard.hop import Hop
 from cocalcproxy.guard.hopkeys import HopKeys
@@ -74,7 +74,7 @@ def build_guard(
     directory: IDirectory,
     clock: Clock,
     *,
-    state_dir: str,
+    key: bytes,
     session_lifetime_days: float,
     project_domain: str | None = None,
     metrics: Metrics | None = None,
@@ -91,7 +91,9 @@ def build_guard(
     the directory's change notifications (``Directory.change_listener``; None where it has
     none) wake the guard's poll at once. ``password_login`` False refuses every password (form
     and Basic); ``oidc`` adds signing in with the OpenID provider, talking to it with ``http``
-    (a treq HTTPClient)."""
+    (a treq HTTPClient). ``key`` is the form key every process on the directory shares
+    (``csrf.shared_key``): CSRF tokens, device cookies, subdomain cookie tags, hop tickets and
+    the OpenID state cookie are all made with it."""
     guard = Guard(
         directory, clock, portal=make_portal(directory, password_login), outage_grace=outage_grace
     )
@@ -104,7 +106,6 @@ def build_guard(
         guard.projects.observer = metrics
         guard.on_signin_failure = metrics.signin_failure
         metrics.set_directory_up(lambda: guard.outage is None)
-    key = load_or_create_key(state_dir)
     guard.devices = DeviceCookies(key)
     guard.limiter = DirectoryLimiter(directory)
     session_lifetime = session_lifetime_days * SECONDS_PER_DAY

@@ -6,10 +6,13 @@ a project subdomain, can set or overwrite it. The form carries HMAC(key, "login"
 cross-site page can neither read the cookie nor compute the HMAC. Sign-out: the form carries
 HMAC(key, "logout" | SHA-256(session token)), bound to the session it ends.
 
-The key is kept in ``<state-dir>/secrets/csrf.key`` (0600) so every proxy process sharing the state
-directory accepts the others' forms and a restart does not break forms open in browsers. When
-the file cannot be written, a per-process key is used and a warning logged: forms then stop
-working across restarts, nothing worse.
+The key is kept in the directory (``shared_secrets``, name ``form-key``), made once by the first
+proxy process that starts on it, so every worker and every machine on one directory accepts the
+others' forms, device cookies, subdomain cookies and hop tickets, and a restart breaks none of
+them. An installation upgraded from a version that kept the key in
+``<state-dir>/secrets/csrf.key`` adopts that file's key (the first process to start after the
+upgrade puts it in the directory), so forms open in browsers and subdomain cookies keep working;
+the file is no longer read after that and may be deleted.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from twisted.logger import Logger
 
@@ -31,36 +36,45 @@ KEY_BYTES = 32
 log = Logger()
 
 
-def load_or_create_key(state_dir: str | os.PathLike[str]) -> bytes:
-    """Read the CSRF key, creating it (atomically, 0600) on first use."""
-    directory = Path(state_dir) / "secrets"
-    path = directory / "csrf.key"
+#: The name of the form key in the directory's ``shared_secrets``.
+KEY_NAME = "form-key"
+
+
+def legacy_key(state_dir: str | os.PathLike[str]) -> bytes | None:
+    """The key an older version kept in ``<state-dir>/secrets/csrf.key``, if there is one."""
+    path = Path(state_dir) / "secrets" / "csrf.key"
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            temporary = directory / f".csrf.key.{os.getpid()}.{secrets.token_hex(4)}"
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, secrets.token_bytes(KEY_BYTES))
-            finally:
-                os.close(fd)
-            try:
-                os.link(temporary, path)  # fails if another process won the race: use theirs
-            except FileExistsError:
-                pass
-            finally:
-                temporary.unlink()
-            data = path.read_bytes()
-        if len(data) < KEY_BYTES:
-            raise OSError(f"{path} is too short to be a key")
-        return data
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
     except OSError as e:
-        log.warn(
-            "cannot keep the CSRF key in {path} ({e}); using a per-process key", path=path, e=e
-        )
-        return secrets.token_bytes(KEY_BYTES)
+        log.warn("cannot read the old CSRF key {path} ({e}); not adopting it", path=path, e=e)
+        return None
+    if len(data) < KEY_BYTES:
+        log.warn("the old CSRF key {path} is too short to be a key; not adopting it", path=path)
+        return None
+    return data
+
+
+class SecretStore(Protocol):
+    def shared_secret(self, name: str, make: Callable[[], str]) -> str: ...
+
+
+def shared_key(directory: SecretStore, state_dir: str | os.PathLike[str]) -> bytes:
+    """The form key every process on ``directory`` (a SyncDirectory) uses: the one already in
+    the directory, else this state directory's old key file's, else a new random one -- put in
+    atomically, so processes starting at once all get the same. Raises DirectoryError."""
+
+    def make() -> str:
+        old = legacy_key(state_dir)
+        if old is not None:
+            log.info("adopting the CSRF key of {state_dir} as the directory's", state_dir=state_dir)
+        return (old if old is not None else secrets.token_bytes(KEY_BYTES)).hex()
+
+    value = bytes.fromhex(directory.shared_secret(KEY_NAME, make))
+    if len(value) < KEY_BYTES:
+        raise ValueError("the directory's form key is too short")
+    return value
 
 
 def new_presession() -> str:

@@ -2,8 +2,8 @@
 
 A successful password sign-in through the form gives the browser a device cookie,
 ``__Host-cocalcproxy_device``, naming that account: a random nonce and an HMAC of the exact account
-name and the nonce, keyed from the proxy's form key (``<state-dir>/secrets/csrf.key``, shared by
-every proxy on a state directory). Later password attempts for that account from that browser
+name and the nonce, keyed from the proxy's form key (kept in the directory, shared by every
+proxy process on it: guard/csrf.py). Later password attempts for that account from that browser
 come from a *known device* and are limited per device instead of per name and address
 (guard/ratelimit.py), so strangers' wrong guesses cannot lock the owner out of her own browser.
 Nobody can make a device cookie for an account without signing in to it, and one for another

@@ -17,8 +17,9 @@ backend's) and must never see the main host's cookie. So:
    ``https://<project host>/.cocalcproxy/hop?ticket=<sealed>&next=<path>``.
 3. The proxy answers that reserved path itself: it opens the ticket with the state in this
    browser's cookie (so a landing link used by any other browser -- a member's own link sent to
-   someone else, login CSRF -- is refused with a page saying so), ends the one-time session at
-   once, checks the account still belongs to the project, creates a normal session and sets it
+   someone else, login CSRF -- is refused with a page saying so), claims the ticket in the
+   directory (``use_once``: redeemed once across every worker and machine), ends the one-time
+   session, checks the account still belongs to the project, creates a normal session and sets it
    as a host-only cookie (no Domain attribute) bound to that host by a tag, then 302s to
    ``next``.
 
@@ -48,6 +49,9 @@ from cocalcproxy.guard.credentials import (
 )
 
 log = Logger()
+
+#: The ``used_once`` purpose of hop tickets (directory.use_once).
+TICKET_PURPOSE = "hop-ticket"
 
 
 def _query_values(request: Request, name: str) -> list[str] | None:
@@ -123,9 +127,6 @@ class Hop:
         self.public_port = public_port
         self.project_domain = project_domain.strip(".").lower()
         self.session_lifetime = session_lifetime
-        # Tickets being redeemed by this process right now: a second use racing the first is
-        # refused here; across processes the directory's delete is what makes them one-time.
-        self._redeeming: set[str] = set()
 
     def install(self, guard_pages: object) -> None:
         """Wire the hop into the guard (cookie binding, redirect) and the guard's pages."""
@@ -261,25 +262,30 @@ class Hop:
         token = (
             self.keys.open(label, tickets[0], _hop_state(request)) if len(tickets) == 1 else None
         )
-        if token is None or token in self._redeeming:
+        if token is None:
             self._refused(request, again)
             return
-        self._redeeming.add(token)
+        # One use only, across every worker and machine on the directory: the first to insert
+        # the ticket's session into ``used_once`` redeems it, every other attempt (a second tab,
+        # a replay through another proxy behind the load balancer, a race) is refused.
+        first: bool = yield self.directory.use_once(
+            TICKET_PURPOSE, token, self.clock.seconds() + 2 * hopkeys.TICKET_LIFETIME
+        )
+        if not first:
+            self._refused(request, again)
+            return
         session: str | None = None
-        try:
-            account = yield self.directory.account_for_session(token)
-            if account is not None:
-                # The host's session joins the family of the main host's session the ticket was
-                # made from (signing out there ends it); then the ticket goes: one use only.
-                try:
-                    session = yield self.directory.create_session(
-                        account.id, self.session_lifetime, parent=token
-                    )
-                except NotFound:
-                    session = None
-            yield self.directory.delete_session(token)
-        finally:
-            self._redeeming.discard(token)
+        account = yield self.directory.account_for_session(token)
+        if account is not None:
+            # The host's session joins the family of the main host's session the ticket was
+            # made from (signing out there ends it); then the ticket's session goes.
+            try:
+                session = yield self.directory.create_session(
+                    account.id, self.session_lifetime, parent=token
+                )
+            except NotFound:
+                session = None
+        yield self.directory.delete_session(token)
         if account is None or session is None:
             self._refused(request, again)
             return

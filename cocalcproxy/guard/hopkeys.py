@@ -4,7 +4,7 @@
   project host of this proxy (``<pid>-<port>.<domain>`` or ``<pid>-raw.<domain>``, canonical
   lower-case id, optional port equal to the proxy's public HTTPS port) plus a path on it.
 * :class:`HopKeys`: the two secrets derived from the proxy's form key
-  (``<state-dir>/secrets/csrf.key``, shared by every proxy process on that state directory):
+  (kept in the directory, shared by every proxy process on it: guard/csrf.py):
 
   - a subdomain's session cookie is ``<session token>.<tag>`` where the tag is an HMAC of the
     host's label and the token, so a cookie stolen from one project host is refused on every

@@ -4,10 +4,11 @@ The authorization-code flow with PKCE (S256), as a confidential client:
 
 1. ``GET /_/oidc/login?next=PATH`` makes ``state``, ``nonce`` and a PKCE verifier, seals them
    with ``next`` and an expiry into the ``__Host-cocalcproxy_oidc`` cookie (JWE, ``dir`` +
-   ``A256GCM`` under a key derived from the state directory's secret: host-only, Secure,
+   ``A256GCM`` under a key derived from the directory's shared form key: host-only, Secure,
    HttpOnly, SameSite=Lax, 10 minutes) and redirects to the provider.
 2. ``GET /_/oidc/callback?code=...&state=...`` needs that cookie from the same browser, with the
-   same ``state``, not used before (each state is remembered until it expires); the cookie is
+   same ``state``, not used before (claimed in the directory's ``used_once``, so once across
+   every worker and machine); the cookie is
    cleared at once. The code is exchanged at the token endpoint (with the verifier and the client
    secret); the ID token is checked (below); the account is found or made by the directory
    (``oidc_sign_in``); a proxy session starts, exactly as after a password sign-in.
@@ -47,8 +48,6 @@ from joserfc.jwk import KeySet, OctKey
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
-from cocalcproxy.guard.cache import ExpiringCache
-
 log = Logger()
 
 #: Signature algorithms an ID token may use (those of them the provider announces).
@@ -57,6 +56,8 @@ ASYMMETRIC = (
 )  # fmt: skip
 MAX_RESPONSE = 1024 * 1024
 STATE_LIFETIME = 600.0
+#: The ``used_once`` purpose of states (directory.use_once).
+STATE_PURPOSE = "oidc-state"
 DISCOVERY_TTL = 3600.0
 
 
@@ -329,20 +330,6 @@ class StateSealer:
         except (JoseError, ValueError, KeyError, TypeError):
             return None
         return flow if flow.expires > now else None
-
-
-class UsedStates:
-    """Each state is accepted once (in this process) until it would have expired anyway."""
-
-    def __init__(self, max_entries: int = 100_000) -> None:
-        self._used: ExpiringCache[str, bool] = ExpiringCache(max_entries)
-
-    def claim(self, state: str, expires: float, now: float) -> bool:
-        key = hashlib.sha256(state.encode()).hexdigest()
-        if self._used.get(key, now) is not None:
-            return False
-        self._used.put(key, True, expires)
-        return True
 
 
 # --- talking to the provider ----------------------------------------------------------------------

@@ -33,11 +33,11 @@ from cocalcproxy.guard.credentials import cookie_values
 from cocalcproxy.guard.hopkeys import public_authority as authority
 from cocalcproxy.guard.oidc import (
     STATE_LIFETIME,
+    STATE_PURPOSE,
     FlowState,
     ProviderClient,
     SignInError,
     StateSealer,
-    UsedStates,
     identity_from_claims,
 )
 
@@ -79,7 +79,6 @@ class OIDCPages:
         self.clock = clock
         self.hostname = hostname
         self.public_port = public_port
-        self.used = UsedStates()
         self.provider_name = client.settings.name
 
     def install(self, guard_pages: Any) -> None:
@@ -190,14 +189,19 @@ class OIDCPages:
                 "browser started. Start again from the sign-in page.",
                 "state does not match the browser's",
             )
-        if not self.used.claim(flow.state, flow.expires, now):
+        return flow
+
+    @inlineCallbacks
+    def _claim(self, flow: FlowState):  # type: ignore[no-untyped-def]
+        """Use the flow's state up, once across every worker and machine on the directory."""
+        first = yield self.guard_pages.directory.use_once(STATE_PURPOSE, flow.state, flow.expires)
+        if not first:
             raise SignInError(
                 403,
                 "This answer from the identity provider was already used. Start again from the "
                 "sign-in page.",
                 "state replayed",
             )
-        return flow
 
     @inlineCallbacks
     def _callback(self, request: Request):  # type: ignore[no-untyped-def]
@@ -207,6 +211,7 @@ class OIDCPages:
             if fields is None:
                 raise SignInError(400, "The answer could not be read.", "malformed query")
             flow = self._flow(request, fields)
+            yield self._claim(flow)
             if "error" in fields:
                 raise SignInError(
                     403,
