@@ -23,7 +23,9 @@ decide who can listen and who can connect. Before each connection the proxy
 from __future__ import annotations
 
 import os
+import socket
 import stat
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -248,6 +250,7 @@ class SocketEndpoint:
             return defer.fail(SocketRefused(self.target, f"cannot inspect it ({e.strerror})"))
         via = f"/proc/self/fd/{fd}/{name}" if os.path.isdir("/proc/self/fd") else self.target.path
         try:
+            owner = self.target.owner if self.target.owner is not None else os.fstat(fd).st_uid
             d: defer.Deferred[Any] = UNIXClientEndpoint(
                 self.reactor, via, timeout=int(max(1, self.timeout))
             ).connect(factory)
@@ -259,7 +262,33 @@ class SocketEndpoint:
             os.close(fd)
             return result
 
-        return d.addBoth(close)
+        return d.addBoth(close).addCallback(self._verify_peer, owner)
+
+    def _verify_peer(self, protocol: Any, owner: int) -> Any:
+        """The server that accepted must run as the owner (or root, who may create sockets
+        for others, as systemd's socket units do).
+
+        The owner can swap the socket for a symbolic link between the check and the
+        connection (connect follows links): without this, a folder's owner could race the
+        proxy into another user's socket, which only the proxy may reach. The kernel's
+        record of the listening process (SO_PEERCRED) cannot be swapped."""
+        transport = getattr(protocol, "transport", None)
+        peercred = getattr(socket, "SO_PEERCRED", None)
+        if peercred is None or transport is None:
+            return protocol
+        handle = transport.getHandle()
+        size = struct.calcsize("3i")
+        _pid, uid, _gid = struct.unpack("3i", handle.getsockopt(socket.SOL_SOCKET, peercred, size))
+        if uid in (0, owner):
+            return protocol
+        transport.abortConnection()
+        refused = SocketRefused(
+            self.target,
+            f"the server that answered runs as uid {uid}, not as the owner (uid {owner}): the "
+            "socket was replaced while the proxy connected",
+        )
+        log.warn("socket backend refused: {why}", why=str(refused))
+        raise refused
 
 
 HOW_TO_LISTEN = (

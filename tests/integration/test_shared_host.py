@@ -581,6 +581,69 @@ class SocketFolderTests(ProxyCase):
         self.assertEqual(response.code, 502)
         self.assertIn("symbolic link", page)
 
+    @defer.inlineCallbacks
+    def test_socket_swapped_after_the_check_is_refused(self):  # type: ignore[no-untyped-def]
+        """The folder's owner swaps the checked socket for a symbolic link to another user's
+        socket between the proxy's check and its connect (a race the owner can win by
+        repeating it): the server that answers runs as that other user, and is refused."""
+        from cocalcproxy import socketdir
+
+        yield self.serve_http(8010)
+        victim = unused_uid()
+        theirs = tempfile.mkdtemp(prefix="cp-bob-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, theirs, True)
+        os.chown(theirs, victim, victim)
+        their_socket = os.path.join(theirs, "8000")
+        ready, tell = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - bob's server, in a child under bob's uid
+            try:
+                os.setgroups([])
+                os.setgid(victim)
+                os.setuid(victim)
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listener.bind(their_socket)
+                listener.listen(4)
+                os.write(tell, b"ready\n")
+                while True:
+                    conn, _ = listener.accept()
+                    conn.recv(65536)
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n"
+                        b"\r\nbob secret"
+                    )
+                    conn.close()
+            finally:
+                os._exit(0)
+        os.close(tell)
+        self.addCleanup(os.waitpid, child, 0)
+        self.addCleanup(os.kill, child, 9)
+        with os.fdopen(ready, "rb") as pipe:
+            self.assertEqual(pipe.readline(), b"ready\n")
+        os.chmod(their_socket, 0o777)  # the proxy (root here) may connect anyway
+
+        checked = socketdir.open_checked
+        mine = os.path.join(self.folder, "8010")
+
+        def racing(target: Any, own_paths: Any = frozenset()) -> Any:
+            found = checked(target, own_paths)
+            if target.port == 8010 and not os.path.islink(mine):
+                os.unlink(mine)
+                os.symlink(their_socket, mine)
+            return found
+
+        self.patch(socketdir, "open_checked", racing)
+        response = yield self.http.get(
+            f"{self.proxy.url}/{self.pid}/server/8010/",
+            headers={"Authorization": basic("alice"), "Accept": "text/html"},
+        )
+        page = (yield response.content()).decode()
+        self.assertNotIn("bob secret", page)
+        self.assertEqual(response.code, 502, page)
+        self.assertIn(f"runs as uid {victim}, not as the owner (uid 0)", page)
+        got = yield self.websocket(f"/{self.pid}/server/8010/", "alice")
+        self.assertEqual(got[0], 502)
+
 
 def unused_uid() -> int:
     import pwd
