@@ -66,16 +66,19 @@ def child_environment(**extra: str) -> dict[str, str]:
 class ProxyProcess:
     """``twistd -n cocalcproxy`` in a subprocess, its output in ``log_path``."""
 
-    def __init__(self, state_dir: str, *args: str, port: int | None = None) -> None:
+    def __init__(
+        self, state_dir: str, *args: str, port: int | None = None, interface: str = "127.0.0.1"
+    ) -> None:
         self.state_dir = state_dir = os.path.abspath(state_dir)
         self.port = port or free_port()
+        self.interface = interface
         self.log_path = Path(state_dir) / "twistd-output.log"
         Path(state_dir).mkdir(parents=True, exist_ok=True)
         self.argv = [
             str(Path(sys.executable).parent / "twistd"), "-n",
             "--pidfile=", "cocalcproxy",
             "--state-dir", state_dir,
-            "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+            "--listen", f"tcp:{self.port}:interface={interface}",
             *args,
         ]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
@@ -99,7 +102,7 @@ class ProxyProcess:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise GiveUp(f"proxy exited early:\n{self.output()[-3000:]}")
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+            with socket.create_connection((self.interface, self.port), timeout=1):
                 return True
 
         wait_for(connects, timeout, "the proxy to listen")
