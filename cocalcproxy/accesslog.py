@@ -186,6 +186,15 @@ class _FileSink:
             pass
 
 
+class _PipeSink(_FileSink):
+    """A worker's standard-output lines, on its own pipe to the supervisor (which writes whole
+    lines to the one standard output, so lines of two workers never interleave)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.torn = False
+
+
 class _StreamSink:
     """Standard output (or a stream given by a test)."""
 
@@ -221,13 +230,16 @@ class AccessLog:
         target: str = "-",
         stream: IO[str] | None = None,
         on_lost: Callable[[int], object] | None = None,
+        pipe_fd: int | None = None,
     ) -> None:
         self.target = target
         self.on_lost = on_lost
         self._sink: _FileSink | _StreamSink | None = None
         self._failing = False
         self._lost = 0
-        if stream is not None:
+        if pipe_fd is not None and target == "-":
+            self._sink = _PipeSink(pipe_fd)
+        elif stream is not None:
             self._sink = _StreamSink(stream)
         elif target == "-":
             assert sys.__stdout__ is not None

@@ -22,6 +22,7 @@ status code), never from paths, names or ids, so the number of series stays boun
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,7 @@ from cocalcproxy.accesslog import QuietSite, RequestFacts
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 DIRECTORY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 FORMS = frozenset({"server", "port", "raw", "own"})
 
 
@@ -68,8 +70,15 @@ class _Children:
 
 
 class Metrics:
+    """The proxy's metrics. In a worker of ``--workers N`` (``$PROMETHEUS_MULTIPROC_DIR`` set
+    before prometheus_client was imported) every value goes to the multiprocess files the
+    supervisor sums; gauges fed by a function are then set from it by ``refresh()``, which the
+    worker's heartbeat calls every second (each gauge says how workers' values combine)."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        self._functions: list[tuple[Any, Callable[[], float]]] = []
         r = self.registry
         self.requests = Counter(
             "cocalcproxy_requests",
@@ -97,12 +106,18 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "cocalcproxy_requests_in_flight", "Requests being handled now.", registry=r
+            "cocalcproxy_requests_in_flight",
+            "Requests being handled now.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.websocket_relays = Gauge(
-            "cocalcproxy_websocket_relays_open", "Open WebSocket relays.", registry=r
+            "cocalcproxy_websocket_relays_open",
+            "Open WebSocket relays.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
-        self.websocket_relays.set_function(lambda: 0.0)
+        self._set_function(self.websocket_relays, lambda: 0.0)
         self.backend_failures = Counter(
             "cocalcproxy_backend_connection_failures",
             "Backend connections that could not be made or broke, by reason.",
@@ -146,8 +161,9 @@ class Metrics:
             "1 while the directory answers, 0 during an outage (cached decisions may still be "
             "used for --directory-grace seconds).",
             registry=r,
+            multiprocess_mode="livemin",
         )
-        self.directory_up.set_function(lambda: 1.0)
+        self._set_function(self.directory_up, lambda: 1.0)
         self.access_log_lost = Counter(
             "cocalcproxy_access_log_lines_lost",
             "Access-log lines that could not be written (full disk, file not open).",
@@ -158,11 +174,13 @@ class Metrics:
             "1 while the directory's change notifications are heard (PostgreSQL LISTEN), "
             "else 0 (SQLite has none: changes are polled once a second).",
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.certificate_expiry = Gauge(
             "cocalcproxy_tls_certificate_expiry_timestamp_seconds",
             "When the served TLS certificate expires (Unix time).",
             registry=r,
+            multiprocess_mode="livemin",
         )
 
     # reporting API for the other parts of the proxy
@@ -199,19 +217,32 @@ class Metrics:
         self._directory_query(operation).observe(seconds)
 
     def set_websocket_relays(self, count: Callable[[], int]) -> None:
-        self.websocket_relays.set_function(lambda: float(count()))
+        self._set_function(self.websocket_relays, lambda: float(count()))
 
     def set_directory_notifications(self, up: Callable[[], bool]) -> None:
-        self.directory_notifications.set_function(lambda: 1.0 if up() else 0.0)
+        self._set_function(self.directory_notifications, lambda: 1.0 if up() else 0.0)
 
     def set_directory_up(self, up: Callable[[], bool]) -> None:
-        self.directory_up.set_function(lambda: 1.0 if up() else 0.0)
+        self._set_function(self.directory_up, lambda: 1.0 if up() else 0.0)
 
     def set_in_flight(self, count: Callable[[], int]) -> None:
-        self.in_flight.set_function(lambda: float(count()))
+        self._set_function(self.in_flight, lambda: float(count()))
 
     def set_certificate_expiry(self, when: Callable[[], float]) -> None:
-        self.certificate_expiry.set_function(when)
+        self._set_function(self.certificate_expiry, when)
+
+    def _set_function(self, gauge: Any, function: Callable[[], float]) -> None:
+        if not self.multiprocess:
+            gauge.set_function(function)
+            return
+        self._functions = [(g, f) for g, f in self._functions if g is not gauge]
+        self._functions.append((gauge, function))
+        gauge.set(function())
+
+    def refresh(self) -> None:
+        """Multiprocess mode: write the function-fed gauges' values (a no-op otherwise)."""
+        for gauge, function in self._functions:
+            gauge.set(function())
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -251,12 +282,25 @@ class TimedDirectory:
         return timed
 
 
+class Summed:
+    """The supervisor's view of ``--workers N``: the sum of every worker's metric files."""
+
+    def __init__(self, folder: str) -> None:
+        from prometheus_client import multiprocess
+
+        self.registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(self.registry, path=folder)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
 class MetricsResource(resource.Resource):
     """``/metrics`` in the Prometheus text format; everything else is 404."""
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics | Summed) -> None:
         super().__init__()
         self.metrics = metrics
 
@@ -276,7 +320,11 @@ class MetricsResource(resource.Resource):
         return self.metrics.exposition()
 
 
-def metrics_site(metrics: Metrics, reactor: Any) -> server.Site:
+def multiprocess_site(folder: str, reactor: Any) -> server.Site:
+    return metrics_site(Summed(folder), reactor)
+
+
+def metrics_site(metrics: Metrics | Summed, reactor: Any) -> server.Site:
     site = QuietSite(MetricsResource(metrics), reactor=reactor)
     site.displayTracebacks = False
     return site

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -124,6 +125,31 @@ class _NamedCoerce(usage.CoerceParameter):
         self.options.opts[parameterName] = coerced
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which taskset and systemd's
+    CPUAffinity= narrow), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+MAX_WORKERS = 256
+
+
+def _workers(value: str) -> int:
+    """``auto`` (one per usable CPU) or a whole number from 1."""
+    if value.strip().lower() == "auto":
+        return usable_cpus()
+    number = _positive_int(value)
+    if number > MAX_WORKERS:
+        raise ValueError(f"at most {MAX_WORKERS}")
+    return number
+
+
+_workers.coerceDoc = "A whole number from 1, or auto."  # type: ignore[attr-defined]
+
+
 def _default_ports(value: str) -> PortSet | None:
     """``auto`` (None) or a port list."""
     if value.strip().lower() == "auto":
@@ -187,6 +213,15 @@ class Options(usage.Options):
             "Serve https://<pid>-<port>.DOMAIN/ and https://<pid>-raw.DOMAIN/ (subdomain routing).",
         ],
         ["metrics", None, None, "Plain-HTTP endpoint for Prometheus /metrics (bind to loopback)."],
+        [
+            "workers",
+            None,
+            "1",
+            "Worker processes serving the listeners: a number, or auto for one per usable CPU. "
+            "Above 1, a supervising process binds every listener, hands it to the workers, "
+            "restarts a worker that dies and sums their metrics. 1 is one process as before.",
+            _workers,
+        ],
         [
             "admin-api",
             None,
@@ -414,6 +449,8 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if isinstance(self["absolute-url-redirect"], str):  # the default is not coerced
             self["absolute-url-redirect"] = _on_off(self["absolute-url-redirect"])
+        if isinstance(self["workers"], str):
+            self["workers"] = _workers(self["workers"])
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         if self["state-dir"] is None:
@@ -454,7 +491,11 @@ class CommandLineOptions(Options):
     option); ``--help`` still prints it.
     """
 
+    # The arguments as given, which a supervisor hands on to its worker processes.
+    argv: list[str] = []
+
     def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
+        self.argv = list(sys.argv[1:] if options is None else options)
         try:
             super().parseOptions(options)
         except usage.UsageError as e:

@@ -19,7 +19,18 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from cocalcproxy import accesslog, adminapi, backendio, backends, forward, raw, relay, systemd, tls
+from cocalcproxy import (
+    accesslog,
+    adminapi,
+    backendio,
+    backends,
+    forward,
+    raw,
+    relay,
+    systemd,
+    tls,
+    workers,
+)
 from cocalcproxy import directory as directory_module
 from cocalcproxy import metrics as metrics_module
 from cocalcproxy import operations as ops
@@ -45,9 +56,13 @@ class ListenerService(service.Service):
         factory: Any,
         label: str,
         own: backends.OwnListeners | None = None,
+        adopt: tuple[int, int] | None = None,
     ) -> None:
         self.reactor = reactor
         self.description = description
+        # (descriptor, address family) of a socket already listening, handed down by the
+        # supervisor of worker processes (cocalcproxy.workers): adopted instead of bound.
+        self.adopt = adopt
         self.factory = factory
         self.label = label
         self.port: IListeningPort | None = None
@@ -84,8 +99,15 @@ class ListenerService(service.Service):
     def startService(self) -> None:  # noqa: N802
         super().startService()
         try:
-            endpoint = serverFromString(self.reactor, self.description)
-            d = endpoint.listen(self.factory)
+            if self.adopt is not None:
+                fd, family = self.adopt
+                os.set_blocking(fd, False)  # Twisted accepts in a loop until EAGAIN
+                adopted = self.reactor.adoptStreamPort(fd, family, self.factory)
+                os.close(fd)  # adoptStreamPort listens on a duplicate
+                d = defer.succeed(adopted)
+            else:
+                endpoint = serverFromString(self.reactor, self.description)
+                d = endpoint.listen(self.factory)
         except Exception:
             # e.g. systemd:...:name=https when no such descriptor was passed (KeyError)
             d = defer.fail()
@@ -484,6 +506,8 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
 
         reactor = global_reactor
     proxy = ProxyService(reactor, options)
+    # Set when this process is one of --workers N (its listeners come from the supervisor).
+    spec = workers.WorkerSpec.from_environ()
 
     prepare_state_dir(options["state-dir"])
     cert, key = options["tls-cert"], options["tls-key"]
@@ -611,7 +635,9 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     if options["access-log"] != "off":
         try:
             proxy.access_log = accesslog.AccessLog(
-                options["access-log"], on_lost=proxy.metrics.access_log_lines_lost
+                options["access-log"],
+                on_lost=proxy.metrics.access_log_lines_lost,
+                pipe_fd=spec.access_log_fd if spec is not None else None,
             )
         except OSError as e:
             raise usage.UsageError(
@@ -636,10 +662,17 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     DrainService(
         reactor, site, options["shutdown-timeout"], factories, proxy.on_shutdown
     ).setServiceParent(proxy)
-    for description in options["listen"]:
+    for number, description in enumerate(options["listen"]):
         factory = TrackingTLSFactory(creator, site)
         factories.append(factory)
-        listener = ListenerService(reactor, description, factory, "HTTPS", proxy.own_listeners)
+        listener = ListenerService(
+            reactor,
+            description,
+            factory,
+            "HTTPS",
+            proxy.own_listeners,
+            adopt=spec.listen[number] if spec is not None else None,
+        )
         listener.setServiceParent(proxy)
         proxy.listeners.append(listener)
     if options["redirect-http"]:
@@ -654,9 +687,14 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
             redirect_site,
             "HTTP redirect",
             proxy.own_listeners,
+            adopt=spec.redirect if spec is not None else None,
         )
         proxy.redirect_listener.setServiceParent(proxy)
-    if options["metrics"]:
+    if spec is not None:
+        # The supervisor serves --metrics (the sum of all workers); no route may reach it.
+        for label, port, path in spec.own:
+            proxy.own_listeners.add(label, port=port, path=path)
+    elif options["metrics"]:
         metrics_site = metrics_module.metrics_site(proxy.metrics, reactor)
         metrics_site.request_head_timeout = options["request-head-timeout"]  # type: ignore[attr-defined]
         proxy.metrics_listener = ListenerService(
@@ -668,9 +706,17 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         )
         proxy.metrics_listener.setServiceParent(proxy)
     if options["admin-api"]:
-        _admin_api(proxy, options, opened, creator, reactor)
-    proxy.systemd = systemd.SystemdService(reactor, proxy.all_listening)
-    proxy.systemd.setServiceParent(proxy)
+        _admin_api(
+            proxy, options, opened, creator, reactor, spec.admin_api if spec is not None else None
+        )
+    if spec is not None:
+        # A worker tells its supervisor, not systemd, that it listens, and sends heartbeats.
+        workers.WorkerLink(
+            reactor, spec, proxy.all_listening, tick=[proxy.metrics.refresh]
+        ).setServiceParent(proxy)
+    else:
+        proxy.systemd = systemd.SystemdService(reactor, proxy.all_listening)
+        proxy.systemd.setServiceParent(proxy)
     return proxy
 
 
@@ -734,7 +780,14 @@ def _refuse_unauthenticated_admin_api(opened: Any) -> None:
         )
 
 
-def _admin_api(proxy: ProxyService, options: Any, opened: Any, creator: Any, reactor: Any) -> None:
+def _admin_api(
+    proxy: ProxyService,
+    options: Any,
+    opened: Any,
+    creator: Any,
+    reactor: Any,
+    adopt: tuple[int, int] | None = None,
+) -> None:
     """The admin API listener: TLS with the proxy's certificate unless loopback or Unix."""
     site: Any = adminapi.api_site(opened, sharing_policy(options), reactor)
     site.request_head_timeout = options["request-head-timeout"]
@@ -742,7 +795,7 @@ def _admin_api(proxy: ProxyService, options: Any, opened: Any, creator: Any, rea
     factory = TLSMemoryBIOFactory(creator, False, site) if adminapi.needs_tls(description) else site
     # Registered among the proxy's own listeners: no project route can ever reach it.
     proxy.admin_api_listener = ListenerService(
-        reactor, description, factory, "admin API", proxy.own_listeners
+        reactor, description, factory, "admin API", proxy.own_listeners, adopt=adopt
     )
     proxy.admin_api_listener.setServiceParent(proxy)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application import service
@@ -23,6 +23,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 log = Logger()
+
+
+# What systemd hands the service's main process only: a worker process started under a
+# supervisor must not see them (it would claim readiness, pet the watchdog or adopt sockets).
+SUPERVISOR_ONLY_ENV = frozenset(
+    {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"}
+)
 
 
 def notify_address(environ: Mapping[str, str]) -> str | bytes | None:
@@ -108,7 +115,8 @@ class SystemdService(service.Service):
 
     ``ready`` is a function returning a Deferred that fires once the proxy is really serving
     (``ProxyService.all_listening``); if it fails, nothing claims readiness and systemd sees the
-    process exit instead.
+    process exit instead. ``healthy``, when given, is asked before each watchdog ping: no ping
+    while it says no (a supervisor whose worker stopped sending heartbeats).
     """
 
     def __init__(
@@ -117,10 +125,12 @@ class SystemdService(service.Service):
         ready: Any,
         environ: Mapping[str, str] | None = None,
         pid: int | None = None,
+        healthy: Callable[[], bool] | None = None,
     ) -> None:
         env = os.environ if environ is None else environ
         self.clock = clock
         self.ready = ready
+        self.healthy = healthy
         self.notifier = Notifier(env)
         self.interval = watchdog_interval(env, os.getpid() if pid is None else pid)
         self._watchdog: task.LoopingCall | None = None
@@ -132,11 +142,15 @@ class SystemdService(service.Service):
         if not self.notifier.enabled:
             return
         if self.interval is not None:
-            self._watchdog = task.LoopingCall(self.notifier.notify, WATCHDOG=1)
+            self._watchdog = task.LoopingCall(self._pet)
             self._watchdog.clock = self.clock
             self._watchdog.start(self.interval, now=True)
         d: defer.Deferred[Any] = defer.maybeDeferred(self.ready)
         d.addCallbacks(self._ready, self._not_ready)
+
+    def _pet(self) -> None:
+        if self.healthy is None or self.healthy():
+            self.notifier.notify(WATCHDOG=1)
 
     def _ready(self, _: object) -> None:
         if not self.running:

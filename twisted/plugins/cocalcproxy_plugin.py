@@ -18,11 +18,16 @@ class CocalcProxyServiceMaker:
     options = CommandLineOptions
 
     def makeService(self, options: Any) -> Any:  # noqa: N802
+        import os
+
         from twisted.python.usage import UsageError
 
         from cocalcproxy.service import build_service
+        from cocalcproxy.workers import ENV, build_supervisor
 
         try:
+            if options["workers"] > 1 and not os.environ.get(ENV):
+                return build_supervisor(options)
             proxy = build_service(options)
             proxy.exit_on_listen_failure = True
             return proxy
