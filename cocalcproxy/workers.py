@@ -608,14 +608,17 @@ class Supervisor(service.MultiService):
             how=how,
         )
         self.exit_status = 1
+        self.stopping = True  # the other workers' ends are part of the stop, not more deaths
 
         def exit_1() -> None:
             sys.stdout.flush()
             os._exit(1)
 
         self.reactor.addSystemEventTrigger("after", "shutdown", exit_1)
-        if self.reactor.running:
+        try:
             self.reactor.stop()
+        except error.ReactorNotRunning:
+            pass
 
     def _check_heartbeats(self) -> None:
         now = self.now()
