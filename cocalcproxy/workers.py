@@ -84,6 +84,8 @@ class WorkerSpec:
     own: list[tuple[str, int | None, str | None]] = field(default_factory=list)
     report_fd: int = REPORT_FD
     access_log_fd: int = ACCESS_LOG_FD
+    # Standard input: a pipe from the supervisor, whose end means the supervisor is gone.
+    parent_fd: int = 0
 
     def encode(self) -> str:
         return json.dumps(
@@ -95,6 +97,7 @@ class WorkerSpec:
                 "own": self.own,
                 "report_fd": self.report_fd,
                 "access_log_fd": self.access_log_fd,
+                "parent_fd": self.parent_fd,
             }
         )
 
@@ -113,6 +116,7 @@ class WorkerSpec:
             own=[(str(label), port, path) for label, port, path in data.get("own", [])],
             report_fd=int(data.get("report_fd", REPORT_FD)),
             access_log_fd=int(data.get("access_log_fd", ACCESS_LOG_FD)),
+            parent_fd=int(data.get("parent_fd", 0)),
         )
 
     @classmethod
@@ -193,7 +197,7 @@ class WorkerLink(service.Service):
         super().startService()
         os.set_blocking(self.spec.report_fd, False)
         if self.watch_parent:
-            self._watch = _ParentWatch(self.reactor, 0, self._parent_gone)
+            self._watch = _ParentWatch(self.reactor, self.spec.parent_fd, self._parent_gone)
             self._watch.startReading()
         d: defer.Deferred[Any] = defer.maybeDeferred(self.ready)
         d.addCallbacks(self._listening, lambda failure: None)

@@ -227,3 +227,54 @@ class WatchdogTests(unittest.TestCase):
         healthy[0] = True
         clock.advance(1)
         self.assertEqual(receiver.messages(), [b"WATCHDOG=1"])
+
+
+class WorkerModeTests(unittest.TestCase):
+    """``build_service`` in a worker: adopts the socket it is handed, registers it and the
+    supervisor's metrics listener among its own endpoints, and reports ``ready``."""
+
+    @defer.inlineCallbacks
+    def test_adopts_registers_and_reports(self):  # type: ignore[no-untyped-def]
+        from twisted.internet import reactor
+
+        from cocalcproxy.service import build_service
+        from tests.support import options_for
+
+        address = workers.tcp_address("tcp:0:interface=127.0.0.1")
+        assert address is not None
+        (sock,) = workers.bind_reuseport(address, 1)
+        self.addCleanup(sock.close)
+        port = sock.getsockname()[1]
+        report_r, report_w = os.pipe()
+        parent_r, parent_w = os.pipe()
+        for fd in (report_r, report_w, parent_r, parent_w):
+            self.addCleanup(lambda fd=fd: _close(fd))
+        spec = workers.WorkerSpec(
+            index=0,
+            listen=[(os.dup(sock.fileno()), socket.AF_INET)],
+            own=[("Prometheus metrics listener", 59999, None)],
+            report_fd=report_w,
+            parent_fd=parent_r,
+        )
+        os.environ[workers.ENV] = spec.encode()
+        self.addCleanup(os.environ.pop, workers.ENV, None)
+        state = self.mktemp()
+        os.makedirs(state)
+        proxy = build_service(options_for(state, "--workers", "2"), reactor)
+        self.assertNotIn(workers.ENV, os.environ)  # nothing the worker starts inherits it
+        proxy.startService()
+        self.addCleanup(proxy.stopService)
+        yield proxy.all_listening()
+        self.assertEqual(proxy.listeners[0].port.getHost().port, port)
+        self.assertIn(port, proxy.own_listeners.local_ports())
+        self.assertIn(59999, proxy.own_listeners.local_ports())
+        self.assertIsNone(proxy.systemd)  # the supervisor talks to systemd, not a worker
+        os.set_blocking(report_r, False)
+        self.assertTrue(os.read(report_r, 100).startswith(b"ready\n"))
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
