@@ -197,10 +197,29 @@ class WorkerLink(service.Service):
         super().startService()
         os.set_blocking(self.spec.report_fd, False)
         if self.watch_parent:
+            if not getattr(self.reactor, "running", True):
+                # After Twisted's own handlers, which it installs as the reactor starts (under
+                # twistd the service starts first; a reactor already running is a test's).
+                self.reactor.callWhenRunning(self._signals)
             self._watch = _ParentWatch(self.reactor, self.spec.parent_fd, self._parent_gone)
             self._watch.startReading()
         d: defer.Deferred[Any] = defer.maybeDeferred(self.ready)
         d.addCallbacks(self._listening, lambda failure: None)
+
+    def _signals(self) -> None:
+        """SIGINT (a terminal's Ctrl-C reaches every process of the group) is the supervisor's
+        to handle: it passes SIGTERM on. A second SIGTERM while draining changes nothing."""
+        if hasattr(signal, "SIGINT"):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stopping = [False]
+
+        def stop_once(signum: int, frame: object) -> None:
+            if not stopping[0]:
+                stopping[0] = True
+                log.info("SIGTERM: draining this worker")
+                self.reactor.callFromThread(self.reactor.stop)
+
+        signal.signal(signal.SIGTERM, stop_once)
 
     def _listening(self, _: object) -> None:
         if not self.running:
@@ -697,6 +716,10 @@ class Supervisor(service.MultiService):
             log.info("stopping {n} worker(s): each drains its requests", n=len(running))
             for worker in running:
                 worker.signal(signal.SIGTERM)
+        # Close our copies of the listening sockets: once the workers have closed theirs, new
+        # connections are refused, as with one process (no worker would ever accept them).
+        self._close_bound()
+        if running:
             ended: defer.Deferred[None] = defer.Deferred()
             self._ended.append(ended)
             self._check_all_ended()
@@ -709,7 +732,6 @@ class Supervisor(service.MultiService):
                     if left is not None:
                         left.signal(signal.SIGKILL)
         await defer.maybeDeferred(service.MultiService.stopService, self)
-        self._close_bound()
         if self.metrics_port is not None:
             await defer.maybeDeferred(self.metrics_port.stopListening)
         shutil.rmtree(self.metrics_dir, ignore_errors=True)

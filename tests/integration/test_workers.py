@@ -371,3 +371,78 @@ class SystemdWorkerTests(unittest.TestCase):
         self.assertIn(b"WATCHDOG=1", b"\n".join(proxy.messages(b"WATCHDOG=1")))
         proxy.process.send_signal(signal.SIGTERM)
         self.assertEqual(proxy.process.wait(timeout=60), 0, proxy.output()[-3000:])
+
+
+class DrainTests(unittest.TestCase):
+    def test_requests_in_flight_on_every_worker_finish_after_sigterm(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from tests.integration.test_shutdown import project_with_token, refused
+
+        entered = threading.Semaphore(0)
+        release = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                entered.release()
+                release.wait(60)
+                body = b"slow answer\n" * 1000
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        self.addCleanup(release.set)
+
+        state = str(Path(self.mktemp()).absolute())
+        pid, token = project_with_token(state)
+        proxy = ProxyProcess(state, "--workers", "2").start()
+        self.addCleanup(
+            lambda: proxy.stop() if proxy.process and proxy.process.poll() is None else 0
+        )
+        pids = wait_serving(proxy, 2)
+
+        # Open connections until both workers hold at least one, then a slow request on each.
+        held: list[ssl.SSLSocket] = []
+        for _ in range(64):
+            held.append(open_tls(proxy))
+            counts = {i: established(p, proxy.port) for i, p in pids.items()}
+            if len(held) >= 4 and all(counts.values()) and sum(counts.values()) == len(held):
+                break
+        self.assertTrue(all(counts.values()), counts)
+        request = (
+            f"GET /{pid}/server/{server.server_address[1]}/slow HTTP/1.1\r\n"
+            f"Host: localhost\r\nAuthorization: Bearer {token}\r\n\r\n"
+        ).encode()
+        for sock in held:
+            sock.sendall(request)
+        for _ in held:
+            self.assertTrue(entered.acquire(timeout=30), proxy.output()[-3000:])
+
+        proxy.signal(signal.SIGTERM)
+        wait_for(lambda: refused(proxy.port), 30, "the listeners to close")
+        assert proxy.process is not None
+        self.assertIsNone(proxy.process.poll())
+        release.set()
+        for sock in held:
+            data = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            sock.close()
+            head, _, body = data.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+            self.assertIn(b"connection: close", head.lower())
+            self.assertEqual(body, b"slow answer\n" * 1000)
+        self.assertEqual(proxy.process.wait(timeout=60), 0, proxy.output()[-3000:])
+        self.assertEqual(proxy.output().count("stopped cleanly"), 3)
