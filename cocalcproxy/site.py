@@ -561,6 +561,19 @@ class ProxyChannel(HTTPChannel):
         prebody.stop_parsing(self)
         self.loseConnection()
 
+    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:  # noqa: N802
+        # Twisted takes "Transfer-Encoding: chunked" then a second "Transfer-Encoding:
+        # identity" line for chunked, and ignores "identity" alone (even beside a
+        # Content-Length). RFC 9112 section 6.1: a request whose transfer codings do not end
+        # with exactly one chunked is refused with 400, and "identity" is no coding at all. A
+        # server in front that reads such framing otherwise would split the stream elsewhere
+        # than the proxy (request smuggling), so anything but one "chunked" line is refused.
+        if header == b"Transfer-Encoding" and (
+            data.lower() != b"chunked" or self._transferDecoder is not None
+        ):
+            return bool(self._failChooseTransferDecoder())
+        return bool(super()._maybeChooseTransferDecoder(header, data))
+
     def _respondToBadRequestAndDisconnect(self) -> None:  # noqa: N802
         # A malformed request, body or chunk. Twisted's own answer is a bare "400 Bad Request"
         # head (no length, no Connection: close); ours says that the connection closes. Then

@@ -478,6 +478,47 @@ class Limits(unittest.TestCase):
         self.assertEqual(self.backend.stats.client_ports, [])
 
     @inlineCallbacks
+    def test_transfer_codings_other_than_one_chunked_are_refused(self):  # type: ignore[no-untyped-def]
+        """RFC 9112 6.1: Twisted alone read "chunked" then "identity" on a second line as
+        chunked, and ignored "identity" (beside a Content-Length too): a server in front that
+        frames these otherwise would see a different next request (smuggling). Each is a 400
+        that closes; the smuggled request never reaches the backend."""
+        target = f"/{PID}/server/{self.backend.port}/x".encode()
+        smuggled = b"GET " + target + b"?smuggled HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        chunked_body = b"3\r\nabc\r\n0\r\n\r\n"
+        for framing, body in [
+            (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity", chunked_body),
+            (b"Transfer-Encoding: identity\r\nTransfer-Encoding: chunked", chunked_body),
+            (b"Transfer-Encoding: identity\r\nContent-Length: 3", b"abc"),
+            (b"Content-Length: 3\r\nTransfer-Encoding: identity", b"abc"),
+            (b"Transfer-Encoding: identity", b""),
+        ]:
+            raw = yield raw_request(
+                self,
+                self.proxy,
+                b"POST "
+                + target
+                + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                + framing
+                + b"\r\n\r\n"
+                + body
+                + smuggled,
+            )
+            self.assertTrue(raw.startswith(b"HTTP/1.1 400 "), (framing, raw[:200]))
+            self.assertEqual(raw.count(b"HTTP/1.1 "), 1, (framing, raw[:400]))
+        self.assertEqual(self.backend.stats.client_ports, [], "nothing reached the backend")
+        # One chunked line still works.
+        raw = yield raw_request(
+            self,
+            self.proxy,
+            b"POST " + target + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            b"Transfer-Encoding: Chunked\r\n\r\n" + chunked_body,
+        )
+        head, answer = head_and_body(raw)
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), raw[:200])
+        self.assertEqual(json.loads(answer)["body_length"], 3)
+
+    @inlineCallbacks
     def test_at_the_limit_passes(self):  # type: ignore[no-untyped-def]
         client = https_client(self, self.proxy.cert_path)
         response = yield client.post(
