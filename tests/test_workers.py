@@ -191,6 +191,17 @@ class SupervisorTests(unittest.TestCase):
         self.assertFalse(reactor.stopped)
         self.assertIsNone(supervisor.exit_status)
 
+    def test_an_ended_workers_live_gauges_are_dropped(self) -> None:
+        supervisor, reactor = self.make()
+        ended = reactor.spawned[0][0]
+        folder = supervisor.metrics_dir
+        for name in (f"gauge_livesum_{ended.pid}.db", f"counter_{ended.pid}.db"):
+            with open(os.path.join(folder, name), "wb"):
+                pass
+        ended.processEnded(killed())
+        # Its in-flight requests and relays no longer count; what it counted stays counted.
+        self.assertEqual(os.listdir(folder), [f"counter_{ended.pid}.db"])
+
     def test_a_silent_worker_is_killed_and_unhealthy_meanwhile(self) -> None:
         supervisor, reactor = self.make()
         for proto, _, _ in reactor.spawned:

@@ -266,6 +266,14 @@ class WorkerTests(unittest.TestCase):
 
         wait_for(lambda: total() == 20, 20, "20 requests counted")
         self.assertEqual(total(), 20)
+        # Gauges combine as their mode says: the directory is up (the minimum over workers),
+        # one series each, not one per worker.
+        conn = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        up = [line for line in text.splitlines() if line.startswith("cocalcproxy_directory_up")]
+        self.assertEqual(up, ["cocalcproxy_directory_up 1.0"])
         self.assertEqual(proxy.stop(), 0, proxy.output()[-3000:])
 
     def test_access_log_on_standard_output_has_whole_lines(self) -> None:
