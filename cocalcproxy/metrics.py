@@ -286,12 +286,17 @@ class Summed:
     """The supervisor's view of ``--workers N``: the sum of every worker's metric files."""
 
     def __init__(self, folder: str) -> None:
-        from prometheus_client import multiprocess
-
-        self.registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(self.registry, path=folder)
+        self.folder = folder
+        self.registry: CollectorRegistry | None = None
 
     def exposition(self) -> bytes:
+        if self.registry is None:
+            # Made at the first scrape: the folder is created once privileges are dropped,
+            # after this listener was bound.
+            from prometheus_client import multiprocess
+
+            self.registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.registry, path=self.folder)
         return generate_latest(self.registry)
 
 

@@ -531,6 +531,9 @@ class Supervisor(service.MultiService):
     # workers
 
     def startService(self) -> None:  # noqa: N802
+        # Here, not before: twistd has dropped privileges (-u/-g), and the workers, which run
+        # as that user, must be able to write their metric files.
+        prepare_metrics_dir(self.metrics_dir)
         super().startService()
         if hasattr(signal, "SIGHUP"):
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
@@ -765,12 +768,10 @@ def _mark_dead(pid: int, folder: str) -> None:
         log.failure("cleaning up the metrics of an ended worker")
 
 
-def prepare_metrics_dir(state_dir: str) -> str:
+def prepare_metrics_dir(folder: str) -> None:
     """A fresh folder for the workers' metric files (old files would add old counts)."""
-    folder = os.path.join(os.path.abspath(state_dir), "metrics")
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder, mode=0o700)
-    return folder
 
 
 @dataclass
@@ -814,7 +815,11 @@ def build_supervisor(options: Any, reactor: Any = None) -> Supervisor:
         sync.close()
     argv = list(getattr(options, "argv", []))
     supervisor = Supervisor(
-        reactor, options, argv, options["workers"], prepare_metrics_dir(options["state-dir"])
+        reactor,
+        options,
+        argv,
+        options["workers"],
+        os.path.join(os.path.abspath(options["state-dir"]), "metrics"),
     )
     supervisor.systemd = systemd.SystemdService(
         reactor, lambda: supervisor.all_ready, healthy=supervisor.healthy

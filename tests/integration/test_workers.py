@@ -329,6 +329,21 @@ class WorkerTests(unittest.TestCase):
         self.assertNotIn("Traceback", output)
 
 
+class ListenFailureTests(unittest.TestCase):
+    def test_a_port_taken_is_one_line_and_status_1(self) -> None:
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        proxy = ProxyProcess(self.mktemp(), "--workers", "2", port=taken.getsockname()[1]).start()
+        assert proxy.process is not None
+        self.assertEqual(proxy.process.wait(timeout=60), 1)
+        output = proxy.output()
+        self.assertIn("cocalcproxy: cannot listen: Address already in use", output)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("worker 0 started", output)
+
+
 class SystemdWorkerTests(unittest.TestCase):
     def test_ready_only_after_every_worker_listens(self) -> None:
         proxy = Activated(
