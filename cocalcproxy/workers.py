@@ -341,6 +341,8 @@ class Bound:
     fds: list[int]
     shared: bool
     close: Callable[[], object]
+    # The bound address, for the log (the port that port 0 became, the socket's path).
+    where: str = ""
 
     def fd_for(self, index: int) -> int:
         return self.fds[0] if self.shared else self.fds[index]
@@ -356,8 +358,15 @@ def bind_listener(reactor: Any, description: str, label: str, count: int) -> Bou
             for sock in sockets:
                 sock.close()
 
+        host, port = sockets[0].getsockname()[:2]
         return Bound(
-            label, description, address.family, [s.fileno() for s in sockets], False, close_all
+            label,
+            description,
+            address.family,
+            [s.fileno() for s in sockets],
+            False,
+            close_all,
+            f"{host} port {port}",
         )
     # A Unix socket or a descriptor systemd passed: bound (adopted) once, never accepted on here.
     failures: list[Failure] = []
@@ -371,7 +380,9 @@ def bind_listener(reactor: Any, description: str, label: str, count: int) -> Bou
     port = ports[0]
     port.stopReading()
     family = int(getattr(port, "addressFamily", socket.AF_INET))
-    return Bound(label, description, family, [port.fileno()], True, port.stopListening)
+    return Bound(
+        label, description, family, [port.fileno()], True, port.stopListening, str(port.getHost())
+    )
 
 
 class WorkerProcess(protocol.ProcessProtocol):
@@ -487,9 +498,10 @@ class Supervisor(service.MultiService):
             raise SystemExit(f"cocalcproxy: cannot listen: {why}") from None
         for bound in self.bound:
             log.info(
-                "{label} listening on {desc} for {n} worker(s) ({how})",
+                "{label} listening on {desc} ({where}) for {n} worker(s) ({how})",
                 label=bound.label,
                 desc=bound.description,
+                where=bound.where,
                 n=self.count,
                 how="one socket shared" if bound.shared else "SO_REUSEPORT, a socket each",
             )

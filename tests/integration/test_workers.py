@@ -329,6 +329,54 @@ class WorkerTests(unittest.TestCase):
         self.assertNotIn("Traceback", output)
 
 
+class OtherListenerTests(unittest.TestCase):
+    def test_unix_listener_shared_and_admin_api_with_workers(self) -> None:
+        import tempfile
+
+        from tests.integration.test_admin_api_listener import make_admin_token
+
+        state = str(Path(self.mktemp()).absolute())
+        os.makedirs(state)
+        token = make_admin_token(state)
+        folder = tempfile.mkdtemp(prefix="cp-w-")  # short: AF_UNIX paths are limited
+        self.addCleanup(lambda: __import__("shutil").rmtree(folder, True))
+        path = os.path.join(folder, "https.sock")
+        proxy = ProxyProcess(
+            state,
+            "--workers",
+            "2",
+            "--listen",
+            f"unix:{path}",
+            "--admin-api",
+            "tcp:0:interface=127.0.0.1",
+        ).start()
+        self.addCleanup(
+            lambda: proxy.stop() if proxy.process and proxy.process.poll() is None else 0
+        )
+        wait_serving(proxy, 2)
+        output = proxy.output()
+        self.assertIn(f"HTTPS listening on unix:{path}", output)
+        self.assertIn("one socket shared", output)
+        match = re.search(r"admin API listening on \S+ \(127.0.0.1 port (\d+)\)", output)
+        assert match is not None, output[-3000:]
+        # HTTPS over the shared Unix socket, served by the workers.
+        for _ in range(4):
+            raw = socket.socket(socket.AF_UNIX)
+            raw.settimeout(30)
+            raw.connect(path)
+            with context(proxy).wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                self.assertTrue(tls.recv(100).startswith(b"HTTP/1.1 "))
+        # The admin API, through a worker (plain HTTP on loopback).
+        conn = http.client.HTTPConnection("127.0.0.1", int(match.group(1)), timeout=30)
+        conn.request("GET", "/v1/users", headers={"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(json.loads(response.read()), {"items": [], "next_cursor": None})
+        conn.close()
+        self.assertEqual(proxy.stop(), 0, proxy.output()[-3000:])
+
+
 class ListenFailureTests(unittest.TestCase):
     def test_a_port_taken_is_one_line_and_status_1(self) -> None:
         taken = socket.socket()
