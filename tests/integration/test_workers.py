@@ -188,6 +188,26 @@ class WorkerTests(unittest.TestCase):
             self.assertFalse(os.path.exists(f"/proc/{pid}"), f"worker {pid} still runs")
         self.assertNotIn("Traceback", output)
 
+    def test_workers_stop_when_the_supervisor_is_killed(self) -> None:
+        proxy = start(self)
+        pids = wait_serving(proxy, 2)
+        assert proxy.process is not None
+        proxy.process.kill()
+        proxy.process.wait(timeout=30)
+
+        def gone() -> bool:
+            for pid in pids.values():
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        if f.read().split(")")[-1].split()[0] != "Z":
+                            return False
+                except FileNotFoundError:
+                    pass
+            return True
+
+        wait_for(gone, 30, "the orphaned workers to stop")
+        self.assertIn("the supervisor went away: stopping this worker", proxy.output())
+
     def test_sighup_reaches_every_worker(self) -> None:
         tls_dir = Path(self.mktemp()).absolute()
         cert, key, leaf, _ = tlsutil.write_pair(tls_dir, "first")
