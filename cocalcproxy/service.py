@@ -818,9 +818,12 @@ def _public_https_port(options: Any, proxy: ProxyService) -> int | None:
 
 
 def _listen_port(options: Any) -> int | None:
-    """The port of the first tcp listener as configured (0 for any), or None."""
+    """The port of the first tcp listener as configured (0 for any), or None. A listener that
+    takes the PROXY protocol (``haproxy:tcp:...``) counts by the port it wraps."""
     for description in options["listen"]:
         parts = description.split(":")
+        if parts[0] == "haproxy":
+            parts = parts[1:]
         if parts[0] in ("tcp", "tcp6", "ssl") and len(parts) > 1:
             for part in parts[1:]:
                 value = part.split("=", 1)[1] if part.startswith("port=") else part

@@ -87,6 +87,9 @@ class RedirectTests(unittest.TestCase):
         self.assertEqual(port_for("tcp:443"), None)
         self.assertEqual(port_for("tcp:port=9443:interface=127.0.0.1"), 9443)
         self.assertEqual(port_for("systemd:domain=INET:index=0"), None)
+        # Behind a load balancer speaking the PROXY protocol: the port it wraps.
+        self.assertEqual(port_for("haproxy:tcp:9443:interface=10.0.0.11"), 9443)
+        self.assertEqual(port_for("haproxy:tcp:443"), None)
 
 
 class FakeDirectory:

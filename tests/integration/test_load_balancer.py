@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 from twisted.trial import unittest
 
 from cocalcproxy import tls
+from cocalcproxy.guard.ratelimit import PER_ADDRESS
 from tests.directory_support import new_postgres_url
 from tests.integration.test_revocation_notify import http_ok, listener_pids, run_admin
 from tests.processes import ProxyProcess, wait_for
@@ -72,8 +73,9 @@ class Browser:
     """One HTTPS request per connection, sent to ``address`` whatever the URL's host; cookies
     kept per host (host-only, as the proxy sets them)."""
 
-    def __init__(self, port: int, cafile: str) -> None:
+    def __init__(self, port: int, cafile: str, source: str | None = None) -> None:
         self.port = port
+        self.source = source
         self.context = ssl.create_default_context(cafile=cafile)
         self.jar: dict[str, dict[str, str]] = {}
 
@@ -89,7 +91,8 @@ class Browser:
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = parts.port or 443
-        sock = socket.create_connection((address, self.port), timeout=10)
+        source = (self.source, 0) if self.source is not None else None
+        sock = socket.create_connection((address, self.port), timeout=10, source_address=source)
         conn = http.client.HTTPSConnection(host, port, context=self.context, timeout=10)
         conn.sock = self.context.wrap_socket(sock, server_hostname=host)
         try:
@@ -116,7 +119,9 @@ class Browser:
 class Balancer:
     """HAProxy in the foreground with its configuration in a temporary folder."""
 
-    def __init__(self, folder: Path, port: int, socket_folder: Path) -> None:
+    def __init__(
+        self, folder: Path, port: int, socket_folder: Path, proxy_protocol: bool = False
+    ) -> None:
         self.folder = folder
         # A Unix socket path must be short (HAProxy: 97 bytes): in its own /tmp folder.
         self.socket_path = socket_folder / "haproxy.sock"
@@ -145,7 +150,9 @@ backend proxies
     option httpchk
     http-check send meth GET uri /_/health ver HTTP/1.1 hdr Host {HOSTNAME}
     http-check expect status 200
-    default-server check check-ssl verify none check-sni {HOSTNAME} inter 200ms fall 1 rise 1
+    default-server check check-ssl verify none check-sni {HOSTNAME} inter 200ms fall 1 rise 1{
+                " send-proxy-v2 check-send-proxy" if proxy_protocol else ""
+            }
 {servers}
 """
         )
@@ -195,6 +202,9 @@ backend proxies
 
 
 class BehindHAProxy(unittest.TestCase):
+    #: HAProxy sends the PROXY protocol (v2) and the proxies listen with ``haproxy:tcp:...``.
+    proxy_protocol = False
+
     def setUp(self) -> None:
         self.url = new_postgres_url(self)
         run_admin(self.url, "init")
@@ -219,7 +229,12 @@ class BehindHAProxy(unittest.TestCase):
                 "--tls-key", key,
                 port=self.port,
                 interface=address,
-            ).start()  # fmt: skip
+            )  # fmt: skip
+            if self.proxy_protocol:
+                proxy.argv = [
+                    "haproxy:" + a if a.startswith(f"tcp:{self.port}:") else a for a in proxy.argv
+                ]
+            proxy.start()
             self.addCleanup(proxy.stop)
             self.proxies.append(proxy)
         for proxy in self.proxies:
@@ -229,7 +244,7 @@ class BehindHAProxy(unittest.TestCase):
         folder.mkdir(parents=True)
         socket_folder = Path(tempfile.mkdtemp(prefix="ccp-lb-"))
         self.addCleanup(shutil.rmtree, socket_folder, True)
-        self.balancer = Balancer(folder, self.port, socket_folder)
+        self.balancer = Balancer(folder, self.port, socket_folder, self.proxy_protocol)
         self.balancer.start()
         self.addCleanup(self.balancer.stop)
         wait_for(
@@ -398,3 +413,62 @@ class BehindHAProxy(unittest.TestCase):
             refused = attempt(address, "alice-pw")
             self.assertEqual(refused.status, 429, address)
             self.assertTrue(refused.headers.get("Retry-After"), address)
+
+    def test_the_per_address_limit_sees_what_the_balancer_passes_on(self) -> None:
+        # One client guesses at many names until its address is limited. With the PROXY
+        # protocol the proxies see each client's own address: another client, through the same
+        # balancer, still signs in. Without it every client is the balancer's address, and the
+        # other client is limited too (as the operator guide says).
+        guesser = Browser(self.port, self.cafile, source="127.0.0.9")
+        other = Browser(self.port, self.cafile, source="127.0.0.10")
+
+        def attempt(browser: Browser, name: str, password: str) -> int:
+            credentials = base64.b64encode(f"{name}:{password}".encode()).decode()
+            return browser.request(
+                BALANCER,
+                "GET",
+                self.main + self.project_path(),
+                headers={"Authorization": f"Basic {credentials}", "Accept": "*/*"},
+                keep_cookies=False,
+            ).status
+
+        statuses = [attempt(guesser, f"guess{i}", "x") for i in range(PER_ADDRESS[0])]
+        self.assertEqual(statuses, [401] * PER_ADDRESS[0])
+        self.assertEqual(attempt(guesser, "alice", "alice-pw"), 429)
+        self.assertEqual(attempt(other, "alice", "alice-pw"), 200 if self.proxy_protocol else 429)
+
+
+class BehindHAProxyWithProxyProtocol(BehindHAProxy):
+    """The same, with the PROXY protocol between HAProxy and the proxies: the proxies see each
+    client's own address, so the per-address sign-in limit is per client again."""
+
+    proxy_protocol = True
+
+    def test_sign_in_hop_removal_and_failover(self) -> None:
+        # Only through the balancer: a PROXY protocol listener drops a connection that does
+        # not start with a PROXY header (so a client reaching it directly cannot claim an
+        # address). The rest is the same as without the PROXY protocol.
+        direct = Browser(self.port, self.cafile)
+        with self.assertRaises((OSError, http.client.HTTPException)):
+            direct.request(MACHINES[0], "GET", self.main + "/_/health")
+        signed_in = self.sign_in(BALANCER, BALANCER, "bob", "bob-pw")
+        self.assertEqual((signed_in.status, signed_in.location), (303, "/"))
+        for _ in range(4):
+            answer = self.browser.request(BALANCER, "GET", self.main + self.project_path())
+            self.assertEqual(answer.status, 200)
+
+    def test_ten_bad_guesses_spread_across_the_machines_count_together(self) -> None:
+        # Names' limits count across machines as before, now through the balancer only.
+        def attempt(password: str) -> Answer:
+            credentials = base64.b64encode(f"alice:{password}".encode()).decode()
+            return self.browser.request(
+                BALANCER,
+                "GET",
+                self.main + self.project_path(),
+                headers={"Authorization": f"Basic {credentials}", "Accept": "*/*"},
+                keep_cookies=False,
+            )
+
+        for i in range(10):
+            self.assertEqual(attempt(f"wrong-{i}").status, 401, i)
+        self.assertEqual(attempt("alice-pw").status, 429)
