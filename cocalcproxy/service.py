@@ -13,11 +13,13 @@ from urllib.parse import urlsplit
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorCore
+from twisted.internet.interfaces import IListeningPort, IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from cocalcproxy import (
     accesslog,
@@ -100,11 +102,11 @@ class ListenerService(service.Service):
         super().startService()
         try:
             if self.adopt is not None:
-                fd, family = self.adopt
-                os.set_blocking(fd, False)  # Twisted accepts in a loop until EAGAIN
-                adopted = self.reactor.adoptStreamPort(fd, family, self.factory)
-                os.close(fd)  # adoptStreamPort listens on a duplicate
-                d = defer.succeed(adopted)
+                endpoint: Any = _Adopted(self.reactor, *self.adopt)
+                if self.description.split(":", 1)[0].lower() == "haproxy":
+                    # The supervisor bound haproxy:...; the PROXY protocol is the worker's.
+                    endpoint = proxyEndpoint(endpoint)
+                d = endpoint.listen(self.factory)
             else:
                 endpoint = serverFromString(self.reactor, self.description)
                 d = endpoint.listen(self.factory)
@@ -152,6 +154,22 @@ class ListenerService(service.Service):
             stopped: defer.Deferred[None] = defer.maybeDeferred(port.stopListening)
             return stopped
         return None
+
+
+@implementer(IStreamServerEndpoint)
+class _Adopted:
+    """A listening socket handed over by the supervisor (cocalcproxy.workers), as an endpoint."""
+
+    def __init__(self, reactor: Any, fd: int, family: int) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.family = family
+
+    def listen(self, factory: Any) -> defer.Deferred[IListeningPort]:
+        os.set_blocking(self.fd, False)  # Twisted accepts in a loop until EAGAIN
+        adopted = self.reactor.adoptStreamPort(self.fd, self.family, factory)
+        os.close(self.fd)  # adoptStreamPort listens on a duplicate
+        return defer.succeed(adopted)
 
 
 def register_own(own: backends.OwnListeners, label: str, address: Any) -> Callable[[], None]:

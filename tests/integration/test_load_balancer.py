@@ -204,6 +204,8 @@ backend proxies
 class BehindHAProxy(unittest.TestCase):
     #: HAProxy sends the PROXY protocol (v2) and the proxies listen with ``haproxy:tcp:...``.
     proxy_protocol = False
+    #: Worker processes per proxy (--workers).
+    workers = 1
 
     def setUp(self) -> None:
         self.url = new_postgres_url(self)
@@ -227,6 +229,7 @@ class BehindHAProxy(unittest.TestCase):
                 "--project-domain", DOMAIN,
                 "--tls-cert", cert,
                 "--tls-key", key,
+                "--workers", str(self.workers),
                 port=self.port,
                 interface=address,
             )  # fmt: skip
@@ -239,7 +242,11 @@ class BehindHAProxy(unittest.TestCase):
             self.proxies.append(proxy)
         for proxy in self.proxies:
             proxy.wait_listening()
-        wait_for(lambda: len(listener_pids(self.url)) == 2, 30, "both proxies to LISTEN")
+        wait_for(
+            lambda: len(listener_pids(self.url)) == len(MACHINES) * self.workers,
+            60,
+            "every worker of both proxies to LISTEN",
+        )
         folder = Path(self.mktemp()).absolute()
         folder.mkdir(parents=True)
         socket_folder = Path(tempfile.mkdtemp(prefix="ccp-lb-"))
@@ -472,3 +479,10 @@ class BehindHAProxyWithProxyProtocol(BehindHAProxy):
         for i in range(10):
             self.assertEqual(attempt(f"wrong-{i}").status, 401, i)
         self.assertEqual(attempt("alice-pw").status, 429)
+
+
+class BehindHAProxyWithWorkers(BehindHAProxyWithProxyProtocol):
+    """The same with two worker processes per proxy (--workers 2): the supervisor binds the
+    PROXY protocol listener, each worker speaks the protocol on the socket it adopts."""
+
+    workers = 2
