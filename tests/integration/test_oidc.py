@@ -237,6 +237,33 @@ class OIDCSignIn(unittest.TestCase):
         response, body = yield self.finish(code, state, broken)
         self.assert_refused(response, body, 400, "not started in this browser")
 
+    @defer.inlineCallbacks
+    def test_a_state_is_used_once_across_proxies(self):  # type: ignore[no-untyped-def]
+        """Issue #10: two proxies on one directory (workers, machines behind a balancer): an
+        answer used through one is refused by the other, which also opens the browser's state
+        cookie (the key is the directory's)."""
+        yield self.start()
+        one = self.proxy
+        self.provider.answer_with(lambda: self.provider.id_token())
+        code, state, cookies = yield self.begin()
+        response, body = yield self.finish(code, state, cookies)
+        self.assertEqual(response.code, 303, body)
+        yield self.start(
+            "--database", f"sqlite:///{os.path.abspath(one.state_dir)}/directory.sqlite3",
+            "--tls-cert", one.cert_path,
+            "--tls-key", os.path.join(one.state_dir, "tls", "key.pem"),
+        )  # fmt: skip
+        self.assertNotEqual(self.proxy.port, one.port)
+        response, body = yield self.finish(code, state, cookies)
+        self.assert_refused(response, body, 403, "already used")
+        # A sign-in begun on one proxy finishes on the other.
+        self.proxy, other = one, self.proxy
+        code, state, cookies = yield self.begin()
+        self.proxy = other
+        response, body = yield self.finish(code, state, cookies)
+        self.assertEqual(response.code, 303, body)  # the other proxy opened the cookie
+        self.assertIn(SESSION, set_cookies(response))
+
     # -- the ID token ---------------------------------------------------------------------------
 
     @defer.inlineCallbacks
