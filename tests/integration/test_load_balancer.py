@@ -463,6 +463,21 @@ class BehindHAProxyWithProxyProtocol(BehindHAProxy):
         for _ in range(4):
             answer = self.browser.request(BALANCER, "GET", self.main + self.project_path())
             self.assertEqual(answer.status, 200)
+        # The hop, each step on a new connection (round robin: machine after machine, and a
+        # worker of each); the ticket's replay, on the next one, is refused.
+        start = self.browser.request(BALANCER, "GET", self.sub + "/")
+        hop = self.browser.request(BALANCER, "GET", start.location)
+        self.assertEqual(hop.status, 302, hop.body[:500])
+        landed = self.browser.request(BALANCER, "GET", hop.location)
+        self.assertEqual((landed.status, landed.location), (302, "/"), landed.body[:500])
+        replays = [
+            self.browser.request(BALANCER, "GET", hop.location, keep_cookies=False).status
+            for _ in range(4)
+        ]
+        self.assertEqual(replays, [403] * 4)
+        for _ in range(4):
+            answer = self.browser.request(BALANCER, "GET", self.sub + "/")
+            self.assertEqual(answer.status, 200)
 
     def test_ten_bad_guesses_spread_across_the_machines_count_together(self) -> None:
         # Names' limits count across machines as before, now through the balancer only.
