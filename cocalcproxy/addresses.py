@@ -56,9 +56,3 @@ def always_local(host: str) -> bool:
     if ip.is_loopback or ip.is_unspecified:
         return True
     return isinstance(ip, ipaddress.IPv4Address) and int(ip) >> 24 == 0
-
-
-def may_be_this_machine(host: str) -> bool:
-    """Could the host be this machine without resolving a name: a local name or any IP literal
-    (a LAN address of this machine is only known to the operating system)."""
-    return always_local(host) or ip_of(host) is not None

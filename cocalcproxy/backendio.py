@@ -144,16 +144,21 @@ class _ReactorResolvingVia:
 class _ScreenedTCPEndpoint:
     """HostnameEndpoint to a host name whose resolved addresses are judged first."""
 
-    def __init__(self, owner: Backends, host: str, port: int) -> None:
+    def __init__(self, owner: Backends, host: str, port: int, remote_only: bool = False) -> None:
         self.owner = owner
         self.host = host
         self.port = port
+        self.remote_only = remote_only
+
+    def judge(self, ip: str) -> backends.Refused | None:
+        refusal = self.owner.screen(ip, self.port)
+        if refusal is None and self.remote_only and self.owner.is_local(ip):
+            refusal = backends.on_this_machine_refused(self.host, ip)
+        return refusal
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         owner = self.owner
-        resolver = _ScreeningResolver(
-            owner.reactor.nameResolver, lambda ip: owner.screen(ip, self.port)
-        )
+        resolver = _ScreeningResolver(owner.reactor.nameResolver, self.judge)
         endpoint = HostnameEndpoint(
             _ReactorResolvingVia(owner.reactor, resolver),
             self.host,
@@ -189,7 +194,7 @@ class Backends:
         self._is_local = is_local
         self._local_answers: dict[str, tuple[bool, float]] = {}
         self._socket_endpoint = socket_endpoint
-        self._endpoints: dict[tuple[str, int], Any] = {}
+        self._endpoints: dict[tuple[str, int, bool], Any] = {}
 
     def is_local(self, ip: str) -> bool:
         """``is_local_address``, its answers kept for a few seconds (it makes a socket)."""
@@ -227,7 +232,7 @@ class Backends:
             refusal = self.screen(target.host, target.port)
             if refusal is not None:
                 return _Refusing(refusal)
-        key = (target.host, target.port)
+        key = (target.host, target.port, target.remote_only)
         found = self._endpoints.get(key)
         if found is None:
             if len(self._endpoints) >= ENDPOINT_CACHE_SIZE:
@@ -237,7 +242,7 @@ class Backends:
                     self.reactor, target.host, target.port, timeout=self.connect_timeout
                 )
             else:
-                found = _ScreenedTCPEndpoint(self, target.host, target.port)
+                found = _ScreenedTCPEndpoint(self, target.host, target.port, target.remote_only)
             self._endpoints[key] = found
         return found
 

@@ -11,9 +11,11 @@ The rules, in order (the reasons are in docs/security.rst):
 
 1. The port must be in the project's port set: its own (``project set --ports``) or else the
    operator's ``--default-ports``. The default ``auto`` is every unprivileged port (1024-65535)
-   for a project alone on its host, and *no port at all* for a project that shares its host
-   with another project (two projects on 127.0.0.1, or on one classroom server): on a shared
-   host one project's members could otherwise reach the other's servers. Such a project needs
+   for a project alone on its host, and *no port at all* for a project that may share its host
+   with another project: two projects with the same host, or a project on this machine while
+   the directory holds any other project (another project's host may name this machine as a
+   LAN address or a name that resolves here; a host name is judged once it resolves). On a
+   shared host one project's members could otherwise reach the other's servers. Such a project needs
    its own ``--ports`` or a ``--socket-dir``. A project with a socket folder gets every port
    name (its folder is its own).
 2. TCP only: never a port on the operator's deny list (``--deny-ports``; infrastructure such as
@@ -50,8 +52,13 @@ IsLocal = Callable[[str], bool]
 
 @dataclass(frozen=True)
 class TcpTarget:
+    """``host:port``. ``remote_only``: the port was allowed only because the project seems alone
+    on its host, which for a host *name* is known only once it resolves: if it resolves to this
+    machine while the directory holds other projects, the connection is refused."""
+
     host: str
     port: int
+    remote_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,6 +172,9 @@ def host_is_local(host: str, is_local: IsLocal) -> bool | None:
 # --- the decision --------------------------------------------------------------------------------
 
 
+AUTO_ALONE = "the default for a project alone on its host"
+
+
 def ports_for(project: Project, policy: Policy, is_local: IsLocal) -> tuple[PortSet, str]:
     """The project's port set and where it comes from (for messages)."""
     if project.ports is not None:
@@ -175,15 +185,27 @@ def ports_for(project: Project, policy: Policy, is_local: IsLocal) -> tuple[Port
         return ALL, "the default for a project with a socket folder"
     if is_shared(project, is_local):
         return NONE, "the default for a project that shares its host"
-    return UNPRIVILEGED, "the default for a project alone on its host"
+    return UNPRIVILEGED, AUTO_ALONE
 
 
 def is_shared(project: Project, is_local: IsLocal) -> bool:
-    """Does another project run on the same host? Same host text, or both on this machine's
-    loopback (127.0.0.1, ::1, localhost...; a local host literal counts with them)."""
+    """May another project run on the same host? Same host text; or the host is this machine
+    and the directory holds any other project. Another project's host can name this machine in
+    a spelling that cannot be matched here (a LAN address beside 127.0.0.1, a name that
+    resolves here), so on this machine only a directory's single project counts as alone."""
     if project.shares_host:
         return True
-    return bool(project.loopback_neighbours) and host_is_local(project.host, is_local) is True
+    return project.other_projects > 0 and host_is_local(project.host, is_local) is True
+
+
+def on_this_machine_refused(host: str, address: str) -> Refused:
+    """A host name that resolved to this machine, for a project given ports as if alone."""
+    return Refused(
+        "port-not-allowed",
+        f"host {host} resolves to this machine ({address}), which other "
+        "projects may share, so it has no default ports; give it its own port set "
+        "(cocalcproxy project set PID --ports LIST) or a socket folder (--socket-dir DIR)",
+    )
 
 
 def decide(
@@ -198,7 +220,8 @@ def decide(
         hint = ""
         if not allowed and source.endswith("shares its host"):
             hint = (
-                f"; it shares host {project.host} with another project, so it needs its own "
+                f"; another project may run on its host {project.host} (the same host, or this "
+                "machine, which other projects may name differently), so it needs its own "
                 "port set (cocalcproxy project set PID --ports LIST) or a socket folder "
                 "(--socket-dir DIR)"
             )
@@ -218,7 +241,12 @@ def decide(
             "own-listener",
             f"project {project.id}: port {port} on {project.host} is the proxy's own {label}",
         )
-    return TcpTarget(project.host, port)
+    remote_only = (
+        source == AUTO_ALONE
+        and project.other_projects > 0
+        and host_is_local(project.host, is_local) is None
+    )
+    return TcpTarget(project.host, port, remote_only)
 
 
 def screen(ip: str, port: int, policy: Policy, is_local: IsLocal) -> Refused | None:

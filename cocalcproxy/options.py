@@ -373,7 +373,8 @@ class Options(usage.Options):
             "auto",
             "Ports a project without its own --ports may reach: a list such as 8000-8099,8888, "
             "none, all, or auto (1024-65535 for a project alone on its host, none for a project "
-            "that shares its host with another; see docs/security.rst).",
+            "that may share it: the same host, or this machine while other projects exist; "
+            "see docs/security.rst).",
             _default_ports,
         ],
         [

@@ -135,14 +135,26 @@ class PolicyTests(unittest.TestCase):
         self.assertEqual(shared.reason, "port-not-allowed")
         self.assertIn("--ports", shared.detail)
         self.assertIn("--socket-dir", shared.detail)
-        # 127.0.0.1 and localhost (or this machine's LAN address) are the same machine.
-        self.assertEqual(self.decide(project(loopback_neighbours=True)).reason, "port-not-allowed")
-        lan_host = project(host="10.0.0.5", loopback_neighbours=True)
+        # On this machine (127.0.0.1, localhost, its LAN address) a project is alone only when
+        # the directory holds no other project: another's host may name this machine
+        # differently (the LAN address beside 127.0.0.1, a name that resolves here).
+        self.assertEqual(self.decide(project(other_projects=1)).reason, "port-not-allowed")
+        lan_host = project(host="10.0.0.5", other_projects=1)
         self.assertEqual(self.decide(lan_host).reason, "port-not-allowed")
-        remote = project(host="10.0.0.6", loopback_neighbours=True)
+        only = self.decide(project(host="10.0.0.5"))
+        self.assertEqual(only, backends.TcpTarget("10.0.0.5", 8000))
+        remote = project(host="10.0.0.6", other_projects=3)
         self.assertEqual(self.decide(remote), backends.TcpTarget("10.0.0.6", 8000))
         self.assertEqual(self.decide(project(host="10.0.0.6", shares_host=True)).reason,
                          "port-not-allowed")  # fmt: skip
+        # A host name is judged once it resolves: allowed for now, but only if it is remote.
+        named = self.decide(project(host="p1.example", other_projects=2))
+        self.assertEqual(named, backends.TcpTarget("p1.example", 8000, remote_only=True))
+        alone = self.decide(project(host="p1.example"))
+        self.assertEqual(alone, backends.TcpTarget("p1.example", 8000, remote_only=False))
+        mine = project(host="p1.example", other_projects=2, ports=parse_ports("8000"))
+        own_set = self.decide(mine)
+        self.assertEqual(own_set, backends.TcpTarget("p1.example", 8000, remote_only=False))
 
     def test_own_set_and_operator_default(self) -> None:
         mine = project(ports=parse_ports("8888"), shares_host=True)
@@ -479,19 +491,19 @@ class PolicyPropertyTests(unittest.TestCase):
         default=SMALL_SETS,
         deny=st.sampled_from([ports.NONE, backends.DEFAULT_DENY, parse_ports("8005")]),
         shares=st.booleans(),
-        neighbours=st.booleans(),
+        neighbours=st.integers(min_value=0, max_value=2),
         sockets=st.booleans(),
         port=st.sampled_from([22, 80, 1023, 1024, 5432, 8000, 8005, 8010, 9100, 65535]),
     )
     def test_invariants(
         self, host: str, own_ports: PortSet | None, default: PortSet | None, deny: PortSet,
-        shares: bool, neighbours: bool, sockets: bool, port: int,
+        shares: bool, neighbours: int, sockets: bool, port: int,
     ) -> None:  # fmt: skip
         own = backends.OwnListeners()
         own.add("metrics listener", port=9100)
         policy = backends.Policy(default_ports=default, deny_ports=deny, own=own)
         p = project(host=host, ports=own_ports, shares_host=shares,
-                    loopback_neighbours=neighbours,
+                    other_projects=neighbours,
                     socket_dir="/run/p" if sockets else None)  # fmt: skip
         allowed, _ = backends.ports_for(p, policy, lan)
         decision = backends.decide(route(port), p, policy, lan)
@@ -506,7 +518,7 @@ class PolicyPropertyTests(unittest.TestCase):
         if sockets:
             self.assertEqual(decision, backends.UnixTarget("/run/p", port, None))
             return
-        self.assertEqual(decision, backends.TcpTarget(host, port))
+        self.assertEqual((decision.host, decision.port), (host, port))
         self.assertNotIn(port, deny)
         on_this_machine = lan(host) or host in ("localhost", "::ffff:127.0.0.1")
         self.assertFalse(port == 9100 and on_this_machine, "never the metrics listener")

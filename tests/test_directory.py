@@ -576,26 +576,26 @@ class ProjectTests(SyncMixin):
         self.assertIsNone(self.d.project_for(self.alice.id, "../etc"))
 
     def test_who_shares_a_host(self) -> None:
-        """Computed on every read: the same host text, or both on this machine's loopback."""
+        """Computed on every read: the same host text, and how many other projects there are
+        (on this machine a project is alone only in a directory of one)."""
         ids = {}
         for name, host in (("a", "127.0.0.1"), ("b", "localhost"), ("c", "10.0.0.9"),
-                           ("d", "10.0.0.9"), ("e", "10.0.0.8"), ("f", "127.0.0.2")):  # fmt: skip
+                           ("d", "10.0.0.9"), ("e", "10.0.0.8")):  # fmt: skip
             ids[name] = self.d.add_project("alice", host=host, home=None).id
 
-        def flags(name: str) -> tuple[bool, bool]:
+        def flags(name: str) -> tuple[bool, int]:
             project = self.d.get_project(ids[name])
             assert project is not None
-            return project.shares_host, project.loopback_neighbours
+            return project.shares_host, project.other_projects
 
-        self.assertEqual(flags("a"), (False, True), "127.0.0.1 beside localhost and 127.0.0.2")
-        self.assertEqual(flags("b"), (False, True))
-        self.assertEqual(flags("c"), (True, True), "10.0.0.9 twice (a literal: may be local)")
-        self.assertEqual(flags("e"), (False, True))
-        listed = {p.id: (p.shares_host, p.loopback_neighbours) for p in self.d.list_projects()}
-        self.assertEqual(listed[ids["d"]], (True, True))
-        self.d.remove_project(ids["a"])
-        self.d.remove_project(ids["f"])
-        self.assertEqual(flags("b"), (False, False), "alone on loopback now")
+        self.assertEqual(flags("a"), (False, 4))
+        self.assertEqual(flags("c"), (True, 4), "10.0.0.9 twice")
+        self.assertEqual(flags("e"), (False, 4))
+        listed = {p.id: (p.shares_host, p.other_projects) for p in self.d.list_projects()}
+        self.assertEqual(listed[ids["d"]], (True, 4))
+        for name in ("a", "c", "d", "e"):
+            self.d.remove_project(ids[name])
+        self.assertEqual(flags("b"), (False, 0), "the directory's only project")
 
     def test_ports_and_socket_fields_round_trip(self) -> None:
         made = self.d.add_project(

@@ -37,8 +37,10 @@ class Project:
     socket_owner: int | None = None
     #: Another project has the same host (computed by the directory, not stored).
     shares_host: bool = False
-    #: Another project's host is a loopback address or name (computed, not stored).
-    loopback_neighbours: bool = False
+    #: How many other projects the directory holds (computed, not stored). A project on this
+    #: machine is alone only when there are none: another project's host may name this
+    #: machine in a spelling the proxy cannot match (a LAN address, a name that resolves here).
+    other_projects: int = 0
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,6 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from cocalcproxy.addresses import always_local, may_be_this_machine
 from cocalcproxy.directory import validate
 from cocalcproxy.directory.dialect import Dialect, dialect_for
 from cocalcproxy.directory.hashing import (
@@ -76,13 +75,6 @@ _PROJECT_COLUMNS = (
     "SELECT p.id, p.owner_id, a.name, p.host, p.home, p.title, p.ports, p.socket_dir, "
     "p.socket_owner FROM projects p JOIN accounts a ON a.id = p.owner_id "
 )
-# Hosts that may be loopback, as a coarse SQL filter (refined in Python with always_local).
-# (The patterns are parameters: psycopg would read a literal '%' as a placeholder.)
-_MAYBE_LOOPBACK = (
-    "SELECT host, COUNT(*) FROM projects "
-    "WHERE host LIKE ? OR host LIKE ? OR host LIKE ? OR host LIKE ? GROUP BY host"
-)
-_MAYBE_LOOPBACK_PATTERNS = ("%localhost", "127.%", "0.%", "::%")
 
 
 class _Retryable(Exception):
@@ -837,13 +829,7 @@ class SyncDirectory:
                 *hosts,
             )
         }
-        loopback = 0
-        if any(may_be_this_machine(host) for host in hosts):
-            loopback = sum(
-                int(n)
-                for host, n in tx.all(_MAYBE_LOOPBACK, *_MAYBE_LOOPBACK_PATTERNS)
-                if always_local(host)
-            )
+        total = int(tx.one("SELECT COUNT(*) FROM projects")[0])
         return [
             Project(
                 id=row[0],
@@ -857,7 +843,7 @@ class SyncDirectory:
                 socket_dir=row[7],
                 socket_owner=None if row[8] is None else int(row[8]),
                 shares_host=counts.get(row[3], 0) > 1,
-                loopback_neighbours=loopback - (1 if always_local(row[3]) else 0) > 0,
+                other_projects=total - 1,
             )
             for row in rows
         ]

@@ -181,11 +181,52 @@ class SharedLoopbackTests(ProxyCase):
 
     @defer.inlineCallbacks
     def test_project_alone_on_its_host_keeps_the_unprivileged_range(self):  # type: ignore[no-untyped-def]
+        """The README's walkthrough: the directory's only project, on 127.0.0.1. Once another
+        project exists, even on a remote host, the local one needs its own port set: the other
+        project's host could name this machine in a spelling the proxy cannot match."""
         a = yield self.directory.add_project("alice", host="127.0.0.1")
-        yield self.directory.add_project("bob", host="10.99.0.1")
         port = yield http_backend(self, "alone")
         code, body = yield self.get(f"/{a.id}/server/{port}/x", "alice")
         self.assertEqual((code, body), (200, b"alone /x"))
+        remote = yield self.directory.add_project("bob", host="192.0.2.77")
+        yield wait_for_change(self)
+        code, _ = yield self.get(f"/{a.id}/server/{port}/x", "alice")
+        self.assertEqual(code, 404)
+        yield self.directory.set_project(a.id, ports=f"{port}")
+        yield wait_for_change(self)
+        code, body = yield self.get(f"/{a.id}/server/{port}/x", "alice")
+        self.assertEqual((code, body), (200, b"alone /x"))
+        self.assertTrue(remote.id)
+
+    @defer.inlineCallbacks
+    def test_this_machine_under_another_name_is_still_shared(self):  # type: ignore[no-untyped-def]
+        """A's host is this machine's own host name, B's 127.0.0.1 (found by review: they were
+        not seen as one machine, so B's members reached A's servers by port). Neither gets
+        default ports; the name is judged by the address it resolves to, before connecting."""
+        name = socket.gethostname()
+        self.assertFalse(always_local(name) or ip_of(name) is not None, name)
+        a = yield self.directory.add_project("alice", host=name)
+        b = yield self.directory.add_project("bob", host="127.0.0.1")
+        a_server = yield TCP4ServerEndpoint(reactor, 0, interface="0.0.0.0").listen(  # noqa: S104
+            server.Site(Hello("A's jupyter"))
+        )
+        self.addCleanup(a_server.stopListening)
+        port = a_server.getHost().port
+        code, body = yield self.get(f"/{b.id}/server/{port}/api", "bob")
+        self.assertEqual(code, 404)
+        self.assertNotIn(b"jupyter", body)
+        got = yield self.websocket(f"/{b.id}/port/{port}/", "bob")
+        self.assertEqual(got[0], 404)
+        code, body = yield self.get(f"/{a.id}/server/{port}/api", "alice")
+        self.assertEqual(code, 404, "A's name resolves to this machine, which B shares")
+        self.assertNotIn(b"jupyter", body)
+        self.assertTrue(self.log.matching(name, "resolves to this machine", "--ports"))
+        yield self.directory.set_project(a.id, ports=f"{port}")
+        yield wait_for_change(self)
+        code, body = yield self.get(f"/{a.id}/server/{port}/api", "alice")
+        self.assertEqual((code, body), (200, b"A's jupyter /api"))
+        code, _ = yield self.get(f"/{b.id}/server/{port}/api", "bob")
+        self.assertEqual(code, 404)
 
 
 class PortSetFormsTests(ProxyCase):
