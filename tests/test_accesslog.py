@@ -17,8 +17,17 @@ from tests.fullfs import SmallDisk
 from tests.support import https_client, start_proxy
 
 
+class QuietSync:
+    """The blocking face of :class:`QuietDirectory`: the form key is made afresh."""
+
+    def shared_secret(self, name: str, make: Any) -> str:
+        return str(make())
+
+
 class QuietDirectory:
     """Just enough directory for the proxy's own pages (health); every lookup finds nobody."""
+
+    sync = QuietSync()
 
     def ping(self) -> defer.Deferred[None]:
         return defer.succeed(None)
