@@ -1,6 +1,6 @@
 """Packaging for cocalcproxy: the package itself plus its twistd plugin module."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="cocalcproxy",
@@ -10,13 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=[
-        "cocalcproxy",
-        "cocalcproxy.directory",
-        "cocalcproxy.guard",
-        "cocalcproxy.pages",
-        "twisted.plugins",
-    ],
+    packages=[*find_packages(include=["cocalcproxy", "cocalcproxy.*"]), "twisted.plugins"],
     package_data={
         "cocalcproxy.pages": ["*.html", "static/*"],
         "cocalcproxy.directory": ["migrations/*.sql"],
@@ -61,6 +55,6 @@ setup(
         ],
         "docs": ["sphinx>=7"],
     },
-    entry_points={"console_scripts": ["cocalcproxy = cocalcproxy.admin:main"]},
+    entry_points={"console_scripts": ["cocalcproxy = cocalcproxy.ops.admin:main"]},
     zip_safe=False,
 )

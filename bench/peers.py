@@ -190,7 +190,7 @@ def admin(*args: str, stdin: str | None = None) -> str:
 def admin_output(*args: str, stdin: str | None = None) -> str:
     """The ``cocalcproxy`` admin command; all of its standard output."""
     result = subprocess.run(
-        [sys.executable, "-m", "cocalcproxy.admin", *args],
+        [sys.executable, "-m", "cocalcproxy.ops.admin", *args],
         input=stdin,
         capture_output=True,
         text=True,

@@ -574,7 +574,7 @@ def revocation_trial(
     waiter = threading.Thread(target=wait_for_commit)
     waiter.start()
     admin = subprocess.Popen(
-        [sys.executable, "-m", "cocalcproxy.admin", *where, *change],
+        [sys.executable, "-m", "cocalcproxy.ops.admin", *where, *change],
         env=peers_module.child_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

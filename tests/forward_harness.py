@@ -29,9 +29,12 @@ from twisted.web import resource, server
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from cocalcproxy import forward, pages, routing, tls
+from cocalcproxy import pages
 from cocalcproxy.directory import Account, Project
-from cocalcproxy.site import Access, ProxyRequest, ProxySite, Root
+from cocalcproxy.handlers import forward
+from cocalcproxy.http import routing
+from cocalcproxy.http.site import Access, ProxyRequest, ProxySite, Root
+from cocalcproxy.ops import tls
 
 PID = "0b0e5c1a-3d4f-4a5b-8c6d-7e8f9a0b1c2d"
 #: Authorization value the test guard treats as the proxy's own credential.

@@ -23,8 +23,8 @@ from cocalcproxy.directory import Account, NotFound, Project, Unavailable
 from cocalcproxy.guard.core import Guard
 from cocalcproxy.guard.csrf import CsrfTokens
 from cocalcproxy.guard.web import GuardPages
-from cocalcproxy.ownpages import OwnPages
-from cocalcproxy.site import Access, ProxyRequest, ProxySite, Root
+from cocalcproxy.http.ownpages import OwnPages
+from cocalcproxy.http.site import Access, ProxyRequest, ProxySite, Root
 
 PID = "0b5c5f3e-3d6a-4d1f-9a43-2f6f0e6c8a11"
 OTHER_PID = "5d2a4d5e-8a7b-4c1e-b0a9-1c2d3e4f5a6b"

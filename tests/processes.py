@@ -134,7 +134,7 @@ def admin(state_dir: str, *args: str, stdin: str | None = None) -> subprocess.Co
         created = admin(state_dir, "init")
         assert created.returncode == 0, created.stderr
     return subprocess.run(
-        [sys.executable, "-m", "cocalcproxy.admin", "--state-dir", state_dir, *args],
+        [sys.executable, "-m", "cocalcproxy.ops.admin", "--state-dir", state_dir, *args],
         input=stdin,
         capture_output=True,
         text=True,

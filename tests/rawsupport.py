@@ -20,9 +20,9 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 
 from cocalcproxy.directory import Account, Project
-from cocalcproxy.raw import RawHandler
-from cocalcproxy.routing import Route
-from cocalcproxy.site import Access, ProxyRequest, ProxySite
+from cocalcproxy.handlers.raw import RawHandler
+from cocalcproxy.http.routing import Route
+from cocalcproxy.http.site import Access, ProxyRequest, ProxySite
 
 PID = "0b0e5c1a-3d4f-4a5b-8c6d-7e8f9a0b1c2d"
 PREFIX = b"/" + PID.encode() + b"/raw"

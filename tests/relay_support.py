@@ -18,9 +18,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial import unittest
 from twisted.web.server import Request
 
-from cocalcproxy import pages, relay, routing
+from cocalcproxy import pages
 from cocalcproxy.directory import Account, Project
-from cocalcproxy.site import Access, ProxyRequest, ProxySite, Root
+from cocalcproxy.handlers import relay
+from cocalcproxy.http import routing
+from cocalcproxy.http.site import Access, ProxyRequest, ProxySite, Root
 
 PID = "0b2f1d4e-5c6a-4b7d-8e9f-0a1b2c3d4e5f"
 TOKEN = "good"

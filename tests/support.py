@@ -13,8 +13,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from cocalcproxy.options import Options
-from cocalcproxy.service import ProxyService, build_service
+from cocalcproxy.ops.options import Options
+from cocalcproxy.ops.service import ProxyService, build_service
 
 
 @dataclass
@@ -61,7 +61,7 @@ def start_proxy(case: unittest.TestCase, *extra: str, state_dir: str | None = No
 
 
 def _directory_of(proxy: ProxyService) -> Any:
-    from cocalcproxy.service import DirectoryService
+    from cocalcproxy.ops.service import DirectoryService
 
     for child in proxy:
         if isinstance(child, DirectoryService):

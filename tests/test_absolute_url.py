@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from cocalcproxy import routing
-from cocalcproxy.routing import AbsoluteUrl, absolute_url, parse, referer_prefix
+from cocalcproxy.http import routing
+from cocalcproxy.http.routing import AbsoluteUrl, absolute_url, parse, referer_prefix
 from tests.guardfakes import HTML, make_world
 
 PID = "5f0e3a0c-9d1b-4c2e-8f3a-7b6c5d4e3f21"

@@ -11,8 +11,8 @@ from twisted.internet import defer
 from twisted.logger import formatEventAsClassicLogText, globalLogPublisher
 from twisted.trial import unittest
 
-from cocalcproxy import accesslog
 from cocalcproxy import directory as directory_module
+from cocalcproxy.ops import accesslog
 from tests.fullfs import SmallDisk
 from tests.support import https_client, start_proxy
 

@@ -15,9 +15,9 @@ from typing import Any
 from twisted.internet import defer, reactor, utils
 from twisted.trial import unittest
 
-from cocalcproxy import admin
 from cocalcproxy.directory import Account
 from cocalcproxy.directory.store import open_directory, open_sync_directory
+from cocalcproxy.ops import admin
 from tests.directory_support import FAST_HASHER, PostgresBackend, SQLiteBackend
 
 PID = "0b9d1c56-3f4a-4e6b-9a51-2c7d8e9f0a1b"
@@ -582,7 +582,7 @@ class SubprocessTests(unittest.TestCase):
         self, *argv: str, stdin: str = "", **env: str
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "cocalcproxy.admin", *argv],
+            [sys.executable, "-m", "cocalcproxy.ops.admin", *argv],
             input=stdin,
             capture_output=True,
             text=True,
@@ -679,7 +679,7 @@ class ConcurrentMixin:
             "import sys\n"
             "from functools import partial\n"
             "from argon2 import PasswordHasher\n"
-            "from cocalcproxy import admin\n"
+            "from cocalcproxy.ops import admin\n"
             "from cocalcproxy.directory import store\n"
             "admin.open_sync_directory = partial(store.open_sync_directory,"
             " hasher=PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))\n"

@@ -13,13 +13,14 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from cocalcproxy import backends, ports, routing
-from cocalcproxy.addresses import always_local
-from cocalcproxy.backendio import BackendRefused, Backends, is_local_address
-from cocalcproxy.directory import validate
+from cocalcproxy.directory import ports, validate
+from cocalcproxy.directory.addresses import always_local
 from cocalcproxy.directory.model import InvalidInput, Project
-from cocalcproxy.ports import PortListError, PortSet, parse_ports
-from cocalcproxy.socketdir import Facts, judge
+from cocalcproxy.directory.ports import PortListError, PortSet, parse_ports
+from cocalcproxy.handlers import backends
+from cocalcproxy.handlers.backendio import BackendRefused, Backends, is_local_address
+from cocalcproxy.handlers.socketdir import Facts, judge
+from cocalcproxy.http import routing
 
 PID = "0b9d1c56-3f4a-4e6b-9a51-2c7d8e9f0a1b"
 
@@ -357,7 +358,7 @@ class DatabaseRegistrationTests(unittest.TestCase):
     """The directory's database joins the own-endpoint registry (service.register_database)."""
 
     def registered(self, url: str) -> list[tuple[str, int | None, str | None, str | None]]:
-        from cocalcproxy.service import register_database
+        from cocalcproxy.ops.service import register_database
 
         own = backends.OwnListeners()
         register_database(own, url)
@@ -431,7 +432,7 @@ class SocketFolderAsAnotherUserTests(unittest.TestCase):
         return folder
 
     def test_folder_the_proxy_may_not_enter(self) -> None:
-        from cocalcproxy.socketdir import open_checked
+        from cocalcproxy.handlers.socketdir import open_checked
 
         folder = self.folder(0o700)
         target = backends.UnixTarget(folder + "/x", 8000, None)
@@ -444,7 +445,7 @@ class SocketFolderAsAnotherUserTests(unittest.TestCase):
         import os
         import socket
 
-        from cocalcproxy.socketdir import open_checked
+        from cocalcproxy.handlers.socketdir import open_checked
 
         folder = self.folder(0o2750, OWNER_UID, PROXY_GID)
         path = os.path.join(folder, "8000")

@@ -13,8 +13,8 @@ from pathlib import Path
 from twisted.python import usage
 from twisted.trial import unittest
 
-from cocalcproxy.admin import build_parser
-from cocalcproxy.options import Options
+from cocalcproxy.ops.admin import build_parser
+from cocalcproxy.ops.options import Options
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -81,7 +81,7 @@ class ReferenceMatchesCodeTests(unittest.TestCase):
         self.option_table = section(self.reference, ".. _options:", "Environment variables")
 
     def test_every_option_is_documented(self) -> None:
-        """Each option of cocalcproxy.options.Options has a row in the reference table."""
+        """Each option of cocalcproxy.ops.options.Options has a row in the reference table."""
         documented = set(re.findall(r"^   \* - ``(--[a-z0-9-]+)", self.option_table, re.M))
         missing = twistd_option_names() - documented
         self.assertEqual(missing, set(), "options missing from docs/reference.rst")
@@ -121,7 +121,7 @@ class MetricsDocumentedTests(unittest.TestCase):
         """The operator guide names exactly the metrics the proxy exports."""
         from prometheus_client import generate_latest
 
-        from cocalcproxy.metrics import Metrics
+        from cocalcproxy.ops.metrics import Metrics
 
         exposition = generate_latest(Metrics().registry).decode()
         exported = {

@@ -16,9 +16,9 @@ from twisted.web.client import HTTPConnectionPool, ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from cocalcproxy import forward
-from cocalcproxy.backends import TcpTarget
-from cocalcproxy.site import ProxySite, Root
+from cocalcproxy.handlers import forward
+from cocalcproxy.handlers.backends import TcpTarget
+from cocalcproxy.http.site import ProxySite, Root
 from tests.forward_harness import PID, AllowGuard, NoPages
 
 TIMEOUT = 30.0

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from cocalcproxy.headers import (
+from cocalcproxy.http.headers import (
     HOP_BY_HOP,
     backend_request_headers,
     client_response_headers,
@@ -17,7 +17,7 @@ from cocalcproxy.headers import (
     set_cookie_name,
     strip_proxy_cookies,
 )
-from cocalcproxy.routing import Route
+from cocalcproxy.http.routing import Route
 
 PID = "0b0e5c1a-3d4f-4a5b-8c6d-7e8f9a0b1c2d"
 SERVER = Route(PID, "server", 8888, f"/{PID}/server/8888".encode(), b"/x")

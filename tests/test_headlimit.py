@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from cocalcproxy.headlimit import HeadLimit, HeadTooLarge
+from cocalcproxy.http.headlimit import HeadLimit, HeadTooLarge
 
 
 def feed_in(limit: HeadLimit, data: bytes, cuts: list[int]) -> bool:

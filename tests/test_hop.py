@@ -8,9 +8,9 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from twisted.trial import unittest
 
-from cocalcproxy import routing
 from cocalcproxy.guard.hop import Hop
 from cocalcproxy.guard.hopkeys import LANDING_PATH, HopKeys, Target, new_state, parse_target
+from cocalcproxy.http import routing
 from tests.guardfakes import HTML, FakeDirectory, World, make_world, parse_response
 
 DOMAIN = "projects.example"

@@ -18,9 +18,9 @@ from twisted.trial import unittest
 
 from cocalcproxy.directory import Account, Project
 from cocalcproxy.directory.store import open_sync_directory
-from cocalcproxy.identity import IdentityAssertions, audience
-from cocalcproxy.routing import Route
-from cocalcproxy.site import Access
+from cocalcproxy.guard.identity import IdentityAssertions, audience
+from cocalcproxy.http.routing import Route
+from cocalcproxy.http.site import Access
 
 PID = "0b0e5c1a-3d4f-4a5b-8c6d-7e8f9a0b1c2d"
 SERVER = Route(PID, "server", 8888, f"/{PID}/server/8888".encode(), b"/x")

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from cocalcproxy import metrics
+from cocalcproxy.ops import metrics
 from tests.processes import free_port
 from tests.support import https_client, plain_client, start_proxy
 from tests.test_accesslog import sample, use_quiet_directory

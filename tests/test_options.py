@@ -7,9 +7,9 @@ import os
 from twisted.python import usage
 from twisted.trial import unittest
 
-from cocalcproxy import options as options_module
-from cocalcproxy.backends import DEFAULT_DENY
-from cocalcproxy.options import Options, default_database_url, default_state_dir
+from cocalcproxy.handlers.backends import DEFAULT_DENY
+from cocalcproxy.ops import options as options_module
+from cocalcproxy.ops.options import Options, default_database_url, default_state_dir
 
 
 class OptionsTests(unittest.TestCase):

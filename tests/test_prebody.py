@@ -1,4 +1,4 @@
-"""Unit tests for cocalcproxy.prebody: the pure plan, and the one place that reads Twisted's
+"""Unit tests for cocalcproxy.http.prebody: the pure plan, and the one place that reads Twisted's
 private channel state, checked against a real HTTPChannel (so a Twisted upgrade that moves it
 fails here, not in production)."""
 
@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web import http
 
-from cocalcproxy import prebody, routing
+from cocalcproxy.http import prebody, routing
 
 PID = "0b0e5c1a-3d4f-4a5b-8c6d-7e8f9a0b1c2d"
 

@@ -10,8 +10,8 @@ import time
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from cocalcproxy import rawhttp
-from cocalcproxy.raw import FileSender, RawHandler
+from cocalcproxy.handlers import rawhttp
+from cocalcproxy.handlers.raw import FileSender, RawHandler
 from tests.rawsupport import PREFIX, RawSiteCase, parse_response, poll
 
 HELLO = b"Hello, raw world!\n"
@@ -588,8 +588,8 @@ class Unexpected(unittest.TestCase):
     def test_fail_after_disconnect_is_silent(self) -> None:
         from twisted.web.test.requesthelper import DummyRequest
 
-        from cocalcproxy.raw import fail
-        from cocalcproxy.routing import Route
+        from cocalcproxy.handlers.raw import fail
+        from cocalcproxy.http.routing import Route
 
         request = DummyRequest([b""])
         request._disconnected = True

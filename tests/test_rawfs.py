@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from cocalcproxy import rawfs
-from cocalcproxy.rawfs import (
+from cocalcproxy.handlers import rawfs
+from cocalcproxy.handlers.rawfs import (
     LOOP,
     MISSING,
     NO_HOME,

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from cocalcproxy.rawhttp import (
+from cocalcproxy.handlers.rawhttp import (
     MAX_RANGES,
     UNSATISFIABLE,
     Validators,

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from cocalcproxy.rawpath import BadPath, RawPath, has_query_flag, parse, percent_decode
+from cocalcproxy.handlers.rawpath import BadPath, RawPath, has_query_flag, parse, percent_decode
 
 
 class Parse(unittest.TestCase):

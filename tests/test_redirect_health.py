@@ -12,12 +12,12 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 from twisted.web import server
 
-from cocalcproxy import routing
-from cocalcproxy.options import Options
-from cocalcproxy.ownpages import OwnPages
-from cocalcproxy.redirect import RedirectResource
-from cocalcproxy.service import _https_port
-from cocalcproxy.site import ProxySite, Root
+from cocalcproxy.http import routing
+from cocalcproxy.http.ownpages import OwnPages
+from cocalcproxy.http.redirect import RedirectResource
+from cocalcproxy.http.site import ProxySite, Root
+from cocalcproxy.ops.options import Options
+from cocalcproxy.ops.service import _https_port
 from tests.support import plain_client
 
 
@@ -147,7 +147,7 @@ class HealthTests(unittest.TestCase):
 
 class IdleConnectionTests(unittest.TestCase):
     def test_default_idle_timeout_is_bounded(self) -> None:
-        from cocalcproxy.site import KEEPALIVE_IDLE_TIMEOUT
+        from cocalcproxy.http.site import KEEPALIVE_IDLE_TIMEOUT
 
         site = ProxySite(Root(guard=None, forwarder=None, relay=None, raw=None, own_pages=None))  # type: ignore[arg-type]
         self.assertEqual(site.timeOut, KEEPALIVE_IDLE_TIMEOUT)

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
-from cocalcproxy import relay
+from cocalcproxy.handlers import relay
 from tests.relay_support import TOKEN, MiniProxy, free_port, wait_for
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from cocalcproxy.routing import MAX_TARGET, NotFound, OwnPage, Redirect, Route, parse
+from cocalcproxy.http.routing import MAX_TARGET, NotFound, OwnPage, Redirect, Route, parse
 
 PID = "0b0e5c1a-3d4f-4a5b-8c6d-7e8f9a0b1c2d"
 P = PID.encode()

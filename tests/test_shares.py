@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from cocalcproxy import routing
-from cocalcproxy.accesslog import RequestFacts, format_line
 from cocalcproxy.directory.hashing import token_hash
+from cocalcproxy.directory.operations import Forbidden, SharingPolicy
 from cocalcproxy.guard.shares import cookie_value, secret_matches
-from cocalcproxy.metrics import Metrics
-from cocalcproxy.operations import Forbidden, SharingPolicy
+from cocalcproxy.http import routing
+from cocalcproxy.ops.accesslog import RequestFacts, format_line
+from cocalcproxy.ops.metrics import Metrics
 
 PID = "7d4c2b1a-0f9e-4d8c-b7a6-5e4d3c2b1a09"
 

@@ -11,7 +11,7 @@ import uuid
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from cocalcproxy import systemd
+from cocalcproxy.ops import systemd
 
 
 class Receiver:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from cocalcproxy.options import Options
+from cocalcproxy.ops.options import Options
 
 UNITS = Path(__file__).resolve().parent.parent / "docs" / "systemd"
 NAMES = ("cocalcproxy.service", "cocalcproxy.socket", "cocalcproxy-redirect.socket")

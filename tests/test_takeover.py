@@ -22,7 +22,8 @@ from twisted.web import resource, server
 from twisted.web.http import HTTPChannel
 
 import twisted
-from cocalcproxy import takeover, tls
+from cocalcproxy.http import takeover
+from cocalcproxy.ops import tls
 from tests.relay_support import wait_for
 
 REQUEST = (

@@ -16,7 +16,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 from twisted.web import resource, server
 
-from cocalcproxy import tls
+from cocalcproxy.ops import tls
 from tests import tlsutil
 from tests.support import https_client
 

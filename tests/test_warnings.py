@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from twisted.trial import unittest
 
 import cocalcproxy
-from cocalcproxy import site
+from cocalcproxy.http import site
 from tests import install_warning_filters
 
 
@@ -31,7 +31,7 @@ def emit(module: str | None, message: str = "old API", filename: str = site.__fi
 class OwnDeprecationsAreErrors(unittest.SynchronousTestCase):
     def test_a_deprecation_in_the_package_raises(self) -> None:
         with suite_filters(), self.assertRaises(DeprecationWarning):
-            emit("cocalcproxy.site")
+            emit("cocalcproxy.http.site")
 
     def test_a_deprecation_in_the_tests_raises(self) -> None:
         with suite_filters(), self.assertRaises(DeprecationWarning):

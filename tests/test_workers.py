@@ -12,8 +12,8 @@ from twisted.internet import defer, error, task
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from cocalcproxy import systemd, workers
-from cocalcproxy.options import Options, usable_cpus
+from cocalcproxy.ops import systemd, workers
+from cocalcproxy.ops.options import Options, usable_cpus
 from tests.test_systemd import Receiver
 
 
@@ -248,7 +248,7 @@ class WorkerModeTests(unittest.TestCase):
     def test_adopts_registers_and_reports(self):  # type: ignore[no-untyped-def]
         from twisted.internet import reactor
 
-        from cocalcproxy.service import build_service
+        from cocalcproxy.ops.service import build_service
         from tests.support import options_for
 
         address = workers.tcp_address("tcp:0:interface=127.0.0.1")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cocalcproxy.ports import PortSet
+from cocalcproxy.directory.ports import PortSet
 
 
 @dataclass(frozen=True)

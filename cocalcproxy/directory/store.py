@@ -1580,7 +1580,7 @@ class Directory:
 
     def run(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
         """Run ``work(sync_directory, *args, **kwargs)`` in the directory's thread pool: how
-        the admin API calls the shared operations (cocalcproxy.operations)."""
+        the admin API calls the shared operations (cocalcproxy.directory.operations)."""
         return self._call(work, self.sync, *args, **kwargs)
 
     def list_projects(self) -> Deferred[list[Project]]:

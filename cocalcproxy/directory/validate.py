@@ -11,7 +11,7 @@ import unicodedata
 import uuid
 
 from cocalcproxy.directory.model import InvalidInput
-from cocalcproxy.ports import PortListError, PortSet, parse_ports
+from cocalcproxy.directory.ports import PortListError, PortSet, parse_ports
 
 NAME_MAX = 64
 TITLE_MAX = 200
@@ -227,7 +227,7 @@ def lifetime_seconds(value: float) -> float:
 
 
 def ports(value: str | None) -> PortSet | None:
-    """A project's port list in its normal form (see cocalcproxy.ports); None or ``default``
+    """A project's port list in its normal form (see directory.ports); None or ``default``
     for "use the operator's --default-ports"."""
     if value is None or (isinstance(value, str) and value.strip().lower() == "default"):
         return None

@@ -17,6 +17,7 @@ from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults
 
 from cocalcproxy.directory import IDirectory
+from cocalcproxy.directory.operations import SharingPolicy
 from cocalcproxy.guard.checkers import make_portal
 from cocalcproxy.guard.core import DEFAULT_OUTAGE_GRACE, Clock, Guard
 from cocalcproxy.guard.credentials import legacy_cookie_safe
@@ -29,8 +30,7 @@ from cocalcproxy.guard.oidcweb import OIDCPages
 from cocalcproxy.guard.ratelimit import DirectoryLimiter
 from cocalcproxy.guard.shares import Shares
 from cocalcproxy.guard.web import GuardPages
-from cocalcproxy.metrics import Metrics
-from cocalcproxy.operations import SharingPolicy
+from cocalcproxy.ops.metrics import Metrics
 
 __all__ = ["Guard", "GuardPages", "GuardService", "build_guard"]
 

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from cocalcproxy import pages, routing
+from cocalcproxy import pages
 from cocalcproxy.directory import IDirectory, Project
 from cocalcproxy.directory.model import Gone, Unavailable
 from cocalcproxy.guard import policy
@@ -58,7 +58,8 @@ from cocalcproxy.guard.credentials import (
 from cocalcproxy.guard.devices import DeviceCookies
 from cocalcproxy.guard.hopkeys import HopKeys, label_for
 from cocalcproxy.guard.ratelimit import Attempt, Limiter, MemoryLimiter, SignInLimits
-from cocalcproxy.site import Access, ProxyRequest, is_websocket_upgrade
+from cocalcproxy.http import routing
+from cocalcproxy.http.site import Access, ProxyRequest, is_websocket_upgrade
 
 if TYPE_CHECKING:
     from cocalcproxy.guard.shares import ShareGrant, Shares

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from twisted.cred.credentials import ICredentials, IUsernamePassword, UsernamePassword
 from zope.interface import Attribute, implementer
 
-from cocalcproxy import headers
+from cocalcproxy.http import headers
 
 SESSION_COOKIE = headers.SESSION_COOKIE.decode("ascii")
 LEGACY_SESSION_COOKIE = headers.LEGACY_SESSION_COOKIE.decode("ascii")

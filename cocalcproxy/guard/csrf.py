@@ -28,7 +28,7 @@ from typing import Protocol
 
 from twisted.logger import Logger
 
-from cocalcproxy import headers
+from cocalcproxy.http import headers
 
 CSRF_COOKIE = headers.CSRF_COOKIE.decode("ascii")
 KEY_BYTES = 32

@@ -22,8 +22,8 @@ import re
 import secrets
 from collections.abc import Sequence
 
-from cocalcproxy import headers
 from cocalcproxy.guard.credentials import cookie_values
+from cocalcproxy.http import headers
 
 DEVICE_COOKIE = headers.DEVICE_COOKIE.decode("ascii")
 #: How long a browser keeps its device cookie (seconds): a year, renewed on every sign-in.

@@ -18,7 +18,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from cocalcproxy import headers, pages
+from cocalcproxy import pages
 from cocalcproxy.directory import (
     Account,
     Conflict,
@@ -40,6 +40,7 @@ from cocalcproxy.guard.oidc import (
     StateSealer,
     identity_from_claims,
 )
+from cocalcproxy.http import headers
 
 log = Logger()
 

@@ -31,13 +31,14 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from cocalcproxy import headers, pages, routing
+from cocalcproxy import pages
 from cocalcproxy.directory import Account, IDirectory, Project
 from cocalcproxy.directory.hashing import token_hash
 from cocalcproxy.directory.model import Share
+from cocalcproxy.directory.operations import SHARE_SECRET_PARAMETER, SharingPolicy
 from cocalcproxy.guard import policy
-from cocalcproxy.operations import SHARE_SECRET_PARAMETER, SharingPolicy
-from cocalcproxy.site import Access, ProxyRequest
+from cocalcproxy.http import headers, routing
+from cocalcproxy.http.site import Access, ProxyRequest
 
 log = Logger()
 

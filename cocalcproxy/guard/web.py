@@ -18,10 +18,11 @@ from twisted.web.iweb import IRenderable, IRequest, ITemplateLoader
 from twisted.web.server import Request
 from twisted.web.template import Element, Tag, XMLString, flattenString, renderer, tags
 
-from cocalcproxy import operations as ops
 from cocalcproxy import pages
 from cocalcproxy.directory import Account, IDirectory, Project, validate
+from cocalcproxy.directory import operations as ops
 from cocalcproxy.directory.model import InvalidInput, Share, Unavailable
+from cocalcproxy.directory.operations import SharingPolicy
 from cocalcproxy.guard import policy
 from cocalcproxy.guard.checkers import Identity
 from cocalcproxy.guard.core import (
@@ -44,7 +45,6 @@ from cocalcproxy.guard.credentials import (
 from cocalcproxy.guard.csrf import CSRF_COOKIE, CsrfTokens, new_presession, well_formed_presession
 from cocalcproxy.guard.devices import DEVICE_COOKIE, DEVICE_LIFETIME
 from cocalcproxy.guard.ratelimit import Attempt
-from cocalcproxy.operations import SharingPolicy
 
 log = Logger()
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from twisted.web.server import Request
 
 if TYPE_CHECKING:
-    from cocalcproxy.routing import AbsoluteUrl
+    from cocalcproxy.http.routing import AbsoluteUrl
 
 # Sent on every page the proxy itself produces (not on proxied answers).
 OWN_PAGE_HEADERS: tuple[tuple[bytes, bytes], ...] = (

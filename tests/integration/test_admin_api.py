@@ -24,7 +24,7 @@ from twisted.trial import unittest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from cocalcproxy.openapi import document
+from cocalcproxy.ops.openapi import document
 from tests.api_support import (
     ECHO_WS_BACKEND,
     HTTP_ECHO_BACKEND,

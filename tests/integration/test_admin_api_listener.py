@@ -9,8 +9,8 @@ from twisted.internet import defer
 from twisted.python import usage
 from twisted.trial import unittest
 
-from cocalcproxy import admin, adminapi
-from cocalcproxy.service import build_service
+from cocalcproxy.ops import admin, adminapi
+from cocalcproxy.ops.service import build_service
 from tests.processes import ProxyProcess
 from tests.support import https_client, options_for, plain_client, start_proxy
 

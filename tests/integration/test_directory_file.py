@@ -30,7 +30,7 @@ DELETED = "was deleted under the running process"
 
 def run_admin(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cocalcproxy.admin", *argv],
+        [sys.executable, "-m", "cocalcproxy.ops.admin", *argv],
         input=stdin,
         capture_output=True,
         text=True,

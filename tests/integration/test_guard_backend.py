@@ -15,7 +15,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial import unittest
 from twisted.web import resource, server
 
-from cocalcproxy import headers as header_policy
+from cocalcproxy.http import headers as header_policy
 from tests.support import https_client, start_proxy
 
 

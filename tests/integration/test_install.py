@@ -14,7 +14,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from cocalcproxy.options import Options
+from cocalcproxy.ops.options import Options
 
 REPO = Path(__file__).resolve().parents[2]
 

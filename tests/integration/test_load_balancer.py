@@ -27,8 +27,8 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from twisted.trial import unittest
 
-from cocalcproxy import tls
 from cocalcproxy.guard.ratelimit import PER_ADDRESS
+from cocalcproxy.ops import tls
 from tests.directory_support import new_postgres_url
 from tests.integration.test_revocation_notify import http_ok, listener_pids, run_admin
 from tests.processes import ProxyProcess, wait_for

@@ -26,7 +26,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial import unittest
 from twisted.web import server
 
-from cocalcproxy import headers
+from cocalcproxy.http import headers
 from tests.integration.test_guard_backend import Echo
 from tests.oidc_support import CLIENT_ID, CLIENT_SECRET, FakeProvider
 from tests.processes import free_port

@@ -18,7 +18,7 @@ from pathlib import Path
 from joserfc.jwk import RSAKey
 from twisted.trial import unittest
 
-from cocalcproxy import headers
+from cocalcproxy.http import headers
 from tests.integration.test_browser import MARKER, WebDriver
 from tests.oidc_support import CLIENT_ID, CLIENT_SECRET, NodeProvider
 from tests.processes import ProxyProcess, admin, free_port, wait_for

@@ -14,7 +14,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from cocalcproxy.headlimit import MAX_HEAD_BYTES, MAX_HEAD_FIELDS
+from cocalcproxy.http.headlimit import MAX_HEAD_BYTES, MAX_HEAD_FIELDS
 from tests.forward_harness import start_proxy
 from tests.support import https_client
 

@@ -96,7 +96,7 @@ class NotificationClock:
 
 def run_admin(url: str, *args: str, stdin: str | None = None) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", "cocalcproxy.admin", "--database", url, "--json", *args],
+        [sys.executable, "-m", "cocalcproxy.ops.admin", "--database", url, "--json", *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -203,7 +203,7 @@ class TwoProxiesHearRevocationsAtOnce(unittest.TestCase):
         waiter = threading.Thread(target=lambda: heard.append(self.clock.wait_beyond(counter, 60)))
         waiter.start()
         admin = subprocess.Popen(
-            [sys.executable, "-m", "cocalcproxy.admin", "--database", self.url]
+            [sys.executable, "-m", "cocalcproxy.ops.admin", "--database", self.url]
             + ["token", "revoke", created["id"]],
             env=child_environment(),
             stdout=subprocess.DEVNULL,

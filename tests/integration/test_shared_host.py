@@ -24,8 +24,8 @@ from twisted.web import resource, server
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from cocalcproxy.addresses import always_local, ip_of
-from cocalcproxy.backendio import is_local_address
+from cocalcproxy.directory.addresses import always_local, ip_of
+from cocalcproxy.handlers.backendio import is_local_address
 from tests.directory_support import new_postgres_url
 from tests.relay_support import WSBackend, in_thread, on_reactor, wait_for
 from tests.support import https_client, start_proxy
@@ -627,7 +627,7 @@ class SocketFolderTests(ProxyCase):
         """The folder's owner swaps the checked socket for a symbolic link to another user's
         socket between the proxy's check and its connect (a race the owner can win by
         repeating it): the server that answers runs as that other user, and is refused."""
-        from cocalcproxy import socketdir
+        from cocalcproxy.handlers import socketdir
 
         yield self.serve_http(8010)
         victim = unused_uid()

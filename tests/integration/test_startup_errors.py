@@ -15,7 +15,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from cocalcproxy import options as options_module
+from cocalcproxy.ops import options as options_module
 from tests.processes import child_environment
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
@@ -153,7 +153,7 @@ class StartupErrorTests(unittest.TestCase):
         ):
             with self.subTest(argv=argv):
                 result = subprocess.run(
-                    [sys.executable, "-m", "cocalcproxy.admin", "--state-dir", state, *argv],
+                    [sys.executable, "-m", "cocalcproxy.ops.admin", "--state-dir", state, *argv],
                     cwd=self.cwd,
                     env=child_environment(),
                     capture_output=True,

@@ -8,7 +8,7 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from cocalcproxy.options import CommandLineOptions
+from cocalcproxy.ops.options import CommandLineOptions
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -22,8 +22,8 @@ class CocalcProxyServiceMaker:
 
         from twisted.python.usage import UsageError
 
-        from cocalcproxy.service import build_service
-        from cocalcproxy.workers import ENV, build_supervisor
+        from cocalcproxy.ops.service import build_service
+        from cocalcproxy.ops.workers import ENV, build_supervisor
 
         try:
             if options["workers"] > 1 and not os.environ.get(ENV):

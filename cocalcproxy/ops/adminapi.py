@@ -6,7 +6,7 @@ token>`` (``cocalcproxy admin-token create``); the token's SHA-256 is looked up 
 on every request, so a revoked token stops working at once. The listener refuses to start while
 no admin token exists, so it is never open to anyone.
 
-Each route calls one function of :mod:`cocalcproxy.operations`, the same the ``cocalcproxy``
+Each route calls one function of ``directory.operations``, the same the ``cocalcproxy``
 command calls, in the directory's thread pool. This module only turns HTTP into arguments and
 results into HTTP:
 
@@ -36,8 +36,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web.http import HTTPChannel
 
-from cocalcproxy import operations as ops
-from cocalcproxy.bannerless import BannerlessRequest
+from cocalcproxy.directory import operations as ops
 from cocalcproxy.directory import validate
 from cocalcproxy.directory.model import (
     Conflict,
@@ -46,9 +45,11 @@ from cocalcproxy.directory.model import (
     NotFound,
     Unavailable,
 )
-from cocalcproxy.site import REQUEST_HEAD_TIMEOUT, proxy_channel_protocol
+from cocalcproxy.http.bannerless import BannerlessRequest
+from cocalcproxy.http.site import REQUEST_HEAD_TIMEOUT, proxy_channel_protocol
 
-log = Logger()
+# The namespace operators see in log lines (kept from before the package layout).
+log = Logger(namespace="cocalcproxy.adminapi")
 
 MAX_BODY = 64 * 1024
 #: How much of a refused body is read and dropped before the connection is closed.
@@ -569,7 +570,7 @@ class AdminApi(resource.Resource):
         super().__init__()
         self.directory = directory
         self.routes = Routes(policy)
-        from cocalcproxy.openapi import document
+        from cocalcproxy.ops.openapi import document
 
         self.openapi = openapi if openapi is not None else document()
 

@@ -14,7 +14,7 @@ from html import escape
 from urllib.parse import quote
 
 from cocalcproxy import pages
-from cocalcproxy.rawfs import Entry, Listing
+from cocalcproxy.handlers.rawfs import Entry, Listing
 
 
 def href(entry: Entry) -> str:

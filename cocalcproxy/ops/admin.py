@@ -21,11 +21,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any, NoReturn
 
-from cocalcproxy import operations as ops
+from cocalcproxy.directory import operations as ops
 from cocalcproxy.directory import validate
 from cocalcproxy.directory.model import DirectoryError, InvalidInput
 from cocalcproxy.directory.store import SyncDirectory, open_sync_directory
-from cocalcproxy.options import default_database_url, default_state_dir
+from cocalcproxy.ops.options import default_database_url, default_state_dir
 
 PROG = "cocalcproxy"
 
@@ -341,7 +341,7 @@ def read_password(stdin: IO[str]) -> str:
 
 
 # Each command gets (directory, parsed arguments, output, stdin) and calls one operation from
-# cocalcproxy.operations, the same the admin API calls; only the printing is here.
+# cocalcproxy.directory.operations, the same the admin API calls; only the printing is here.
 
 
 def cmd_init(d: SyncDirectory, args: Any, out: Output, stdin: IO[str]) -> None:

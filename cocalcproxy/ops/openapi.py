@@ -1,6 +1,6 @@
 """The admin API's OpenAPI 3.1 description, served at ``/openapi.json``.
 
-Written as data next to the routes it describes (cocalcproxy.adminapi); the tests validate it with
+Written as data next to the routes it describes (ops.adminapi); the tests validate it with
 openapi-spec-validator and validate real answers against its schemas, so it cannot drift silently.
 """
 

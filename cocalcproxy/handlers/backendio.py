@@ -1,11 +1,11 @@
-"""The Twisted side of the backend policy (cocalcproxy.backends): where decisions meet sockets.
+"""The Twisted side of the backend policy (handlers.backends): where decisions meet sockets.
 
-* :class:`Backends` holds the operator's :class:`~cocalcproxy.backends.Policy`, makes the one
+* :class:`Backends` holds the operator's :class:`~.backends.Policy`, makes the one
   decision for a route (``decide``) and the client endpoint for its target (``endpoint``):
   TCP through :class:`_ScreenedTCPEndpoint`, which judges every address a host name resolves to
   and connects only to those very addresses (no second lookup, so a name cannot resolve to a
   harmless address for the check and to 127.0.0.1 for the connection); Unix sockets through
-  :class:`cocalcproxy.socketdir.SocketEndpoint`, which checks the folder and the socket first.
+  :class:`.socketdir.SocketEndpoint`, which checks the folder and the socket first.
 * :class:`PolicyGuard` wraps the guard, so a route the policy refuses is answered with the same
   404 as an unknown project, before any request body is read.
 * :func:`is_local_address`: is an IP address one of this machine's?
@@ -29,11 +29,14 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from cocalcproxy import backends, pages, routing, socketdir
-from cocalcproxy.addresses import always_local, ip_of, unmapped
+from cocalcproxy import pages
+from cocalcproxy.directory.addresses import always_local, ip_of, unmapped
 from cocalcproxy.directory.model import Project
+from cocalcproxy.handlers import backends, socketdir
+from cocalcproxy.http import routing
 
-log = Logger()
+# The namespace operators see in log lines (kept from before the package layout).
+log = Logger(namespace="cocalcproxy.backendio")
 
 #: Endpoints kept for reuse (building one costs an IDNA encoding); emptied when full.
 ENDPOINT_CACHE_SIZE = 4096

@@ -36,12 +36,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from cocalcproxy import routing
 from cocalcproxy.guard.cache import ExpiringCache
 from cocalcproxy.guard.hopkeys import public_authority as authority
-from cocalcproxy.site import Access
+from cocalcproxy.http import routing
+from cocalcproxy.http.site import Access
 
-log = Logger()
+# The namespace operators see in log lines (kept from before the package layout).
+log = Logger(namespace="cocalcproxy.identity")
 
 ALGORITHM = "ES256"
 #: The request header backends read; clients' own copies are always dropped (headers.py).

@@ -12,12 +12,14 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cocalcproxy import pages, routing
+from cocalcproxy import pages
 from cocalcproxy.directory import IDirectory
-from cocalcproxy.identity import IdentityAssertions
-from cocalcproxy.site import ProxyRequest
+from cocalcproxy.guard.identity import IdentityAssertions
+from cocalcproxy.http import routing
+from cocalcproxy.http.site import ProxyRequest
 
-log = Logger()
+# The namespace operators see in log lines (kept from before the package layout).
+log = Logger(namespace="cocalcproxy.ownpages")
 
 _STATIC_TYPES = {
     ".css": b"text/css; charset=utf-8",

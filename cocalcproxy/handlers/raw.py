@@ -32,10 +32,13 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from cocalcproxy import pages, rawfs, rawhttp, rawlisting, rawpath, routing
-from cocalcproxy.site import Access, ProxyRequest
+from cocalcproxy import pages
+from cocalcproxy.handlers import rawfs, rawhttp, rawlisting, rawpath
+from cocalcproxy.http import routing
+from cocalcproxy.http.site import Access, ProxyRequest
 
-log = Logger()
+# The namespace operators see in log lines (kept from before the package layout).
+log = Logger(namespace="cocalcproxy.raw")
 
 T = TypeVar("T")
 

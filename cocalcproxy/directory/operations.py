@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cocalcproxy.addresses import always_local
 from cocalcproxy.directory import validate
+from cocalcproxy.directory.addresses import always_local
 from cocalcproxy.directory.hashing import generated_password
 from cocalcproxy.directory.model import (
     Account,

@@ -48,11 +48,14 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from cocalcproxy import backendio, backends, headers, pages, routing, socketdir
-from cocalcproxy.headlimit import HeadLimit, HeadTooLarge
-from cocalcproxy.site import Access, ProxyRequest
+from cocalcproxy import pages
+from cocalcproxy.handlers import backendio, backends, socketdir
+from cocalcproxy.http import headers, routing
+from cocalcproxy.http.headlimit import HeadLimit, HeadTooLarge
+from cocalcproxy.http.site import Access, ProxyRequest
 
-log = Logger()
+# The namespace operators see in log lines (kept from before the package layout).
+log = Logger(namespace="cocalcproxy.forward")
 
 #: Idle backend connections are dropped after this many seconds (servers close them anyway).
 CACHED_CONNECTION_TIMEOUT = 60.0
@@ -70,7 +73,7 @@ class _BackendProtocol(HTTP11ClientProtocol):
     ``Connection``. They are attached to the response as ``connection_headers``.
 
     Twisted's parser bounds each header line but neither their number nor the head's size (see
-    :mod:`cocalcproxy.headlimit`): every byte is counted here before the parser sees it, until
+    :mod:`cocalcproxy.http.headlimit`): every byte is counted here before the parser sees it, until
     the head is complete, and a head over the bound fails the request with :class:`HeadTooLarge`
     (a 502) and closes the connection.
     """
@@ -220,7 +223,7 @@ class Forwarder:
         ``Agent.request`` would reparse a URL and may re-serialise the path (an empty ``?``
         vanishes), so the request goes through the Agent's endpoint-level entry point with the
         routing layer's exact origin-form target. The endpoint comes from the backend policy
-        (cocalcproxy.backendio): TCP with screened addresses, or a checked Unix socket.
+        (cocalcproxy.handlers.backendio): TCP with screened addresses, or a checked Unix socket.
         """
         endpoint = self.backends.endpoint(backend)
         port = backend.port

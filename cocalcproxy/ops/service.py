@@ -21,31 +21,22 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from cocalcproxy import (
-    accesslog,
-    adminapi,
-    backendio,
-    backends,
-    forward,
-    raw,
-    relay,
-    systemd,
-    tls,
-    workers,
-)
 from cocalcproxy import directory as directory_module
-from cocalcproxy import metrics as metrics_module
-from cocalcproxy import operations as ops
-from cocalcproxy.addresses import always_local
+from cocalcproxy.directory import operations as ops
+from cocalcproxy.directory.addresses import always_local
 from cocalcproxy.directory.dialect import dialect_for
 from cocalcproxy.directory.model import DirectoryError
 from cocalcproxy.guard import build_guard, csrf
-from cocalcproxy.identity import IdentityAssertions
-from cocalcproxy.ownpages import OwnPages
-from cocalcproxy.redirect import RedirectResource
-from cocalcproxy.site import ProxySite, Root
+from cocalcproxy.guard.identity import IdentityAssertions
+from cocalcproxy.handlers import backendio, backends, forward, raw, relay
+from cocalcproxy.http.ownpages import OwnPages
+from cocalcproxy.http.redirect import RedirectResource
+from cocalcproxy.http.site import ProxySite, Root
+from cocalcproxy.ops import accesslog, adminapi, systemd, tls, workers
+from cocalcproxy.ops import metrics as metrics_module
 
-log = Logger()
+# The namespace operators see in log lines (kept from before the package layout).
+log = Logger(namespace="cocalcproxy.service")
 
 
 class ListenerService(service.Service):
@@ -63,7 +54,7 @@ class ListenerService(service.Service):
         self.reactor = reactor
         self.description = description
         # (descriptor, address family) of a socket already listening, handed down by the
-        # supervisor of worker processes (cocalcproxy.workers): adopted instead of bound.
+        # supervisor of worker processes (ops.workers): adopted instead of bound.
         self.adopt = adopt
         self.factory = factory
         self.label = label
@@ -158,7 +149,7 @@ class ListenerService(service.Service):
 
 @implementer(IStreamServerEndpoint)
 class _Adopted:
-    """A listening socket handed over by the supervisor (cocalcproxy.workers), as an endpoint."""
+    """A listening socket handed over by the supervisor (ops.workers), as an endpoint."""
 
     def __init__(self, reactor: Any, fd: int, family: int) -> None:
         self.reactor = reactor
@@ -427,7 +418,7 @@ class ProxyService(service.MultiService):
         # The WebSocket relay: close_all() at shutdown, open_count() for metrics.
         self.relay: relay.Relay | None = None
         # The one registry of the proxy's own endpoints (listeners, database, and whatever an
-        # admin API or worker adds): no project route reaches them (cocalcproxy.backends).
+        # admin API or worker adds): no project route reaches them (cocalcproxy.handlers.backends).
         self.own_listeners = backends.OwnListeners()
         self.backends: backendio.Backends | None = None
         # Set by the twistd plugin: a listener that cannot listen makes the process exit 1 (so

@@ -1,7 +1,7 @@
 """Pure facts about backend host names and addresses. No Twisted imports, no I/O.
 
 Whether an address is one of *this machine's* other addresses (a LAN address) needs the
-operating system; that test lives with the Twisted glue (cocalcproxy.backendio.is_local_address)
+operating system; that test lives with the Twisted glue (handlers.backendio.is_local_address)
 and is passed into the pure policy as a function.
 """
 

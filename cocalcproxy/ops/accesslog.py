@@ -27,10 +27,11 @@ from typing import IO, Any
 from twisted.logger import Logger
 from twisted.web import http, server
 
-from cocalcproxy.bannerless import BannerlessRequest
-from cocalcproxy.site import REQUEST_HEAD_TIMEOUT, proxy_channel_protocol
+from cocalcproxy.http.bannerless import BannerlessRequest
+from cocalcproxy.http.site import REQUEST_HEAD_TIMEOUT, proxy_channel_protocol
 
-log = Logger()
+# The namespace operators see in log lines (kept from before the package layout).
+log = Logger(namespace="cocalcproxy.accesslog")
 
 MAX_PATH = 2048
 

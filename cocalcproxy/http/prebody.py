@@ -35,13 +35,15 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cocalcproxy import pages, routing
+from cocalcproxy import pages
 from cocalcproxy.directory.model import Unavailable
+from cocalcproxy.http import routing
 
 if TYPE_CHECKING:
-    from cocalcproxy.site import Access, ProxyRequest, Root
+    from cocalcproxy.http.site import Access, ProxyRequest, Root
 
-log = Logger()
+# The namespace operators see in log lines (kept from before the package layout).
+log = Logger(namespace="cocalcproxy.prebody")
 
 #: Largest body accepted by the sign-in and sign-out forms.
 FORM_BODY_LIMIT = 16 * 1024

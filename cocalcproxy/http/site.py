@@ -19,13 +19,15 @@ from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 from twisted.web.http import HTTPChannel
 
-from cocalcproxy import headers as headers_module
-from cocalcproxy import pages, prebody, routing
-from cocalcproxy.bannerless import BannerlessRequest
+from cocalcproxy import pages
 from cocalcproxy.directory import Account, Project
 from cocalcproxy.directory.model import Unavailable
+from cocalcproxy.http import headers as headers_module
+from cocalcproxy.http import prebody, routing
+from cocalcproxy.http.bannerless import BannerlessRequest
 
-log = Logger()
+# The namespace operators see in log lines (kept from before the package layout).
+log = Logger(namespace="cocalcproxy.site")
 
 
 @dataclass(eq=False)
@@ -170,7 +172,7 @@ class ProxyRequest(BannerlessRequest):
         super().gotLength(length)
 
     def _decide_before_body(self, length: int | None) -> bool:
-        """A body is announced: judge the headers first (cocalcproxy.prebody). True when the
+        """A body is announced: judge the headers first (cocalcproxy.http.prebody). True when the
         spool must not be created now (held back, or the request was answered)."""
         site: Any = getattr(self.channel, "site", None)
         root = getattr(site, "resource", None)
@@ -355,7 +357,7 @@ class Root(resource.Resource):
 
     def answer_without_body(self, request: ProxyRequest) -> None:
         """Answer a request that is not for a project nor a form page (404, redirect, 400);
-        none of these reads the body (used by cocalcproxy.prebody before it is read)."""
+        none of these reads the body (used by cocalcproxy.http.prebody before it is read)."""
         self._route(request)
 
     def _authorize(self, request: ProxyRequest, route: routing.Route) -> None:
@@ -633,7 +635,7 @@ class ProxySite(server.Site):
         self.in_flight: set[server.Request] = set()
         self._idle_waiters: list[Deferred[None]] = []
         self.on_request_done: list[Callable[[server.Request], None]] = []
-        # The proxy's Metrics (cocalcproxy.metrics), set by build_service.
+        # The proxy's Metrics (cocalcproxy.ops.metrics), set by build_service.
         self.metrics: Any = None
 
     def request_started(self, request: server.Request) -> None:
@@ -669,11 +671,11 @@ class ProxySite(server.Site):
     def getResourceFor(self, request: server.Request) -> resource.IResource:  # noqa: N802
         self.request_started(request)
         # Twisted has just set "Server: TwistedWeb/<version>": a banner helps only attackers
-        # (cocalcproxy.bannerless). A proxied answer carries the backend's own, if any.
+        # (cocalcproxy.http.bannerless). A proxied answer carries the backend's own, if any.
         request.responseHeaders.removeHeader(b"server")
         found: resource.IResource = super().getResourceFor(request)
         return found
 
     def log(self, request: http.Request) -> None:
         """Twisted's combined log line would carry the query string and Referer (tokens); the
-        JSON access log is written from ``on_request_done`` instead (cocalcproxy.accesslog)."""
+        JSON access log is written from ``on_request_done`` instead (cocalcproxy.ops.accesslog)."""

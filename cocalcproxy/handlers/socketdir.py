@@ -37,9 +37,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from cocalcproxy import pages
-from cocalcproxy.backends import UnixTarget
+from cocalcproxy.handlers.backends import UnixTarget
 
-log = Logger()
+# The namespace operators see in log lines (kept from before the package layout).
+log = Logger(namespace="cocalcproxy.socketdir")
 
 _O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
 _OPEN_FLAGS = _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -43,9 +43,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from cocalcproxy import systemd
+from cocalcproxy.ops import systemd
 
-log = Logger()
+# The namespace operators see in log lines (kept from before the package layout).
+log = Logger(namespace="cocalcproxy.workers")
 
 ENV = "COCALCPROXY_WORKER"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -508,7 +509,7 @@ class Supervisor(service.MultiService):
         super().privilegedStartService()
 
     def _listen_metrics(self, description: str) -> Any:
-        from cocalcproxy.metrics import multiprocess_site
+        from cocalcproxy.ops.metrics import multiprocess_site
 
         ports: list[Any] = []
         failures: list[Failure] = []
@@ -799,8 +800,8 @@ def build_supervisor(options: Any, reactor: Any = None) -> Supervisor:
 
         reactor = global_reactor
     from cocalcproxy import directory as directory_module
-    from cocalcproxy import service as service_module
-    from cocalcproxy import tls
+    from cocalcproxy.ops import service as service_module
+    from cocalcproxy.ops import tls
 
     service_module.prepare_state_dir(options["state-dir"])
     cert, key = options["tls-cert"], options["tls-key"]

@@ -32,10 +32,10 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cocalcproxy import routing
-from cocalcproxy.addresses import always_local, ip_of, same_ip, unmapped
+from cocalcproxy.directory.addresses import always_local, ip_of, same_ip, unmapped
 from cocalcproxy.directory.model import Project
-from cocalcproxy.ports import ALL, NONE, UNPRIVILEGED, PortSet, parse_ports
+from cocalcproxy.directory.ports import ALL, NONE, UNPRIVILEGED, PortSet, parse_ports
+from cocalcproxy.http import routing
 
 #: Infrastructure that must never be reached through a project route, whatever its port set.
 #: Each is a service whose protocol or HTTP API gives control over the machine, the cluster or

@@ -1,7 +1,7 @@
 """Port lists such as ``8000-8099,8888``: one pure parser, one normal form. No Twisted imports.
 
 Used by ``project add/set --ports``, ``--default-ports`` and ``--deny-ports``, the directory
-(where the normal form is stored) and the backend policy (:mod:`cocalcproxy.backends`).
+(where the normal form is stored) and the backend policy (:mod:`cocalcproxy.handlers.backends`).
 
 Grammar: items separated by commas, each a port (``8888``) or an inclusive range
 (``8000-8099``); a port is decimal 1..65535 without sign or leading zero, as in URLs. Spaces

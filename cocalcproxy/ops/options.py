@@ -11,9 +11,9 @@ from urllib.parse import urlsplit
 
 from twisted.python import usage
 
-from cocalcproxy.backends import DEFAULT_DENY_PORTS
-from cocalcproxy.ports import PortSet, parse_ports
-from cocalcproxy.site import MIN_BODY_RATE, REQUEST_HEAD_TIMEOUT
+from cocalcproxy.directory.ports import PortSet, parse_ports
+from cocalcproxy.handlers.backends import DEFAULT_DENY_PORTS
+from cocalcproxy.http.site import MIN_BODY_RATE, REQUEST_HEAD_TIMEOUT
 
 DEFAULT_LISTEN = "tcp:8443"
 

@@ -162,7 +162,7 @@ SHARED_ORIGIN_ONLY: frozenset[bytes] = frozenset(
 #: the body) and ``Cookie2`` (obsolete; not filtered like ``Cookie``).
 REQUEST_ONLY: frozenset[bytes] = frozenset({b"expect", b"cookie2"})
 
-#: The signed identity assertion (cocalcproxy.identity) only the proxy may send to a backend.
+#: The signed identity assertion (cocalcproxy.guard.identity) only the proxy may send to a backend.
 IDENTITY_HEADER = b"X-Cocalcproxy-Identity"
 #: Request headers only the proxy sets (their underscore spellings go with every other one).
 PROXY_ONLY: frozenset[bytes] = frozenset({b"x-cocalcproxy-identity"})

@@ -21,7 +21,8 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-log = Logger()
+# The namespace operators see in log lines (kept from before the package layout).
+log = Logger(namespace="cocalcproxy.tls")
 
 # Mozilla "intermediate" TLS 1.2 suites; TLS 1.3 suites are fixed and all strong.
 CIPHERS = (

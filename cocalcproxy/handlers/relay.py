@@ -36,10 +36,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from cocalcproxy import backendio, backends, headers, pages, routing, socketdir, takeover
-from cocalcproxy.site import Access, ProxyRequest
+from cocalcproxy import pages
+from cocalcproxy.handlers import backendio, backends, socketdir
+from cocalcproxy.http import headers, routing, takeover
+from cocalcproxy.http.site import Access, ProxyRequest
 
-log = Logger()
+# The namespace operators see in log lines (kept from before the package layout).
+log = Logger(namespace="cocalcproxy.relay")
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: Largest response head accepted from a backend.
