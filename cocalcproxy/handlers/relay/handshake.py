@@ -1,36 +1,23 @@
-"""The WebSocket relay: check, forward the handshake, and splice bytes only after a real 101.
+"""The WebSocket handshake: the pure checks, and one upgrade request from connect to 101.
 
-A request reaches :meth:`Relay.handle` already authorised (site.Root dispatches ``Upgrade:
-websocket`` requests here after the guard). The relay
-
-1. refuses cross-site requests (an ``Origin`` that is present and is not the proxy's own) and
-   malformed handshakes before anything touches a backend;
-2. connects to the project's host and the route's port and sends the handshake with the shared
-   header policy (headers.py);
-3. reads the backend's answer with h11. Only a ``101`` whose ``Sec-WebSocket-Accept`` matches the
-   client's key turns into a relay; anything else is passed back as an ordinary HTTP response and
-   the client connection stays HTTP;
-4. after the 101, takes the client connection over from Twisted (takeover.py) and copies bytes,
-   not frames, both ways with flow control, an idle timeout, and a cut on revocation. When the
-   proxy itself ends a relay (shutdown, idle, revocation) it sends each side a Close frame
-   (1001 going away, 1008 revoked) if that side's stream is between frames (FrameBoundary).
-
-Open relays are registered so shutdown can close them (:meth:`Relay.close_all`) and metrics can
-count them (:meth:`Relay.open_count`).
+The pure part (:func:`accept_for`, :func:`origin_allowed`, :func:`switch_is_valid`,
+:func:`handshake_refusal`) needs no reactor. ``_Handshake`` connects to the backend, sends the
+handshake with the shared header policy (http.headers), reads the answer with h11, and either
+hands the connection to a :class:`~cocalcproxy.handlers.relay.splice.Splice` after a real 101
+or passes the answer back as ordinary HTTP.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,8 +25,12 @@ from zope.interface import implementer
 
 from cocalcproxy import pages
 from cocalcproxy.handlers import backendio, backends, socketdir
+from cocalcproxy.handlers.relay.splice import Splice
 from cocalcproxy.http import headers, routing, takeover
 from cocalcproxy.http.site import Access, ProxyRequest
+
+if TYPE_CHECKING:
+    from cocalcproxy.handlers.relay import Relay
 
 # The namespace operators see in log lines (kept from before the package layout).
 log = Logger(namespace="cocalcproxy.relay")
@@ -47,8 +38,6 @@ log = Logger(namespace="cocalcproxy.relay")
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: Largest response head accepted from a backend.
 MAX_RESPONSE_HEAD = 64 * 1024
-#: Seconds a closing side may take to flush before its connection is aborted.
-CLOSE_GRACE = 15.0
 
 _HOST = re.compile(
     r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._~!$&'()*+,;=-]*))(?::(?P<port>[0-9]{1,5}))?"
@@ -162,145 +151,6 @@ def handshake_refusal(request: ProxyRequest) -> tuple[int, str, str] | None:
     if len(h.getRawHeaders(b"sec-websocket-key", [])) != 1:
         return 400, "Bad request", "A WebSocket handshake needs one Sec-WebSocket-Key header."
     return None
-
-
-class FrameBoundary:
-    """Follows one direction of a WebSocket byte stream just far enough to know where frames end.
-
-    The relay copies bytes, not frames; this only lets it add a Close frame of its own when it
-    ends a relay (shutdown, revocation, idle) without cutting into a frame in flight. Payloads
-    are skipped, never looked at, so permessage-deflate and fragmentation make no difference.
-    """
-
-    def __init__(self) -> None:
-        self._header = bytearray()
-        self._remaining = 0
-
-    @property
-    def at_boundary(self) -> bool:
-        return not self._header and self._remaining == 0
-
-    def _header_size(self) -> int | None:
-        if len(self._header) < 2:
-            return None
-        second = self._header[1]
-        length = second & 0x7F
-        extended = 2 if length == 126 else 8 if length == 127 else 0
-        return 2 + extended + (4 if second & 0x80 else 0)
-
-    def feed(self, data: bytes) -> None:
-        i, n = 0, len(data)
-        while i < n:
-            if self._remaining:
-                step = min(self._remaining, n - i)
-                self._remaining -= step
-                i += step
-                continue
-            size = self._header_size()
-            want = (size if size is not None else 2) - len(self._header)
-            self._header += data[i : i + want]
-            i += min(want, n - i)
-            size = self._header_size()
-            if size is None or len(self._header) < size:
-                continue
-            length = self._header[1] & 0x7F
-            if length == 126:
-                length = int.from_bytes(self._header[2:4], "big")
-            elif length == 127:
-                length = int.from_bytes(self._header[2:10], "big")
-            self._header.clear()
-            self._remaining = length
-
-
-def close_frame(code: int, reason: str, masked: bool) -> bytes:
-    """A Close frame (RFC 6455 section 5.5.1); ``masked`` for frames sent to a server."""
-    payload = code.to_bytes(2, "big") + reason.encode()[:120]
-    if not masked:
-        return bytes([0x88, len(payload)]) + payload
-    key = os.urandom(4)
-    return (
-        bytes([0x88, 0x80 | len(payload)])
-        + key
-        + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    )
-
-
-#: Close codes the proxy sends when it ends a relay itself.
-GOING_AWAY = 1001
-POLICY_VIOLATION = 1008
-
-
-# --- the relay --------------------------------------------------------------------------------
-
-
-class Relay:
-    """The handler for WebSocket upgrade requests; one per proxy."""
-
-    def __init__(
-        self,
-        reactor: Any,
-        *,
-        connect_timeout: float = 10.0,
-        response_timeout: float = 300.0,
-        idle_timeout: float = 3600.0,
-        public_hostname: str | None = None,
-        clock: Any = None,
-        backends: backendio.Backends | None = None,
-    ) -> None:
-        self.reactor = reactor
-        self.backends = (
-            backends
-            if backends is not None
-            else backendio.Backends(reactor, connect_timeout=connect_timeout)
-        )
-        # Timeouts run on ``clock`` (the reactor unless a test injects a task.Clock).
-        self.clock = reactor if clock is None else clock
-        self.connect_timeout = connect_timeout
-        self.response_timeout = response_timeout
-        self.idle_timeout = idle_timeout
-        self.public_hostname = public_hostname
-        self._pending: set[_Handshake] = set()
-        self._open: set[Splice] = set()
-        self._closing = False
-        self.opened_total = 0
-
-    def open_count(self) -> int:
-        """Relays currently splicing (for metrics)."""
-        return len(self._open)
-
-    @property
-    def open_relays(self) -> frozenset[Splice]:
-        return frozenset(self._open)
-
-    def handle(self, request: ProxyRequest, route: routing.Route, access: Access) -> None:
-        refusal = handshake_refusal(request)
-        if refusal is not None:
-            pages.write_error(request, *refusal)
-            return
-        if self._closing:
-            pages.write_error(request, 503, "Service unavailable", "The proxy is shutting down.")
-            return
-        if access.revoked or route.port is None:
-            pages.not_found(request)
-            return
-        decision = self.backends.decide(route, access.project)
-        if isinstance(decision, backends.Refused):
-            backendio.refuse(request, decision)
-            return
-        handshake = _Handshake(self, request, route, access, decision)
-        self._pending.add(handshake)
-        handshake.start()
-
-    def close_all(self) -> defer.Deferred[None]:
-        """Refuse new relays, abandon handshakes in progress, close every open relay.
-
-        Fires when every relay's connections are gone (at most ``CLOSE_GRACE`` seconds later).
-        """
-        self._closing = True
-        for handshake in list(self._pending):
-            handshake.abandon(503, "Service unavailable", "The proxy is shutting down.")
-        waits = [splice.close("proxy shutting down") for splice in list(self._open)]
-        return defer.DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -666,213 +516,3 @@ def _peer_ip(request: ProxyRequest) -> str:
     host = getattr(peer, "host", None)
     return host if isinstance(host, str) else "unknown"
 
-
-# --- the splice -------------------------------------------------------------------------------
-
-
-@implementer(IPushProducer)
-class _Valve:
-    """One side's reading, paused by the other side's transport when its write buffer is full."""
-
-    def __init__(self, transport: Any) -> None:
-        self.transport = transport
-        self.paused = False
-        self.pauses = 0
-
-    def pauseProducing(self) -> None:  # noqa: N802
-        if not self.paused:
-            self.paused = True
-            self.pauses += 1
-            self.transport.pauseProducing()
-
-    def resumeProducing(self) -> None:  # noqa: N802
-        if self.paused:
-            self.paused = False
-            self.transport.resumeProducing()
-
-    def stopProducing(self) -> None:  # noqa: N802
-        """The consumer went away; the splice ends both sides itself."""
-
-
-class Splice:
-    """A relay after the 101: bytes both ways until either side ends, idles or is revoked."""
-
-    def __init__(
-        self,
-        relay: Relay,
-        access: Access,
-        backend: _BackendProtocol,
-        request: ProxyRequest | None = None,
-    ) -> None:
-        self.relay = relay
-        self.request = request
-        self.reactor = relay.clock
-        self.access = access
-        self.backend = backend
-        self.client: Any = None
-        self.client_reading: _Valve | None = None
-        self.backend_reading: _Valve | None = None
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.last_activity = self.reactor.seconds()
-        self.ending: str | None = None
-        self.client_done = False
-        self.backend_done = False
-        self._idle_call: Any = None
-        self._abort_call: Any = None
-        self._cancel_revocation: Any = None
-        self._finished: list[defer.Deferred[None]] = []
-        self.up_frames = FrameBoundary()
-        self.down_frames = FrameBoundary()
-
-    def start(
-        self,
-        taken: takeover.TakenConnection,
-        head: bytes,
-        backend_bytes: bytes,
-        backend_closed: bool,
-    ) -> None:
-        client: Any = taken.transport
-        self.client = client
-        backend = self.backend.wire
-        self.client_reading = _Valve(client)
-        self.backend_reading = _Valve(backend)
-        client.registerProducer(self.backend_reading, True)
-        backend.registerProducer(self.client_reading, True)
-        self.relay._open.add(self)
-        self.relay.opened_total += 1
-        self._idle_call = self.reactor.callLater(self.relay.idle_timeout, self._check_idle)
-        client.write(head)
-        if backend_bytes:
-            self.backend_data(backend_bytes)
-        if taken.buffered:
-            self.client_data(taken.buffered)
-        if backend_closed:
-            self._end("backend closed")
-        self._cancel_revocation = self.access.on_revoked(
-            lambda: self._end("access revoked", POLICY_VIOLATION)
-        )
-
-    @property
-    def client_paused(self) -> bool:
-        """Is the proxy not reading from the client (the backend is not keeping up)?"""
-        return self.client_reading is not None and self.client_reading.paused
-
-    @property
-    def backend_paused(self) -> bool:
-        """Is the proxy not reading from the backend (the client is not keeping up)?"""
-        return self.backend_reading is not None and self.backend_reading.paused
-
-    # -- traffic
-
-    def client_data(self, data: bytes) -> None:
-        if self.ending is not None:
-            return
-        self.last_activity = self.reactor.seconds()
-        self.bytes_up += len(data)
-        self.up_frames.feed(data)
-        self.backend.wire.write(data)
-
-    def backend_data(self, data: bytes) -> None:
-        if self.ending is not None:
-            return
-        self.last_activity = self.reactor.seconds()
-        self.bytes_down += len(data)
-        self.down_frames.feed(data)
-        self.client.write(data)
-
-    def _check_idle(self) -> None:
-        self._idle_call = None
-        if self.ending is not None:
-            return
-        quiet = self.reactor.seconds() - self.last_activity
-        if quiet >= self.relay.idle_timeout:
-            self._end("idle timeout", GOING_AWAY)
-        else:
-            self._idle_call = self.reactor.callLater(
-                self.relay.idle_timeout - quiet, self._check_idle
-            )
-
-    # -- endings
-
-    def backend_eof(self) -> None:
-        self._end("backend closed")
-
-    def backend_lost(self, reason: Failure) -> None:
-        self.backend_done = True
-        self._end("backend closed")
-        self._maybe_finished()
-
-    def client_lost(self, reason: Failure) -> None:
-        # The request ends right after this (takeover.py): give the access log the byte counts.
-        if self.request is not None:
-            self.request.log_info.bytes_in += self.bytes_up
-            self.request.log_info.bytes_out += self.bytes_down
-            self.request.log_info.extra["websocket_end"] = self.ending or "client closed"
-        self.client_done = True
-        self._end("client closed")
-        self._maybe_finished()
-
-    def close(
-        self, why: str = "closed by the proxy", code: int = GOING_AWAY
-    ) -> defer.Deferred[None]:
-        """End both sides cleanly (a Close frame with ``code`` to each side between frames);
-        fires when both connections are gone."""
-        d: defer.Deferred[None] = defer.Deferred()
-        if self.client_done and self.backend_done:
-            d.callback(None)
-            return d
-        self._finished.append(d)
-        self._end(why, code)
-        return d
-
-    def _end(self, why: str, code: int | None = None) -> None:
-        """End both sides. With ``code`` the proxy itself ends the relay and tells each side
-        with a Close frame, where that side's stream is between frames."""
-        if self.ending is not None:
-            return
-        self.ending = why
-        log.debug("WebSocket relay ending: {why}", why=why)
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
-        if self._cancel_revocation is not None:
-            self._cancel_revocation()
-            self._cancel_revocation = None
-        client, backend = self.client, self.backend.wire
-        # Producers first: a transport with a paused producer would wait for it before closing.
-        if client is not None:
-            client.unregisterProducer()
-        if backend is not None:
-            backend.unregisterProducer()
-        if code is not None:
-            if not self.backend_done and backend is not None and self.up_frames.at_boundary:
-                backend.write(close_frame(code, why, masked=True))
-            if not self.client_done and client is not None and self.down_frames.at_boundary:
-                client.write(close_frame(code, why, masked=False))
-        if not self.backend_done and backend is not None:
-            backend.loseConnection()
-        if not self.client_done and client is not None:
-            assert self.client_reading is not None
-            self.client_reading.resumeProducing()  # let a TLS peer's close_notify in
-            client.loseConnection()
-        if not (self.client_done and self.backend_done):
-            self._abort_call = self.reactor.callLater(CLOSE_GRACE, self._abort)
-
-    def _abort(self) -> None:
-        self._abort_call = None
-        if not self.backend_done and self.backend.wire is not None:
-            self.backend.wire.abortConnection()
-        if not self.client_done and self.client is not None:
-            self.client.abortConnection()
-
-    def _maybe_finished(self) -> None:
-        if not (self.client_done and self.backend_done):
-            return
-        if self._abort_call is not None and self._abort_call.active():
-            self._abort_call.cancel()
-        self._abort_call = None
-        self.relay._open.discard(self)
-        waiters, self._finished = self._finished, []
-        for d in waiters:
-            d.callback(None)
