@@ -16,6 +16,11 @@ on its method, target and headers alone:
 
 Requests without a body take the ordinary path, unchanged.
 
+This module is the pure plan (:func:`plan`) and the few helpers that touch Twisted's channel;
+the glue that holds one request's body while the guard decides (``BodyGate``, ``answer_now``)
+lives with the request in :mod:`cocalcproxy.http.site`, so the import runs one way: site uses
+prebody, never the reverse.
+
 A refused body is never read to its end. Once the proxy has answered a request whose body it will
 not take (any refusal above, a ``413`` over ``--max-body-size``, a malformed body, a timed-out
 head or body), it parses nothing more on that connection (:func:`stop_parsing`): it discards at
@@ -30,20 +35,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from twisted.logger import Logger
-from twisted.python.failure import Failure
-
-from cocalcproxy import pages
-from cocalcproxy.directory.model import Unavailable
 from cocalcproxy.http import routing
-
-if TYPE_CHECKING:
-    from cocalcproxy.http.site import Access, ProxyRequest, Root
-
-# The namespace operators see in log lines (kept from before the package layout).
-log = Logger(namespace="cocalcproxy.prebody")
 
 #: Largest body accepted by the sign-in and sign-out forms.
 FORM_BODY_LIMIT = 16 * 1024
@@ -193,158 +187,13 @@ def plan(
     return AnswerNow()
 
 
-class BodyGate:
-    """Holds one request's body back while its fate is decided on the headers."""
-
-    def __init__(self, request: ProxyRequest, root: Root, length: int | None) -> None:
-        self.request = request
-        self.root = root
-        # Kept here: once the refusal is finished, Twisted detaches the request from it.
-        self.channel: Any = request.channel
-        self.length = length
-        self.holding = True
-        self.held: list[bytes] = []
-        self.held_size = 0
-        self.received: tuple[bytes, bytes, bytes] | None = None
-        self.expect_continue = False
-        self.was_persistent = True
-        self.had_connection: list[bytes] | None = None
-
-    # called by ProxyRequest while holding
-
-    def hold(self, data: bytes) -> None:
-        self.held.append(data)
-        self.held_size += len(data)
-        if self.held_size > HOLD_LIMIT:
-            log.warn("more body than expected while paused; dropping the connection")
-            self._abort()
-
-    def hold_received(self, command: bytes, path: bytes, version: bytes) -> None:
-        self.received = (command, path, version)
-
-    # the decision
-
-    def start(self, line: tuple[bytes, bytes, bytes], route: routing.Route) -> None:
-        request = self.request
-        channel: Any = request.channel
-        # Twisted answers "Expect: 100-continue" right after gotLength; only do so once allowed,
-        # so a client that waits for it never sends a refused body.
-        expect = request.requestHeaders.getRawHeaders(b"expect", [])
-        self.expect_continue = bool(expect) and expect[0].lower() == b"100-continue"
-        request.requestHeaders.removeHeader(b"expect")
-        _pause(channel)
-        # Any answer the guard writes closes the connection; undone if it allows.
-        self.was_persistent = bool(channel.persistent)
-        had = request.responseHeaders.getRawHeaders(b"connection")
-        self.had_connection = list(had) if had is not None else None
-        channel.persistent = False
-        request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
-        request.log_info.form = route.kind
-        request.log_info.port = route.port
-        try:
-            d = self.root.guard.authorize(request, route)
-        except Exception:
-            self._failed(Failure())
-            return
-        d.addCallbacks(self._decided, self._failed, callbackArgs=(route,))
-
-    def _decided(self, access: Access | None, route: routing.Route) -> None:
-        request = self.request
-        if access is None:
-            self._refused()
-            return
-        if request._disconnected:
-            return
-        channel: Any = request.channel
-        channel.persistent = self.was_persistent
-        if self.had_connection is None:
-            request.responseHeaders.removeHeader(b"connection")
-        else:
-            request.responseHeaders.setRawHeaders(b"Connection", self.had_connection)
-        request.early_access = (route, access)
-        self.holding = False
-        request.open_body(self.length)
-        held, self.held = self.held, []
-        for chunk in held:
-            request.spool_chunk(chunk)
-        if self.expect_continue and request.clientproto == b"HTTP/1.1" and channel.transport:
-            channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        _resume(channel)
-        if self.received is not None:
-            command, path, version = self.received
-            self.received = None
-            request.requestReceived(command, path, version)
-
-    def _refused(self) -> None:
-        """The guard has answered (or the client left): drop the body and the connection."""
-        request = self.request
-        self.holding = False
-        self.held = []
-        if request._disconnected:
-            return
-        channel = self.channel
-        if not request.finished:
-            if channel is not None:
-                stop_parsing(channel)
-            pages.write_error(request, 503, "Service unavailable", "Please try again shortly.")
-            return
-        # finish() has handed the connection back: it closes, as persistent is off; what the
-        # client still sends is drained within bounds, never parsed.
-        if channel is not None:
-            stop_parsing(channel)
-
-    def _failed(self, failure: Failure) -> None:
-        unavailable = bool(failure.check(Unavailable))
-        if not unavailable:
-            log.failure("deciding on {uri!r} before its body failed", failure, uri=self.request.uri)
-        request = self.request
-        self.holding = False
-        self.held = []
-        channel = self.channel
-        if channel is not None:
-            stop_parsing(channel)
-        if request._disconnected or request.finished:
-            return
-        if unavailable:
-            pages.directory_unavailable(request)
-        elif not request.startedWriting:
-            pages.write_error(request, 503, "Service unavailable", "Please try again shortly.")
-
-    def _abort(self) -> None:
-        self.holding = False
-        self.held = []
-        channel = self.channel
-        if channel is not None:
-            stop_parsing(channel)
-            if channel.transport is not None:
-                channel.transport.abortConnection()
-
-
-def answer_now(request: ProxyRequest, root: Root, status: int) -> None:
-    """Answer a request that announced a body the page does not take, and close."""
-    channel: Any = request.channel
-    channel.persistent = False
-    request.requestHeaders.removeHeader(b"expect")
-    request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
-    # The answer is written synchronously from inside gotLength; parse nothing after it.
-    stop_parsing(channel)
-    if status == 405:
-        pages.method_not_allowed(request)
-    elif status == 413:
-        pages.write_error(
-            request, 413, "Request body too large", "This page takes no request body.", limit=0
-        )
-    else:
-        root.answer_without_body(request)
-
-
-def _pause(channel: Any) -> None:
+def pause_reading(channel: Any) -> None:
     transport = channel.transport
     if transport is not None:
         transport.pauseProducing()
 
 
-def _resume(channel: Any) -> None:
+def resume_reading(channel: Any) -> None:
     transport = channel.transport
     if transport is not None:
         transport.resumeProducing()

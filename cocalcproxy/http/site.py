@@ -28,6 +28,7 @@ from cocalcproxy.http.bannerless import BannerlessRequest
 
 # The namespace operators see in log lines (kept from before the package layout).
 log = Logger(namespace="cocalcproxy.site")
+_gate_log = Logger(namespace="cocalcproxy.prebody")
 
 
 @dataclass(eq=False)
@@ -124,7 +125,7 @@ class ProxyRequest(BannerlessRequest):
         self.early_access: tuple[routing.Route, Access] | None = None
         # The signed X-Cocalcproxy-Identity for the backend (--identity-assertion), set by Root.
         self.identity_assertion: bytes | None = None
-        self._gate: prebody.BodyGate | None = None
+        self._gate: BodyGate | None = None
         self.site_started = False
 
     def notifyFinishOrNone(self) -> Deferred[None]:  # noqa: N802
@@ -200,9 +201,9 @@ class ProxyRequest(BannerlessRequest):
         self.content = io.BytesIO()  # never written: the spool is made only once allowed
         if isinstance(decision, prebody.AnswerNow):
             self.body_refused = True
-            prebody.answer_now(self, root, decision.status)
+            answer_now(self, root, decision.status)
             return True
-        self._gate = prebody.BodyGate(self, root, length)
+        self._gate = BodyGate(self, root, length)
         self._gate.start(line, decision.route)
         return True
 
@@ -679,3 +680,153 @@ class ProxySite(server.Site):
     def log(self, request: http.Request) -> None:
         """Twisted's combined log line would carry the query string and Referer (tokens); the
         JSON access log is written from ``on_request_done`` instead (cocalcproxy.ops.accesslog)."""
+
+
+# --- holding a body back while the guard decides (the pure plan is prebody's) --------------
+
+
+class BodyGate:
+    """Holds one request's body back while its fate is decided on the headers."""
+
+    def __init__(self, request: ProxyRequest, root: Root, length: int | None) -> None:
+        self.request = request
+        self.root = root
+        # Kept here: once the refusal is finished, Twisted detaches the request from it.
+        self.channel: Any = request.channel
+        self.length = length
+        self.holding = True
+        self.held: list[bytes] = []
+        self.held_size = 0
+        self.received: tuple[bytes, bytes, bytes] | None = None
+        self.expect_continue = False
+        self.was_persistent = True
+        self.had_connection: list[bytes] | None = None
+
+    # called by ProxyRequest while holding
+
+    def hold(self, data: bytes) -> None:
+        self.held.append(data)
+        self.held_size += len(data)
+        if self.held_size > prebody.HOLD_LIMIT:
+            _gate_log.warn("more body than expected while paused; dropping the connection")
+            self._abort()
+
+    def hold_received(self, command: bytes, path: bytes, version: bytes) -> None:
+        self.received = (command, path, version)
+
+    # the decision
+
+    def start(self, line: tuple[bytes, bytes, bytes], route: routing.Route) -> None:
+        request = self.request
+        channel: Any = request.channel
+        # Twisted answers "Expect: 100-continue" right after gotLength; only do so once allowed,
+        # so a client that waits for it never sends a refused body.
+        expect = request.requestHeaders.getRawHeaders(b"expect", [])
+        self.expect_continue = bool(expect) and expect[0].lower() == b"100-continue"
+        request.requestHeaders.removeHeader(b"expect")
+        prebody.pause_reading(channel)
+        # Any answer the guard writes closes the connection; undone if it allows.
+        self.was_persistent = bool(channel.persistent)
+        had = request.responseHeaders.getRawHeaders(b"connection")
+        self.had_connection = list(had) if had is not None else None
+        channel.persistent = False
+        request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        request.log_info.form = route.kind
+        request.log_info.port = route.port
+        try:
+            d = self.root.guard.authorize(request, route)
+        except Exception:
+            self._failed(Failure())
+            return
+        d.addCallbacks(self._decided, self._failed, callbackArgs=(route,))
+
+    def _decided(self, access: Access | None, route: routing.Route) -> None:
+        request = self.request
+        if access is None:
+            self._refused()
+            return
+        if request._disconnected:
+            return
+        channel: Any = request.channel
+        channel.persistent = self.was_persistent
+        if self.had_connection is None:
+            request.responseHeaders.removeHeader(b"connection")
+        else:
+            request.responseHeaders.setRawHeaders(b"Connection", self.had_connection)
+        request.early_access = (route, access)
+        self.holding = False
+        request.open_body(self.length)
+        held, self.held = self.held, []
+        for chunk in held:
+            request.spool_chunk(chunk)
+        if self.expect_continue and request.clientproto == b"HTTP/1.1" and channel.transport:
+            channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        prebody.resume_reading(channel)
+        if self.received is not None:
+            command, path, version = self.received
+            self.received = None
+            request.requestReceived(command, path, version)
+
+    def _refused(self) -> None:
+        """The guard has answered (or the client left): drop the body and the connection."""
+        request = self.request
+        self.holding = False
+        self.held = []
+        if request._disconnected:
+            return
+        channel = self.channel
+        if not request.finished:
+            if channel is not None:
+                prebody.stop_parsing(channel)
+            pages.write_error(request, 503, "Service unavailable", "Please try again shortly.")
+            return
+        # finish() has handed the connection back: it closes, as persistent is off; what the
+        # client still sends is drained within bounds, never parsed.
+        if channel is not None:
+            prebody.stop_parsing(channel)
+
+    def _failed(self, failure: Failure) -> None:
+        unavailable = bool(failure.check(Unavailable))
+        if not unavailable:
+            _gate_log.failure(
+                "deciding on {uri!r} before its body failed", failure, uri=self.request.uri
+            )
+        request = self.request
+        self.holding = False
+        self.held = []
+        channel = self.channel
+        if channel is not None:
+            prebody.stop_parsing(channel)
+        if request._disconnected or request.finished:
+            return
+        if unavailable:
+            pages.directory_unavailable(request)
+        elif not request.startedWriting:
+            pages.write_error(request, 503, "Service unavailable", "Please try again shortly.")
+
+    def _abort(self) -> None:
+        self.holding = False
+        self.held = []
+        channel = self.channel
+        if channel is not None:
+            prebody.stop_parsing(channel)
+            if channel.transport is not None:
+                channel.transport.abortConnection()
+
+
+def answer_now(request: ProxyRequest, root: Root, status: int) -> None:
+    """Answer a request that announced a body the page does not take, and close."""
+    channel: Any = request.channel
+    channel.persistent = False
+    request.requestHeaders.removeHeader(b"expect")
+    request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+    # The answer is written synchronously from inside gotLength; parse nothing after it.
+    prebody.stop_parsing(channel)
+    if status == 405:
+        pages.method_not_allowed(request)
+    elif status == 413:
+        pages.write_error(
+            request, 413, "Request body too large", "This page takes no request body.", limit=0
+        )
+    else:
+        root.answer_without_body(request)
