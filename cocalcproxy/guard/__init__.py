@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from cocalcproxy.directory import IDirectory
 from cocalcproxy.directory.operations import SharingPolicy
 from cocalcproxy.guard.checkers import make_portal
-from cocalcproxy.guard.core import DEFAULT_OUTAGE_GRACE, Clock, Guard
+from cocalcproxy.guard.core import DEFAULT_OUTAGE_GRACE, CacheObserver, Clock, Guard
 from cocalcproxy.guard.credentials import legacy_cookie_safe
 from cocalcproxy.guard.csrf import CsrfTokens
 from cocalcproxy.guard.devices import DeviceCookies
@@ -30,11 +30,21 @@ from cocalcproxy.guard.oidcweb import OIDCPages
 from cocalcproxy.guard.ratelimit import DirectoryLimiter
 from cocalcproxy.guard.shares import Shares
 from cocalcproxy.guard.web import GuardPages
-from cocalcproxy.ops.metrics import Metrics
 
 __all__ = ["Guard", "GuardPages", "GuardService", "build_guard"]
 
 SECONDS_PER_DAY = 86400.0
+
+
+class GuardMetrics(CacheObserver, Protocol):
+    """What the guard reports to the proxy's metrics (``ops.metrics.Metrics`` is one): the guard
+    names what it needs here rather than importing the operations room above it."""
+
+    def signin_failure(self) -> None: ...
+
+    def set_directory_notifications(self, up: Callable[[], bool]) -> None: ...
+
+    def set_directory_up(self, up: Callable[[], bool]) -> None: ...
 
 
 class ChangeNotifications(Protocol):
@@ -77,7 +87,7 @@ def build_guard(
     key: bytes,
     session_lifetime_days: float,
     project_domain: str | None = None,
-    metrics: Metrics | None = None,
+    metrics: GuardMetrics | None = None,
     hostname: str = "localhost",
     public_port: Callable[[], int | None] = lambda: None,
     change_listener: Callable[[Callable[[], object]], ChangeNotifications | None] | None = None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from typing import Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -14,7 +15,6 @@ from twisted.python.failure import Failure
 
 from cocalcproxy import pages
 from cocalcproxy.directory import IDirectory
-from cocalcproxy.guard.identity import IdentityAssertions
 from cocalcproxy.http import routing
 from cocalcproxy.http.site import ProxyRequest
 
@@ -31,12 +31,19 @@ _STATIC_TYPES = {
 FAVICON_MAX_AGE = 86400
 
 
+class PublicKeys(Protocol):
+    """The identity assertions' public keys (``guard.identity.IdentityAssertions`` is one)."""
+
+    @property
+    def jwks_body(self) -> bytes: ...
+
+
 class OwnPages:
     def __init__(
         self,
         directory: IDirectory,
         guard_pages: object | None = None,
-        identity: IdentityAssertions | None = None,
+        identity: PublicKeys | None = None,
     ) -> None:
         self.directory = directory
         self.guard_pages = guard_pages
