@@ -8,6 +8,13 @@ Two faces over one implementation:
 
 Every write bumps the change counter; running proxies poll ``change_counter()`` to drop cached
 decisions.
+
+The room also owns the facts it stores and validates, pure: ``ports`` (port lists), ``addresses``
+(host names and addresses), ``validate``, ``hashing``; and ``operations``, the one
+implementation of each administrative operation that the ``cocalcproxy`` command and the admin
+API both call.
+
+May import: nothing of the other rooms (it is the bottom of the house).
 """
 
 from __future__ import annotations

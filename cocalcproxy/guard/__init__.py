@@ -6,6 +6,13 @@
   revocation when the directory's change counter moves.
 * ``web.GuardPages``: ``/_/login``, ``/_/logout`` and ``/``.
 * ``csrf``, ``ratelimit``, ``policy``, ``cache``: the small rules those rest on.
+* ``hop``, ``hopkeys``, ``devices``, ``oidc``/``oidcweb``, ``shares``: hops to project
+  subdomains, device cookies, OpenID sign-in, shared ports.
+* ``identity``: the signed identity assertions backends receive (and their public keys).
+
+May import: ``http`` (the request, Access, routing, headers), ``directory`` and ``pages``.
+Never ``handlers`` or ``ops``: what it needs from the operations room (the metrics) it names as
+a Protocol here (:class:`GuardMetrics`).
 """
 
 from __future__ import annotations

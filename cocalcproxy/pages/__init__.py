@@ -1,4 +1,9 @@
-"""The proxy's own pages: errors for people (HTML) and programs (JSON), and security headers."""
+"""The proxy's own pages: errors for people (HTML) and programs (JSON), and security headers.
+
+Owns the templates and static files (``*.html``, ``static/``) and the functions every room uses
+to answer with them. A leaf: it imports no other room (one type, ``http.routing.AbsoluteUrl``,
+under TYPE_CHECKING only; an exception named in tests/test_layout.py).
+"""
 
 from __future__ import annotations
 
