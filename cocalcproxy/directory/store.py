@@ -77,6 +77,31 @@ _PROJECT_COLUMNS = (
 )
 
 
+def _project_fields(
+    host: str,
+    home: str | None,
+    title: str,
+    ports: str | None,
+    socket_dir: str | None,
+    socket_owner: int | str | None,
+) -> tuple[str, str | None, str, str | None, str | None, int | None]:
+    """A whole project's fields, validated and in the form they are stored in (the port set as
+    its normal text, None for the proxy's default; an empty socket folder as None)."""
+    host = validate.host(host)
+    home = validate.home(home)
+    title = validate.title(title)
+    port_set = validate.ports(ports)
+    stored_ports = None if port_set is None else str(port_set)
+    return (
+        host,
+        home,
+        title,
+        stored_ports,
+        validate.socket_dir(socket_dir or None),
+        validate.socket_owner(socket_owner),
+    )
+
+
 class _Retryable(Exception):
     def __init__(self, error: DirectoryError) -> None:
         super().__init__(str(error))
@@ -871,13 +896,9 @@ class SyncDirectory:
         socket_owner: int | str | None = None,
     ) -> Project:
         validate.name(owner)
-        host = validate.host(host)
-        home = validate.home(home)
-        title = validate.title(title)
-        port_set = validate.ports(ports)
-        stored_ports = None if port_set is None else str(port_set)
-        sockets = validate.socket_dir(socket_dir or None)
-        sockets_owner = validate.socket_owner(socket_owner)
+        host, home, title, stored_ports, sockets, sockets_owner = _project_fields(
+            host, home, title, ports, socket_dir, socket_owner
+        )
         pid = validate.new_project_id() if project_id is None else validate.project_id(project_id)
         now = self.clock()
 
@@ -1034,13 +1055,9 @@ class SyncDirectory:
         changes nothing (and does not bump the change counter)."""
         validate.project_id(project_id)
         validate.name(owner)
-        host = validate.host(host)
-        home = validate.home(home)
-        title = validate.title(title)
-        port_set = validate.ports(ports)
-        stored_ports = None if port_set is None else str(port_set)
-        sockets = validate.socket_dir(socket_dir or None)
-        sockets_owner = validate.socket_owner(socket_owner)
+        host, home, title, stored_ports, sockets, sockets_owner = _project_fields(
+            host, home, title, ports, socket_dir, socket_owner
+        )
         wanted = sorted({validate.name(n) for n in collaborators})
         if owner in wanted:
             raise InvalidInput(f"{owner!r} owns the project and cannot also be a collaborator")

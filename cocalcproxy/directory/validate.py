@@ -143,8 +143,8 @@ def host(value: str) -> str:
     return lowered
 
 
-def home(value: str | None) -> str | None:
-    """An absolute path on this machine (normalised), or None for "no home directory"."""
+def _absolute_path(value: str | None, what: str, example: str) -> str | None:
+    """An absolute path on this machine, normalised (one leading slash), or None."""
     if value is None:
         return None
     if (
@@ -154,13 +154,17 @@ def home(value: str | None) -> str | None:
         or any(ord(c) < 32 or ord(c) == 127 for c in value)
     ):
         raise InvalidInput(
-            f"invalid home directory {_shown(str(value))}: give an absolute path such as "
-            "/home/alice/project"
+            f"invalid {what} {_shown(str(value))}: give an absolute path such as {example}"
         )
     normalised = os.path.normpath(value)
     if normalised.startswith("//"):
         normalised = "/" + normalised.lstrip("/")
     return normalised
+
+
+def home(value: str | None) -> str | None:
+    """An absolute path on this machine (normalised), or None for "no home directory"."""
+    return _absolute_path(value, "home directory", "/home/alice/project")
 
 
 def title(value: str) -> str:
@@ -239,21 +243,9 @@ def ports(value: str | None) -> PortSet | None:
 
 def socket_dir(value: str | None) -> str | None:
     """An absolute folder for a project's Unix sockets (normalised), or None for TCP."""
-    if value is None:
+    normalised = _absolute_path(value, "socket folder", "/run/cocalc/alice")
+    if normalised is None:
         return None
-    if (
-        not isinstance(value, str)
-        or not value.startswith("/")
-        or len(value) > HOME_MAX
-        or any(ord(c) < 32 or ord(c) == 127 for c in value)
-    ):
-        raise InvalidInput(
-            f"invalid socket folder {_shown(str(value))}: give an absolute path such as "
-            "/run/cocalc/alice"
-        )
-    normalised = os.path.normpath(value)
-    if normalised.startswith("//"):
-        normalised = "/" + normalised.lstrip("/")
     if normalised == "/":
         raise InvalidInput("invalid socket folder '/': give the project's own folder")
     return normalised
