@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
+from twisted.internet import interfaces
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -468,6 +469,40 @@ class ProxyChannel(HTTPChannel):
     _awaiting_head = True
     _body_start = 0.0
     _body_bytes = 0
+
+    # --- the connection's facts, read once per transport ------------------------------------
+    # Twisted's Request.__init__ asks the channel for both addresses on every request (a TCP
+    # transport answers getHost with a getsockname system call each time), and isSecure adapts
+    # the transport to ISSLTransport on every call. None of them changes while the transport
+    # is the same object, so they are read on first use and kept with that transport.
+    _facts_of: Any = None
+    _host: Any = None
+    _peer: Any = None
+    _secure = False
+
+    def _read_facts(self) -> Any:
+        transport: Any = self.transport
+        if transport is not None and transport is not self._facts_of:
+            self._host = transport.getHost()
+            self._peer = transport.getPeer()
+            self._secure = interfaces.ISSLTransport(transport, None) is not None
+            self._facts_of = transport
+        return transport
+
+    def getHost(self) -> Any:  # noqa: N802
+        if self._read_facts() is None:
+            return super().getHost()
+        return self._host
+
+    def getPeer(self) -> Any:  # noqa: N802
+        if self._read_facts() is None:
+            return super().getPeer()
+        return self._peer
+
+    def isSecure(self) -> bool:  # noqa: N802
+        if self._read_facts() is None:
+            return False
+        return self._secure
 
     def _head_timeout(self) -> float | None:
         value = getattr(getattr(self, "site", None), "request_head_timeout", None)
