@@ -211,6 +211,33 @@ class Caching(GuardTestCase):
             self.assert_reached_backend(self.get(cookie(token)), "bob")
         self.assertEqual(self.world.directory.queries(), before)
 
+    def test_cached_path_counts_each_cache_once_and_keeps_revocation(self) -> None:
+        counted: list[tuple[str, str]] = []
+
+        class Observer:
+            def cache_hit(self, cache: str) -> None:
+                counted.append(("hit", cache))
+
+            def cache_miss(self, cache: str) -> None:
+                counted.append(("miss", cache))
+
+        guard = self.world.guard
+        guard.identities.observer = guard.projects.observer = Observer()
+        token = self.world.directory.add_session("bob")
+        self.poll()
+        self.assert_reached_backend(self.get(cookie(token)), "bob")
+        self.assertEqual([kind for kind, _ in counted], ["miss", "miss"])
+        del counted[:]
+        self.assert_reached_backend(self.get(cookie(token)), "bob")
+        names = {guard.identities.name, guard.projects.name}
+        self.assertEqual(sorted(counted), sorted(("hit", name) for name in names))
+        _, access = self.world.handler.seen[-1]
+        revoked: list[bool] = []
+        access.on_revoked(lambda: revoked.append(True))  # a cached decision can be revoked
+        self.world.directory.remove_collaborator(PID, "bob")
+        self.poll()
+        self.assertEqual(revoked, [True])
+
     def test_password_verified_once_then_cached(self) -> None:
         self.get(basic("bob", "bob-password"))
         self.get(basic("bob", "bob-password"))

@@ -1,7 +1,7 @@
 """The guard: who is asking (twisted.cred portal, cached), may they reach this project (cached),
 and withdrawing both when the directory changes.
 
-Caches hold decisions, positive and negative, keyed by an HMAC of the credentials under a
+Caches hold decisions, positive and negative, keyed by a BLAKE2b MAC of the credentials under a
 per-process key, so neither a secret nor a plain hash of one is kept. Every entry carries the time
 it stops being trusted: the credential's own expiry when known (sessions this proxy created),
 else ``credential_ttl`` (10 s), so an expired session or token is refused from the cache too, at
@@ -357,6 +357,16 @@ class Guard:
     def authenticate(self, request: Request, host_label: str | None = None) -> Deferred[Outcome]:
         """Who is asking. On a project subdomain (``host_label``) a session cookie counts only
         when it is bound to that host (see hopkeys); other cookie values are passed over."""
+        known = self._known_outcome(request, host_label)
+        if not isinstance(known, tuple):
+            return succeed(known)
+        return self._look_up(request, *known)
+
+    def _known_outcome(
+        self, request: Request, host_label: str | None
+    ) -> Outcome | tuple[Presented, bytes]:
+        """The outcome when it needs no lookup (nothing presented, malformed, a stale subdomain
+        cookie, or a cache hit); else what was presented and its cache key, to look up."""
         cookies = request.requestHeaders.getRawHeaders(b"cookie", [])
         presented = extract(
             request.requestHeaders.getRawHeaders(b"authorization", []),
@@ -364,9 +374,9 @@ class Guard:
             legacy=self.legacy_session_cookie and host_label is None,
         )
         if presented is None:
-            return succeed(SignedOut())
+            return SignedOut()
         if isinstance(presented, Malformed):
-            return succeed(Rejected(presented.reason))
+            return Rejected(presented.reason)
         if host_label is not None and not presented.from_authorization:
             token = None
             if self.hop_keys is not None:
@@ -374,14 +384,17 @@ class Guard:
                     host_label, cookie_values(cookies, SESSION_COOKIE)
                 )
             if token is None:
-                return succeed(SignedOut(stale_session=True))
+                return SignedOut(stale_session=True)
             presented = Presented(SessionToken(token), from_authorization=False)
-        credentials = presented.credentials
-        key = cache_key(self._key, credentials)
+        key = cache_key(self._key, presented.credentials)
         hit = self.identities.cached(key)
         if hit is not None:
             self.identities.count(hit=True)
-            return succeed(self._outcome(presented, hit))
+            return self._outcome(presented, hit)
+        return presented, key
+
+    def _look_up(self, request: Request, presented: Presented, key: bytes) -> Deferred[Outcome]:
+        credentials = presented.credentials
         if isinstance(credentials, NameAndSecret):
             return self._name_and_secret(request, presented, key, credentials)
         d = self.identities.get(key, lambda: self._login(credentials))
@@ -499,18 +512,24 @@ class Guard:
     def _authorize_member(
         self, request: ProxyRequest, route: routing.Route
     ) -> Deferred[Access | None]:
-        # Plain callbacks rather than @inlineCallbacks: on the common path (both caches hit) the
-        # Deferreds have already fired, and the generator machinery cost more than the lookups.
+        # When both caches hit (the common case) the decision is taken here without a Deferred
+        # per step: the chain of already-fired Deferreds cost more than the lookups themselves.
         try:
             label = hop_label(route) if route.subdomain else None
-            d = self.authenticate(request, label)
+            known = self._known_outcome(request, label)
+            if isinstance(known, tuple):
+                d = self._look_up(request, *known)
+                return d.addCallback(self._authenticated, request, route, label)
+            decided = self._authenticated(known, request, route, label)
         except Exception:
             return fail()
-        return d.addCallback(self._authenticated, request, route, label)
+        if isinstance(decided, Deferred):
+            return decided
+        return succeed(decided)
 
     def _authenticated(
         self, outcome: Outcome, request: ProxyRequest, route: routing.Route, label: str | None
-    ) -> Deferred[Access | None] | None:
+    ) -> Deferred[Access | None] | Access | None:
         if request._disconnected:
             return None
         if not isinstance(outcome, Authenticated):
@@ -529,10 +548,13 @@ class Guard:
         if outcome.presented.from_authorization:
             request.authorization_is_proxy_credential = True
         account = outcome.identity.account
-        looking = self.projects.get(
-            (account.id, route.project_id),
-            lambda: self.directory.project_for(account.id, route.project_id),
-        )
+        projects = self.projects
+        key = (account.id, route.project_id)
+        hit = projects.cached(key)
+        if hit is not None:
+            projects.count(hit=True)
+            return self._granted(hit, request, outcome)
+        looking = projects.get(key, lambda: self.directory.project_for(*key))
         return looking.addCallback(self._granted, request, outcome)
 
     def _granted(
