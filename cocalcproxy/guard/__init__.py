@@ -18,7 +18,7 @@ a Protocol here (:class:`GuardMetrics`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults
@@ -32,11 +32,12 @@ from cocalcproxy.guard.csrf import CsrfTokens
 from cocalcproxy.guard.devices import DeviceCookies
 from cocalcproxy.guard.hop import Hop
 from cocalcproxy.guard.hopkeys import HopKeys
-from cocalcproxy.guard.oidc import OIDCSettings, ProviderClient, StateSealer
-from cocalcproxy.guard.oidcweb import OIDCPages
 from cocalcproxy.guard.ratelimit import DirectoryLimiter
 from cocalcproxy.guard.shares import Shares
 from cocalcproxy.guard.web import GuardPages
+
+if TYPE_CHECKING:
+    from cocalcproxy.guard.oidc import OIDCSettings
 
 __all__ = ["Guard", "GuardPages", "GuardService", "build_guard"]
 
@@ -136,6 +137,10 @@ def build_guard(
     )
     guard_pages.password_login = password_login
     if oidc is not None:
+        # Imported here: treq and joserfc stay out of the memory of a proxy without OpenID.
+        from cocalcproxy.guard.oidc import ProviderClient, StateSealer
+        from cocalcproxy.guard.oidcweb import OIDCPages
+
         OIDCPages(
             guard_pages,
             ProviderClient(oidc, clock, http),

@@ -403,9 +403,9 @@ class Options(usage.Options):
 
     def _oidc_options(self) -> None:
         """Check the OpenID options together; ``self["oidc"]`` is their OIDCSettings or None.
-        The secret file is read when the service is built (``OIDCSettings.with_secret``)."""
-        from cocalcproxy.guard.oidc import OIDCSettings, check_issuer_option
-
+        The secret file is read when the service is built (``OIDCSettings.with_secret``).
+        ``guard.oidc`` (treq, joserfc) is imported only when OpenID is configured: a proxy
+        without it does not carry them in memory."""
         if self["password-login"] not in ("on", "off"):
             raise usage.UsageError("--password-login must be on or off")
         given = [
@@ -423,6 +423,8 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--oidc-issuer, --oidc-client-id and --oidc-client-secret-file go together"
             )
+        from cocalcproxy.guard.oidc import OIDCSettings, check_issuer_option
+
         try:
             issuer = check_issuer_option(self["oidc-issuer"])
         except ValueError as e:

@@ -7,7 +7,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 from twisted.application import service
@@ -27,13 +27,15 @@ from cocalcproxy.directory.addresses import always_local
 from cocalcproxy.directory.dialect import dialect_for
 from cocalcproxy.directory.model import DirectoryError
 from cocalcproxy.guard import build_guard, csrf
-from cocalcproxy.guard.identity import IdentityAssertions
 from cocalcproxy.handlers import backendio, backends, forward, raw, relay
 from cocalcproxy.http.ownpages import OwnPages
 from cocalcproxy.http.redirect import RedirectResource
 from cocalcproxy.http.site import ProxySite, Root
-from cocalcproxy.ops import accesslog, adminapi, systemd, tls, workers
+from cocalcproxy.ops import accesslog, memory, systemd, tls, workers
 from cocalcproxy.ops import metrics as metrics_module
+
+if TYPE_CHECKING:
+    from cocalcproxy.guard.identity import IdentityAssertions
 
 # The namespace operators see in log lines (kept from before the package layout).
 log = Logger(namespace="cocalcproxy.service")
@@ -583,6 +585,9 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     )
     identity: IdentityAssertions | None = None
     if options["identity-assertion"]:
+        # Imported only when enabled: joserfc stays out of the memory of a proxy without it.
+        from cocalcproxy.guard.identity import IdentityAssertions
+
         identity = IdentityAssertions(
             opened,
             reactor,
@@ -662,6 +667,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
 
     DirectoryService(opened).setServiceParent(proxy)
     guard_service.setServiceParent(proxy)
+    memory.IdleTrim(reactor).setServiceParent(proxy)
     BackendPoolService(backend_pool).setServiceParent(proxy)
     if provider_pool is not None:
         BackendPoolService(provider_pool).setServiceParent(proxy)
@@ -797,7 +803,10 @@ def _admin_api(
     reactor: Any,
     adopt: tuple[int, int] | None = None,
 ) -> None:
-    """The admin API listener: TLS with the proxy's certificate unless loopback or Unix."""
+    """The admin API listener: TLS with the proxy's certificate unless loopback or Unix.
+    ``ops.adminapi`` is imported only here, when ``--admin-api`` is on."""
+    from cocalcproxy.ops import adminapi
+
     site: Any = adminapi.api_site(opened, sharing_policy(options), reactor)
     site.request_head_timeout = options["request-head-timeout"]
     description = options["admin-api"]
