@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import threading
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.logger import formatEventAsClassicLogText, globalLogPublisher
 from twisted.trial import unittest
 
@@ -134,7 +137,8 @@ class EndToEndTests(unittest.TestCase):
         use_quiet_directory(self)
         self.log_path = os.path.abspath(self.mktemp())
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self, proxy: Any) -> list[dict[str, Any]]:
+        proxy.service.access_log.flush()  # not waiting up to 100 ms for the lines
         with open(self.log_path) as f:
             return [json.loads(line) for line in f]
 
@@ -164,13 +168,13 @@ class EndToEndTests(unittest.TestCase):
         yield missing.content()
         self.assertEqual(missing.code, 404)
 
+        records = self.records(proxy)
         with open(self.log_path) as f:
             text = f.read()
         self.assertNotIn(secret, text)
         # Nor in anything else the process logged (Twisted's own combined log would have it).
         self.assertNotIn(secret, "".join(events))
         self.assertNotIn("token", text)
-        records = self.records()
         self.assertEqual(len(records), 2)
         health, not_found = records
         self.assertEqual(health["path"], "/_/health")
@@ -192,7 +196,7 @@ class EndToEndTests(unittest.TestCase):
         response = yield client.post(proxy.url + "/_/login", data=b"x" * 5000)
         yield response.content()
         self.assertEqual(response.code, 415)
-        (record,) = self.records()
+        (record,) = self.records(proxy)
         self.assertEqual(record["bytes_in"], 5000)
         self.assertEqual(record["method"], "POST")
 
@@ -267,6 +271,34 @@ class FullDiskTests(unittest.TestCase):
                 broken.append(line)
         self.assertLessEqual(len(broken), 1, broken)
 
+    def test_batches_on_a_full_disk_lose_only_what_is_not_in_the_file(self) -> None:
+        clock = Clock()
+        log = accesslog.AccessLog(self.path, on_lost=self.lost.append, clock=clock)
+        self.addCleanup(log.close)
+        self.disk.fill()
+        written = 0
+        while not self.lost:
+            for _ in range(50):
+                log.write(sample(status=507))
+            written += 50
+            clock.advance(0.1)
+            self.assertLess(written, 20_000, "the full disk never refused a batch")
+        self.assertEqual(len(self.events), 1, self.events)
+        whole = 0
+        for line in self.lines_of(self.path):
+            try:
+                json.loads(line)
+                whole += 1
+            except ValueError:
+                pass
+        self.assertEqual(whole + sum(self.lost), written)
+        self.disk.free()
+        log.write(sample(status=202))
+        clock.advance(0.1)
+        self.assertFalse(log.failing)
+        self.assertIn(f"writing again ({sum(self.lost)} line(s) were lost)", self.events[-1])
+        self.assertEqual(json.loads(self.lines_of(self.path)[-1])["status"], 202)
+
     def test_sighup_opens_a_new_file_even_after_a_full_disk(self) -> None:
         log = accesslog.AccessLog(self.path, on_lost=self.lost.append)
         self.addCleanup(log.close)
@@ -290,3 +322,170 @@ class FullDiskTests(unittest.TestCase):
         log.write(sample(status=298))
         self.assertEqual(self.lost, [])
         self.assertEqual([json.loads(x)["status"] for x in self.lines_of(self.path + ".1")], [298])
+
+
+class BufferTests(unittest.TestCase):
+    """Lines wait in memory, written in one batch within 100 ms or once 64 KiB wait (issue 10)."""
+
+    def setUp(self) -> None:
+        self.path = os.path.abspath(self.mktemp())
+        self.clock = Clock()
+        self.lost: list[int] = []
+        self.writes: list[int] = []
+        real_write = os.write
+
+        def counting_write(fd: int, data: Any) -> int:
+            self.writes.append(len(data))
+            return real_write(fd, data)
+
+        self.patch(accesslog.os, "write", counting_write)
+
+    def open_log(self, path: str | None = None) -> accesslog.AccessLog:
+        log = accesslog.AccessLog(path or self.path, on_lost=self.lost.append, clock=self.clock)
+        self.addCleanup(log.close)
+        return log
+
+    def statuses(self, path: str | None = None) -> list[int]:
+        with open(path or self.path) as f:
+            return [json.loads(line)["status"] for line in f]
+
+    def test_lines_wait_until_100_ms_after_the_first(self) -> None:
+        log = self.open_log()
+        self.assertEqual(self.clock.getDelayedCalls(), [], "no timer while nothing waits")
+        log.write(sample(status=200))
+        self.clock.advance(0.05)
+        log.write(sample(status=201))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1, "one timer for the batch")
+        self.clock.advance(0.0499)
+        self.assertEqual(self.statuses(), [])
+        self.clock.advance(0.0001)
+        self.assertEqual(self.statuses(), [200, 201])
+        self.assertEqual(len(self.writes), 1, "one write for the batch")
+        self.assertEqual(self.clock.getDelayedCalls(), [], "no timer once idle again")
+        # The next line starts a new 100 ms from its own arrival.
+        self.clock.advance(5)
+        log.write(sample(status=202))
+        self.clock.advance(0.099)
+        self.assertEqual(self.statuses(), [200, 201])
+        self.clock.advance(0.001)
+        self.assertEqual(self.statuses(), [200, 201, 202])
+
+    def test_a_full_buffer_is_written_at_once(self) -> None:
+        log = self.open_log()
+        line = len(accesslog.format_line(sample()))
+        count = -(-accesslog.FLUSH_BYTES // line)  # the first count that reaches 64 KiB
+        for _ in range(count - 1):
+            log.write(sample())
+        self.assertEqual(self.writes, [])
+        log.write(sample())
+        self.assertEqual(self.writes, [count * line])
+        self.assertEqual(len(self.statuses()), count)
+        self.assertEqual(self.clock.getDelayedCalls(), [], "the timer went with the batch")
+
+    def test_close_writes_the_waiting_lines(self) -> None:
+        log = self.open_log()
+        log.write(sample(status=200))
+        log.write(sample(status=201))
+        log.close()
+        self.assertEqual(self.statuses(), [200, 201])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        log.write(sample(status=202))  # after close: counted as lost, never half-written
+        self.assertEqual(self.lost, [1])
+        self.assertEqual(self.statuses(), [200, 201])
+
+    def test_end_buffering_writes_waiting_and_later_lines_at_once(self) -> None:
+        log = self.open_log()
+        log.write(sample(status=200))
+        log.end_buffering()
+        self.assertEqual(self.statuses(), [200])
+        log.write(sample(status=201))
+        self.assertEqual(self.statuses(), [200, 201])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_reopen_writes_the_waiting_lines_to_the_old_file_first(self) -> None:
+        log = self.open_log()
+        log.write(sample(status=200))
+        log.write(sample(status=201))
+        os.rename(self.path, self.path + ".1")
+        log.reopen()
+        log.write(sample(status=202))
+        self.clock.advance(0.1)
+        self.assertEqual(self.statuses(self.path + ".1"), [200, 201])
+        self.assertEqual(self.statuses(), [202])
+
+    def test_a_batch_cut_short_counts_only_the_lines_not_written_whole(self) -> None:
+        log = self.open_log()
+        line = len(accesslog.format_line(sample()))
+        real_write = os.write
+        calls: list[int] = []
+
+        def disk_fills(fd: int, data: Any) -> int:
+            calls.append(len(data))
+            if len(calls) == 1:
+                return real_write(fd, bytes(data[: line + 10]))  # one line and a bit
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(accesslog.os, "write", disk_fills)
+        for status in (200, 201, 202, 203):
+            log.write(sample(status=status))
+        self.clock.advance(0.1)
+        self.assertEqual(self.lost, [3], "the cut line and the two after it")
+        self.assertTrue(log.failing)
+        self.patch(accesslog.os, "write", real_write)
+        log.write(sample(status=204))
+        log.write(sample(status=205))
+        self.clock.advance(0.1)
+        self.assertFalse(log.failing)
+        self.assertEqual(self.lost, [3])
+        with open(self.path) as f:
+            lines = f.read().splitlines()
+        # The fragment stays on a line of its own; the lines after recovery are whole.
+        self.assertEqual(json.loads(lines[0])["status"], 200)
+        self.assertEqual(len(lines[1]), 10)
+        self.assertEqual([json.loads(x)["status"] for x in lines[2:]], [204, 205])
+
+    def test_a_batch_that_fails_outright_counts_every_line(self) -> None:
+        log = self.open_log()
+
+        def full(fd: int, data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(accesslog.os, "write", full)
+        for _ in range(7):
+            log.write(sample())
+        self.assertEqual(self.lost, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.lost, [7])
+
+
+class PipeTests(unittest.TestCase):
+    """A worker's lines on its pipe to the supervisor: batches larger than PIPE_BUF and than
+    the pipe itself arrive complete and in order, even on a pipe set non-blocking."""
+
+    def test_batches_through_a_pipe_stay_whole(self) -> None:
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        os.set_blocking(write_end, False)
+        clock = Clock()
+        lost: list[int] = []
+        log = accesslog.AccessLog("-", pipe_fd=write_end, on_lost=lost.append, clock=clock)
+        self.addCleanup(log.close)  # closes the write end: the reader ends even if this fails
+        self.assertTrue(os.get_blocking(write_end))
+        received: list[bytes] = []
+
+        def drain() -> None:
+            while chunk := os.read(read_end, 4096):
+                received.append(chunk)
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        long_path = "/" + "x" * 6000  # each line longer than PIPE_BUF
+        for n in range(100):  # some 600 KiB: several 64 KiB batches, each more than a pipe holds
+            log.write(sample(path=long_path, bytes_out=n))
+        clock.advance(0.1)
+        log.close()
+        reader.join(timeout=30)
+        self.assertFalse(reader.is_alive())
+        records = [json.loads(line) for line in b"".join(received).splitlines()]
+        self.assertEqual([r["bytes_out"] for r in records], list(range(100)))
+        self.assertEqual(lost, [])

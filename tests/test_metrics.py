@@ -258,6 +258,7 @@ class BackendFailureTests(unittest.TestCase):
             ),
             0,
         )
+        proxy.service.access_log.flush()  # not waiting up to 100 ms for the line
         with open(log_path) as f:
             (line,) = [json.loads(x) for x in f]
         self.assertEqual(line["backend"], "refused")

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import http, server
 
@@ -151,14 +152,31 @@ def format_line(facts: RequestFacts) -> str:
     return _ENCODER.encode(record) + "\n"
 
 
+# Lines wait in memory at most this long, and at most this many bytes of them: one ``write(2)``
+# per batch instead of per request (issue 10), and a tail that ``tail -f`` still sees at once.
+FLUSH_DELAY = 0.1
+FLUSH_BYTES = 64 * 1024
+
+
+class _SinkFailed(Exception):
+    """A write that failed after ``written`` bytes of its data were out (whole lines among them
+    are in the file; the rest, a cut line included, are lost)."""
+
+    def __init__(self, why: str, written: int) -> None:
+        super().__init__(why)
+        self.why = why
+        self.written = written
+
+
 class _FileSink:
     """An access-log file written with one ``write(2)`` per batch of whole lines.
 
-    No user-space buffer sits between the proxy and the file: a write that fails (a full disk)
-    loses exactly the lines it carried, nothing is left behind to fail again later, and closing
-    cannot raise (Python's buffered file re-raises the failed flush on ``close()``, which is how
-    a full disk once kept SIGHUP from ever opening the new file). ``O_APPEND`` keeps lines whole
-    when several processes share the file.
+    No user-space buffer sits between the proxy and the file beyond ``AccessLog``'s own batch: a
+    write that fails (a full disk) loses exactly the lines it carried, nothing is left behind to
+    fail again later, and closing cannot raise (Python's buffered file re-raises the failed flush
+    on ``close()``, which is how a full disk once kept SIGHUP from ever opening the new file).
+    ``O_APPEND`` keeps lines whole when several processes share the file: each batch is one
+    ``write(2)``, which Linux never interleaves with another process's on a local file system.
     """
 
     def __init__(self, path: str) -> None:
@@ -167,17 +185,17 @@ class _FileSink:
         self.torn = False
 
     def write(self, data: bytes) -> None:
-        if self.torn:
-            data = b"\n" + data
-        view = memoryview(data)
-        while view:
+        prefix = 1 if self.torn else 0
+        whole = b"\n" + data if prefix else data
+        view = memoryview(whole)
+        done = 0
+        while done < len(whole):
             try:
-                written = os.write(self.fd, view)
-            except OSError:
-                if len(view) < len(data):
-                    self.torn = True
-                raise
-            view = view[written:]
+                done += os.write(self.fd, view[done:])
+            except OSError as e:
+                if done:
+                    self.torn = whole[done - 1] != 0x0A
+                raise _SinkFailed(e.strerror or str(e), max(0, done - prefix)) from None
         self.torn = False
 
     def close(self) -> None:
@@ -188,12 +206,22 @@ class _FileSink:
 
 
 class _PipeSink(_FileSink):
-    """A worker's standard-output lines, on its own pipe to the supervisor (which writes whole
-    lines to the one standard output, so lines of two workers never interleave)."""
+    """A worker's standard-output lines, on its own pipe to the supervisor, which joins each
+    worker's bytes into whole lines before writing them to the one standard output: lines of
+    two workers never interleave, and a batch larger than ``PIPE_BUF`` may arrive in pieces.
+
+    The pipe is made blocking: a partial write (a signal, a pipe the supervisor has not emptied
+    yet) is followed by the rest at once, never by another line, so nothing is split or lost; a
+    supervisor that falls behind holds the worker back, as it did with one write per line.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.torn = False
+        try:
+            os.set_blocking(fd, True)
+        except OSError:
+            pass  # not a descriptor (closed): writing fails and counts the lines as lost
 
 
 class _StreamSink:
@@ -203,8 +231,11 @@ class _StreamSink:
         self.stream = stream
 
     def write(self, data: bytes) -> None:
-        self.stream.write(data.decode("ascii"))
-        self.stream.flush()
+        try:
+            self.stream.write(data.decode("ascii"))
+            self.stream.flush()
+        except (OSError, ValueError) as e:
+            raise _SinkFailed(getattr(e, "strerror", None) or str(e), 0) from None
 
     def close(self) -> None:
         pass
@@ -213,17 +244,21 @@ class _StreamSink:
 class AccessLog:
     """Writes access-log lines to standard output (``"-"``) or appends to a file.
 
+    Given a ``clock`` (the reactor), lines are kept and written out together: within
+    ``FLUSH_DELAY`` (100 ms) of the first one, at once when ``FLUSH_BYTES`` (64 KiB) are waiting,
+    and by ``flush()``, which ``reopen()``, ``close()`` and ``end_buffering()`` (the service, once
+    it has stopped) call first. One timer runs only while lines wait; an idle proxy has none.
+    Without a clock every line is written at once.
+
     A file is opened afresh by ``reopen()`` (the service calls it on SIGHUP) so logrotate can move
-    it: the new file is opened first, then the old one is closed, whatever closing it says.
-    Standard output is the real one (``sys.__stdout__``): twistd redirects ``sys.stdout`` into its
-    own log, which would wrap every line in a second timestamp.
+    it: the waiting lines go to the old file, then the new file is opened, then the old one is
+    closed, whatever closing it says. Standard output is the real one (``sys.__stdout__``): twistd
+    redirects ``sys.stdout`` into its own log, which would wrap every line in a second timestamp.
 
     While writing fails (a full disk, a file that cannot be opened) the lines are counted as lost
     (``on_lost``, the ``cocalcproxy_access_log_lines_lost_total`` metric) and the service log gets
-    one line when the failure starts and one when writing works again, not one per request.
-
-    Every line goes through ``_emit(data, lines)``, which takes whole lines (one or a batch), so
-    buffering lines and writing them out in batches is a change to ``write`` and a timer only.
+    one line when the failure starts and one when writing works again, not one per request. A
+    batch that fails part way counts only the lines that did not reach the file whole.
     """
 
     def __init__(
@@ -232,9 +267,20 @@ class AccessLog:
         stream: IO[str] | None = None,
         on_lost: Callable[[int], object] | None = None,
         pipe_fd: int | None = None,
+        clock: IReactorTime | None = None,
+        flush_delay: float = FLUSH_DELAY,
+        flush_bytes: int = FLUSH_BYTES,
     ) -> None:
         self.target = target
         self.on_lost = on_lost
+        self.flush_delay = flush_delay
+        self.flush_bytes = flush_bytes
+        # Any: mypy reads zope interface methods as unbound (IReactorTime.callLater).
+        self._clock: Any = clock
+        self._buffering = clock is not None
+        self._waiting: list[bytes] = []
+        self._waiting_bytes = 0
+        self._timer: Any = None  # the IDelayedCall of the next flush, while lines wait
         self._sink: _FileSink | _StreamSink | None = None
         self._failing = False
         self._lost = 0
@@ -253,7 +299,36 @@ class AccessLog:
         return self._failing
 
     def write(self, facts: RequestFacts) -> None:
-        self._emit(format_line(facts).encode("ascii"), 1)
+        data = format_line(facts).encode("ascii")
+        if not self._buffering:
+            self._emit(data, 1)
+            return
+        self._waiting.append(data)
+        self._waiting_bytes += len(data)
+        if self._waiting_bytes >= self.flush_bytes:
+            self.flush()
+        elif self._timer is None:
+            self._timer = self._clock.callLater(self.flush_delay, self._flush_due)
+
+    def _flush_due(self) -> None:
+        self._timer = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Write every waiting line now, in one batch."""
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if not self._waiting:
+            return
+        lines, self._waiting, self._waiting_bytes = self._waiting, [], 0
+        self._emit(b"".join(lines), len(lines))
+
+    def end_buffering(self) -> None:
+        """Flush, and write every later line at once (the process is stopping: no timer would
+        run for a line written while connections are cut at the very end)."""
+        self._buffering = False
+        self.flush()
 
     def _emit(self, data: bytes, lines: int) -> None:
         sink = self._sink
@@ -262,8 +337,8 @@ class AccessLog:
             return
         try:
             sink.write(data)
-        except (OSError, ValueError) as e:
-            self._failed(lines, getattr(e, "strerror", None) or str(e))
+        except _SinkFailed as e:
+            self._failed(data.count(b"\n", e.written) if e.written else lines, e.why)
             return
         if self._failing:
             self._failing = False
@@ -288,8 +363,10 @@ class AccessLog:
             )
 
     def reopen(self) -> None:
-        """Open the configured file afresh (SIGHUP). If it cannot be opened, keep writing to the
-        old one, which is better than nothing; without an old one, lines count as lost."""
+        """Write the waiting lines to the old file, then open the configured file afresh
+        (SIGHUP). If it cannot be opened, keep writing to the old one, which is better than
+        nothing; without an old one, lines count as lost."""
+        self.flush()
         if self.target == "-" or isinstance(self._sink, _StreamSink):
             return
         try:
@@ -307,6 +384,8 @@ class AccessLog:
             old.close()
 
     def close(self) -> None:
+        """Write the waiting lines, then close; a line written after this counts as lost."""
+        self.end_buffering()
         sink, self._sink = self._sink, None
         if sink is not None:
             sink.close()

@@ -399,7 +399,7 @@ class ProxyService(service.MultiService):
     child at once and close the directory under requests still in flight): tell systemd
     STOPPING=1; stop accepting (HTTPS and redirect listeners); drain (relays closed, requests in
     flight finished, connections closed, bounded by --shutdown-timeout); stop every other child;
-    close the directory last.
+    close the directory last; write out the access-log lines still waiting.
     """
 
     def __init__(self, reactor: Any, options: Any) -> None:
@@ -463,6 +463,10 @@ class ProxyService(service.MultiService):
             for ok, result in results:
                 if not ok:
                     log.failure("error while stopping", result)
+        # Every request has ended: out with the access-log lines still waiting, and any later
+        # one (a connection the reactor cuts at the very end) is written at once.
+        if self.access_log is not None:
+            self.access_log.end_buffering()
         # twistd re-raises the signal that stopped the reactor once it has shut down (exit status
         # -15); after a complete graceful stop we exit 0 instead, as the operations contract says.
         if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
@@ -652,6 +656,7 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
                 options["access-log"],
                 on_lost=proxy.metrics.access_log_lines_lost,
                 pipe_fd=spec.access_log_fd if spec is not None else None,
+                clock=reactor,
             )
         except OSError as e:
             raise usage.UsageError(

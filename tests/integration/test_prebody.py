@@ -299,6 +299,7 @@ class BeforeTheBody(unittest.TestCase):
         self.assertEqual(document["sha256"], pattern_sha256(size))
 
     def log_records(self) -> list[dict[str, Any]]:
+        self.proxy.service.access_log.flush()  # not waiting up to 100 ms for the lines
         with open(os.path.join(self.proxy.state_dir, "access.log")) as f:
             return [json.loads(line) for line in f]
 
