@@ -18,8 +18,9 @@ passed on too and the supervisor exits 0 once every worker has drained and ended
 Metrics: the workers count into prometheus_client's multiprocess files (in a folder named by
 ``$PROMETHEUS_MULTIPROC_DIR``, set before they start) and the supervisor's ``--metrics``
 listener serves their sum (``MultiProcessCollector``). Access log: a file is appended to by every
-worker, one ``write`` per line on an ``O_APPEND`` descriptor; standard output is owned by the
-supervisor, each worker sending its lines on its own pipe, written out whole lines at a time.
+worker, one ``write`` per batch of whole lines on an ``O_APPEND`` descriptor; standard output is
+owned by the supervisor, each worker sending its lines on its own pipe, written out whole lines
+at a time (a batch may arrive in pieces; the pieces of one worker are joined).
 """
 
 from __future__ import annotations
