@@ -120,6 +120,62 @@ def start_backend(cpus: str | None) -> Backend:
     return Backend(ports["PORT"], ports["WSPORT"], process)
 
 
+STATIC_BACKEND_CONF = """\
+# Written by cocalcproxy's bench/peers.py: a static backend for the workers scenario.
+{user}
+worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/error.log warn;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 10000; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/client_body;
+    proxy_temp_path {work}/proxy;
+    fastcgi_temp_path {work}/fastcgi;
+    uwsgi_temp_path {work}/uwsgi;
+    scgi_temp_path {work}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        keepalive_requests 1000000;
+        default_type text/plain;
+        # 13 bytes, as bench/backend.py's /small.
+        location / {{ return 200 "hello, world\\n"; }}
+    }}
+}}
+"""
+
+
+def start_static_backend(work: Path, ws_port: int, cpus: str | None) -> Backend:
+    """nginx answering every GET with a fixed 13-byte body over plain HTTP/1.1 keep-alive: a
+    backend that costs a few microseconds per request (bench/backend.py, in Python, costs
+    about a third of what the proxy does), so that on a small machine the proxy, not the
+    backend, is what more workers have to share the cores with. ``ws_port`` is carried over
+    (this backend has no WebSocket server)."""
+    work.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    conf = work / "nginx.conf"
+    conf.write_text(
+        STATIC_BACKEND_CONF.format(
+            user="user root root;" if os.geteuid() == 0 else "", work=work, port=port
+        )
+    )
+    log = open(work / "nginx.out", "wb")  # noqa: SIM115
+    command = ["nginx", "-p", str(work), "-c", str(conf), "-e", str(work / "error.log")]
+    process = subprocess.Popen(pinned(cpus, command), stdout=log, stderr=log)
+    log.close()
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise SystemExit(f"the static nginx backend exited: {(work / 'error.log').read_text()}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/small", timeout=5) as response:
+            return bool(response.status == 200)
+
+    wait_until(ready, 60, "the static nginx backend to answer")
+    return Backend(port, ws_port, process)
+
+
 def free_port() -> int:
     import socket
 
