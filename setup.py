@@ -18,6 +18,7 @@ setup(
     include_package_data=True,
     install_requires=[
         "Twisted[tls]>=26.10,<26.11",
+        "httptools>=0.6",
         "h11>=0.14",
         "pyOpenSSL>=24",
         "service-identity>=24",

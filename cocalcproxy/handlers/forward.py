@@ -26,32 +26,30 @@ from typing import Any
 
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import HTTP11ClientProtocol, RequestNotSent
 from twisted.web.client import (
-    URI,
-    Agent,
-    FileBodyProducer,
-    HTTPConnectionPool,
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
-    _HTTP11ClientFactory,
-    _RetryingHTTP11ClientProtocol,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from cocalcproxy import pages
 from cocalcproxy.handlers import backendio, backends, socketdir
+from cocalcproxy.handlers.backendhttp import (
+    BackendPool,
+    BackendResponse,
+    BadRequestForBackend,
+    request_head,
+)
 from cocalcproxy.http import headers, routing
-from cocalcproxy.http.headlimit import HeadLimit, HeadTooLarge
+from cocalcproxy.http.headlimit import HeadTooLarge
 from cocalcproxy.http.site import Access, ProxyRequest
 
 # The namespace operators see in log lines (kept from before the package layout).
@@ -61,123 +59,14 @@ log = Logger(namespace="cocalcproxy.forward")
 CACHED_CONNECTION_TIMEOUT = 60.0
 #: Host names whose IDNA form is kept for reuse (the cache is simply emptied when full).
 HOST_CACHE_SIZE = 4096
-#: Bytes read from the spooled request body per write to the backend.
-BODY_CHUNK = 64 * 1024
+#: Headers the forwarder frames itself (the body is spooled, its length known).
+_FRAMING = frozenset((b"content-length", b"transfer-encoding"))
 
 
-class _BackendProtocol(HTTP11ClientProtocol):
-    """Keeps the response's connection-control headers, and bounds the response head.
-
-    Twisted's parser files the connection-control headers (Connection, Keep-Alive, ...) away from
-    ``response.headers``; the header policy needs them to drop every header a backend names in
-    ``Connection``. They are attached to the response as ``connection_headers``.
-
-    Twisted's parser bounds each header line but neither their number nor the head's size (see
-    :mod:`cocalcproxy.http.headlimit`): every byte is counted here before the parser sees it, until
-    the head is complete, and a head over the bound fails the request with :class:`HeadTooLarge`
-    (a 502) and closes the connection.
-    """
-
-    _head_limit: HeadLimit | None = None
-    #: Whether any byte arrived since the current request was sent: a backend that answered
-    #: (even with a head the proxy refuses) has the request, so it is never sent again.
-    answered = False
-
-    def request(self, request: Any) -> Deferred[IResponse]:
-        self._head_limit = HeadLimit()
-        self.answered = False
-        d = super().request(request)
-        parser = getattr(self, "_parser", None)
-
-        def keep(response: Any) -> Any:
-            response.connection_headers = getattr(parser, "connHeaders", None)
-            return response
-
-        return d.addCallback(keep)
-
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        if data:
-            self.answered = True
-        limit = self._head_limit
-        if limit is not None:
-            try:
-                if limit.feed(data):
-                    self._head_limit = None
-            except HeadTooLarge as e:
-                self._head_limit = None
-                self._giveUp(Failure(e))
-                return
-        super().dataReceived(data)
-
-
-class _BackendProtocolFactory(_HTTP11ClientFactory):
-    # One factory per backend connection: "Starting/Stopping factory" lines would flood the log.
-    noisy = False
-
-    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:  # noqa: N802
-        return _BackendProtocol(self._quiescentCallback)
-
-
-class _ReplayingRetry(_RetryingHTTP11ClientProtocol):
-    """A pooled (reused) connection whose request is tried once more on a fresh connection when
-    it fails before any byte of the response arrived, for every method, as browsers do.
-
-    A backend may close an idle keep-alive connection just as the proxy sends the next request
-    on it; the request then fails although the backend never saw it. Twisted retries only
-    GET, HEAD, OPTIONS, DELETE and TRACE, and only without a body. The proxy has every body
-    spooled, so it can send it again: the retry gets a fresh producer over the same spool.
-    A request cancelled (client gone, response timeout) is never retried.
-    """
-
-    def _shouldRetry(self, method: bytes, exception: object, bodyProducer: Any) -> bool:  # noqa: N802, N803
-        if not isinstance(
-            exception, (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)
-        ):
-            return False
-        reasons = getattr(exception, "reasons", None) or []
-        if any(reason.check(CancelledError) for reason in reasons):
-            return False
-        # Twisted calls a failure "never received" when its parser saw no byte; a head refused
-        # by the HeadLimit before the parser saw it is an answer all the same.
-        if getattr(self._clientProtocol, "answered", False):
-            return False
-        return bodyProducer is None or isinstance(bodyProducer, _SpooledBody)
-
-    def request(self, request: Any) -> Deferred[IResponse]:
-        d: Deferred[IResponse] = self._clientProtocol.request(request)
-
-        def failed(reason: Failure) -> Any:
-            if not self._shouldRetry(request.method, reason.value, request.bodyProducer):
-                return reason
-            if isinstance(request.bodyProducer, _SpooledBody):
-                request.bodyProducer = request.bodyProducer.replay()
-            log.debug("reused backend connection failed before the response; retrying once")
-            return self._newConnection().addCallback(lambda fresh: fresh.request(request))
-
-        return d.addErrback(failed)
-
-
-class _ReplayingPool(HTTPConnectionPool):
-    """Twisted's pool, with :class:`_ReplayingRetry` around each reused connection."""
-
-    def getConnection(self, key: Any, endpoint: Any) -> Deferred[Any]:  # noqa: N802
-        d: Deferred[Any] = super().getConnection(key, endpoint)
-
-        def rewrap(connection: Any) -> Any:
-            if isinstance(connection, _RetryingHTTP11ClientProtocol):
-                return _ReplayingRetry(connection._clientProtocol, connection._newConnection)
-            return connection
-
-        return d.addCallback(rewrap)
-
-
-def make_pool(reactor: Any, pool_size: int) -> HTTPConnectionPool:
-    """The shared backend pool: persistent, up to ``pool_size`` idle connections per host:port."""
-    pool = _ReplayingPool(reactor, persistent=True)
-    pool._factory = _BackendProtocolFactory
-    pool.maxPersistentPerHost = pool_size
-    pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT  # type: ignore[assignment]
-    return pool
+def make_pool(reactor: Any, pool_size: int) -> BackendPool:
+    """The shared backend pool: persistent, at least ``pool_size`` idle connections kept per
+    backend (more while more were busy at once), each closed after a minute idle."""
+    return BackendPool(reactor, pool_size, idle_timeout=CACHED_CONNECTION_TIMEOUT)
 
 
 class Forwarder:
@@ -187,7 +76,7 @@ class Forwarder:
         self,
         reactor: Any,
         *,
-        pool: HTTPConnectionPool,
+        pool: BackendPool,
         connect_timeout: float = 10.0,
         response_timeout: float = 300.0,
         public_hosts: Sequence[bytes] = (),
@@ -203,7 +92,6 @@ class Forwarder:
             if backends is not None
             else backendio.Backends(reactor, connect_timeout=connect_timeout)
         )
-        self._agent = Agent(reactor, pool=pool)
         self._hosts: dict[str, bytes] = {}
 
     def handle(self, request: ProxyRequest, route: routing.Route, access: Access) -> None:
@@ -215,18 +103,19 @@ class Forwarder:
         method: bytes,
         backend: backends.Target,
         target: bytes,
-        request_headers: Headers,
-        body: IBodyProducer | None,
-    ) -> Deferred[IResponse]:
-        """Send ``method target`` to ``backend`` over the pool, with ``target`` byte for byte.
+        request_headers: list[tuple[bytes, bytes]],
+        content: Any,
+        length: int,
+        progress: Any,
+    ) -> Deferred[BackendResponse]:
+        """Send ``method target`` to ``backend`` over the pool, ``target`` byte for byte.
 
-        ``Agent.request`` would reparse a URL and may re-serialise the path (an empty ``?``
-        vanishes), so the request goes through the Agent's endpoint-level entry point with the
-        routing layer's exact origin-form target. The endpoint comes from the backend policy
-        (cocalcproxy.handlers.backendio): TCP with screened addresses, or a checked Unix socket.
+        ``request_headers`` hold no body framing: the body is ``length`` bytes of the seekable
+        ``content`` (the spool), or there is none when ``content`` is None. A request without a
+        Host header gets the backend's address as its Host. The endpoint comes from the backend
+        policy (cocalcproxy.handlers.backendio: TCP with screened addresses, or a checked Unix
+        socket) and is only asked for when a new connection is needed.
         """
-        endpoint = self.backends.endpoint(backend)
-        port = backend.port
         key: tuple[bytes, bytes, int]
         if isinstance(backend, backends.UnixTarget):
             host_b = b"localhost"
@@ -234,14 +123,26 @@ class Forwarder:
             key = (b"unix:" + backend.path.encode("utf-8", "surrogateescape"), b"", owner)
         else:
             host_b = self._host_bytes(backend.host)
-            key = (b"http", host_b, port)
-        uri = URI(b"http", b"%s:%d" % (host_b, port), host_b, port, target, b"", b"", b"")
-        return self._agent._requestWithEndpoint(
-            key, endpoint, method, uri, request_headers, body, target
+            key = (b"http", host_b, backend.port)
+        if not any(name.lower() == b"host" for name, _ in request_headers):
+            authority = b"[%s]" % host_b if b":" in host_b else host_b
+            if backend.port != 80 and not isinstance(backend, backends.UnixTarget):
+                authority += b":%d" % backend.port
+            request_headers = [(b"Host", authority), *request_headers]
+        head = request_head(
+            method, target, request_headers, length if content is not None else None
+        )
+        endpoints = self.backends
+
+        def endpoint() -> Any:
+            return endpoints.endpoint(backend)
+
+        return self.pool.request(
+            key, endpoint, head, content, length, progress, head_only=method == b"HEAD"
         )
 
     def _host_bytes(self, host: str) -> bytes:
-        """The host as the Agent wants it (IDNA costs enough to keep the answers)."""
+        """The host as the request line's peer wants it (IDNA costs enough to keep answers)."""
         found = self._hosts.get(host)
         if found is None:
             if len(self._hosts) >= HOST_CACHE_SIZE:
@@ -254,82 +155,11 @@ def _is_ipv6(host: str) -> bool:
     return ":" in host
 
 
-def _raw_headers(h: Headers) -> list[tuple[bytes, bytes]]:
-    return [(name, value) for name, values in h.getAllRawHeaders() for value in values]
-
-
-class _WatchedConsumer:
-    """Passes body chunks to the real consumer and tells the exchange that the upload moves."""
-
-    def __init__(self, consumer: Any, progress: Any) -> None:
-        self._consumer = consumer
-        self._progress = progress
-
-    def write(self, data: bytes) -> None:
-        self._progress()
-        self._consumer.write(data)
-
-
-class _Unclosable:
-    """The spool as a producer reads it: FileBodyProducer closes its file when done or stopped,
-    but the spool belongs to the request, and a retry reads it again."""
-
-    def __init__(self, content: Any) -> None:
-        self._content = content
-
-    def read(self, size: int = -1) -> bytes:
-        data: bytes = self._content.read(size)
-        return data
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        position: int = self._content.seek(offset, whence)
-        return position
-
-    def tell(self) -> int:
-        position: int = self._content.tell()
-        return position
-
-    def close(self) -> None:
-        pass
-
-
-class _SpooledBody(FileBodyProducer):
-    """The client's spooled body as a producer; each chunk written counts as upload progress."""
-
-    def __init__(self, content: Any, progress: Any, reactor: Any) -> None:
-        from twisted.internet.task import Cooperator
-
-        content.seek(0)
-        super().__init__(
-            _Unclosable(content),
-            cooperator=Cooperator(scheduler=_soon(reactor)),
-            readSize=BODY_CHUNK,
-        )
-        self._content = content
-        self._progress = progress
-        self._reactor = reactor
-
-    def replay(self) -> _SpooledBody:
-        """A new producer of the same body from its start (for a retry)."""
-        return _SpooledBody(self._content, self._progress, self._reactor)
-
-    def stopProducing(self) -> None:  # noqa: N802
-        # Twisted stops the producer of a request whose connection broke, even when it never
-        # started it (an empty body is not produced at all): there is no task to stop then.
-        if hasattr(self, "_task"):
-            super().stopProducing()
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:  # noqa: N802
-        self._progress()
-        started: Deferred[None] = super().startProducing(_WatchedConsumer(consumer, self._progress))
-        return started
-
-
-def _soon(reactor: Any) -> Any:
-    def schedule(f: Any) -> IDelayedCall:
-        return reactor.callLater(0, f)  # type: ignore[no-any-return]
-
-    return schedule
+def _spool_length(content: Any) -> int:
+    content.seek(0, 2)
+    length: int = content.tell()
+    content.seek(0)
+    return length
 
 
 class _Exchange:
@@ -345,7 +175,7 @@ class _Exchange:
         self.project = access.project
         self.port: int = route.port or 0
         self.backend: backends.Target | None = None
-        self.pending: Deferred[IResponse] | None = None
+        self.pending: Deferred[BackendResponse] | None = None
         self.delivery: _Delivery | None = None
         self.watchdog: Any = None
         self.timed_out = False
@@ -380,21 +210,38 @@ class _Exchange:
             strip_authorization=request.authorization_is_proxy_credential,
             identity=request.identity_assertion,
         )
-        backend_headers = Headers()
-        for name, value in outgoing:
-            if name.lower() != b"content-length":  # the Agent frames the body itself
-                backend_headers.addRawHeader(name, value)
-        body: Any = None
+        # The body is spooled whole, so it goes out with its length, whatever its framing was.
+        backend_headers = [(n, v) for n, v in outgoing if n.lower() not in _FRAMING]
+        content: Any = None
+        length = 0
         if request.requestHeaders.hasHeader(b"content-length") or request.requestHeaders.hasHeader(
             b"transfer-encoding"
         ):
             assert request.content is not None
-            body = _SpooledBody(request.content, self._progress, self.reactor)
+            content = request.content
+            length = _spool_length(content)
         self._progress()
-        method = request.method
-        self.pending = self.forwarder.backend_request(
-            method, decision, self.route.backend_target, backend_headers, body
-        )
+        try:
+            self.pending = self.forwarder.backend_request(
+                request.method,
+                decision,
+                self.route.backend_target,
+                backend_headers,
+                content,
+                length,
+                self._progress,
+            )
+        except BadRequestForBackend as e:
+            self._disarm()
+            self.settled = True
+            request.log_info.extra["backend"] = "bad-request"
+            pages.write_error(
+                request,
+                400,
+                "Bad request",
+                f"The request cannot be passed on to a project's server: {e}.",
+            )
+            return
         self.pending.addCallbacks(self._got_response, self._failed)
 
     def _progress(self) -> None:
@@ -434,14 +281,13 @@ class _Exchange:
         if self.client_gone or request._disconnected:
             response.deliverBody(_Discard())
             return
-        backend_headers = _raw_headers(response.headers)
-        connection_headers = getattr(response, "connection_headers", None)
-        if connection_headers is not None:
-            backend_headers += [
-                (name, value)
-                for name, value in _raw_headers(connection_headers)
-                if name.lower() not in (b"content-length", b"transfer-encoding")
+        if request.method == b"HEAD":
+            # The length of what a GET would have sent: a header of the representation.
+            backend_headers = [
+                (n, v) for n, v in response.headers if n.lower() != b"transfer-encoding"
             ]
+        else:
+            backend_headers = [(n, v) for n, v in response.headers if n.lower() not in _FRAMING]
         proxy_hosts = list(self.forwarder.public_hosts)
         proxy_hosts.extend(request.requestHeaders.getRawHeaders(b"host", []))
         outgoing = headers.client_response_headers(
@@ -451,14 +297,14 @@ class _Exchange:
             proxy_hosts=proxy_hosts,
         )
         date = request.responseHeaders.getRawHeaders(b"date")
-        request.responseHeaders = Headers()
+        response_headers = request.responseHeaders = Headers()
         for name, value in outgoing:
-            request.responseHeaders.addRawHeader(name, value)
+            response_headers.addRawHeader(name, value)
         if date and not request.responseHeaders.hasHeader(b"date"):
             request.responseHeaders.setRawHeaders(b"Date", date)
         request.defaultContentType = None
         if (
-            response.length is not UNKNOWN_LENGTH
+            response.length is not None
             and response.code not in (204, 304)
             and request.method != b"HEAD"
         ):
