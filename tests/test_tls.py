@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
@@ -176,3 +178,48 @@ class LiveTLSTests(unittest.TestCase):
         after = yield deferToThread(tlsutil.peer_fingerprint, self.portnum)
         self.assertEqual(after, tlsutil.fingerprint(self.leaf))
         self.flushLoggedErrors()
+
+
+class LeanWrapperTests(unittest.TestCase):
+    """tls.LeanTLSProtocol: Twisted's TLS wrapper minus its per-interface loop, same result."""
+
+    @inlineCallbacks
+    def test_same_interfaces_and_a_working_exchange(self):  # type: ignore[no-untyped-def]
+        from zope.interface import providedBy
+
+        folder = Path(self.mktemp())
+        cert, key, _, ca = tlsutil.write_pair(folder, "lean")
+        (folder / "ca.pem").write_bytes(tlsutil.pem(ca))
+        creator = tls.ReloadableServerCreator(str(cert), str(key))
+        seen: dict[str, set[Any]] = {}
+
+        class Recording(server.Site):
+            def __init__(self, name: str) -> None:
+                super().__init__(Hello())
+                self.name = name
+
+            def buildProtocol(self, addr: Any) -> Any:  # noqa: N802
+                channel = super().buildProtocol(addr)
+                original = channel.makeConnection
+
+                def make(transport: Any) -> None:
+                    seen[self.name] = set(providedBy(transport))
+                    original(transport)
+
+                channel.makeConnection = make
+                return channel
+
+        urls = {}
+        for name, protocol in (("stock", TLSMemoryBIOFactory.protocol), ("lean", None)):
+            factory = TLSMemoryBIOFactory(creator, False, Recording(name))
+            factory.protocol = protocol or tls.LeanTLSProtocol  # type: ignore[assignment]
+            port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+            self.addCleanup(port.stopListening)
+            urls[name] = f"https://localhost:{port.getHost().port}/"
+        client = https_client(self, str(folder / "ca.pem"))
+        for name, url in urls.items():
+            response = yield client.get(url)
+            body = yield response.content()
+            self.assertEqual((response.code, body), (200, b"hello over tls"), name)
+        self.assertEqual(seen["lean"], seen["stock"])
+        self.assertIn(ITCPTransport, seen["lean"])

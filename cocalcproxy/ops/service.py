@@ -216,6 +216,8 @@ def register_database(own: backends.OwnListeners, url: str) -> None:
 class TrackingTLSFactory(TLSMemoryBIOFactory):
     """The TLS wrapper for one HTTPS listener, able to say when its last connection closed."""
 
+    protocol = tls.LeanTLSProtocol
+
     def __init__(self, creator: Any, site: ProxySite) -> None:
         super().__init__(creator, False, site)  # type: ignore[arg-type]
         self._closed_waiters: list[defer.Deferred[None]] = []
