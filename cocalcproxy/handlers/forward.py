@@ -4,10 +4,10 @@ It is given ``(request, route, access)`` by the root after the guard said yes, a
 URLs or looks at credentials itself: the backend is always ``access.project.host`` and
 ``route.port``, and the backend sees ``route.backend_target`` byte for byte.
 
-* Requests go through a Twisted Agent over one persistent :class:`HTTPConnectionPool`, so a
+* Requests go through the lean HTTP/1.1 client of :mod:`.backendhttp` and its pool, so a
   browser's keep-alive requests reuse backend connections.
 * The request body goes from what Twisted spooled (memory under 100 KB, a temporary file above)
-  to the backend through a :class:`FileBodyProducer`: read in chunks, never whole.
+  to the backend with its length, in 64 KiB chunks as the backend reads, never whole.
 * The response body is delivered with backpressure: :class:`_Delivery` is registered as the
   streaming producer of the client's request, so when the client's transport is full the
   backend connection is paused, and resumed when the client reads again.
@@ -181,7 +181,7 @@ class _Exchange:
         self.timed_out = False
         self.client_gone = False
         # True once the backend's response headers (or a failure) arrived. ``pending.called``
-        # cannot tell: it is already True while the Deferred waits on the Agent's inner one.
+        # is not enough: a cancelled Deferred is called too.
         self.settled = False
 
     # --- request ------------------------------------------------------------------------

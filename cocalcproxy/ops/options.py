@@ -364,7 +364,8 @@ class Options(usage.Options):
             "backend-pool-size",
             None,
             64,
-            "Idle persistent connections kept per backend host and port.",
+            "Idle persistent connections kept per backend host and port, at least (more while more "
+            "were busy at once; each closed after 60 s idle).",
             _positive_int,
         ],
         [
