@@ -6,15 +6,22 @@ returns only the top of the heap by itself), so a proxy that once served a burst
 larger at rest than one that never did. ``malloc_trim(0)`` hands every free page back
 (``MADV_DONTNEED`` on free chunks inside the heap as well as its top).
 
-It is called only when the process has just gone quiet after being busy, judged by its own
+Before trimming it runs the cyclic garbage collector once: a closed connection's protocol,
+transport and Deferreds refer to each other, so their objects (and the OpenSSL buffers they
+own) are only freed when the collector next runs, which after a burst may be a long time.
+
+Both are done only when the process has just gone quiet after being busy, judged by its own
 CPU time sampled once a second: no cost on the request path, and no page given back while a
-burst is running (which would only be faulted in again). On a C library without
-``malloc_trim`` (musl, macOS) the service does nothing.
+burst is running (which would only be faulted in again). A quiet process is also collected
+and trimmed once every ``period`` (a minute): what goes away at rest (the backend pool's idle
+connections, closed a minute after the burst that opened them) is given back too. On a C
+library without ``malloc_trim`` (musl, macOS) the service does nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,19 +51,25 @@ def malloc_trim() -> Callable[[], int] | None:
 
 class IdleTrim(service.Service):
     """Every ``interval`` seconds, reads the process's CPU time; after a busy interval, the
-    first quiet one calls ``trim``."""
+    first quiet one calls ``collect`` and then ``trim``; so does a quiet one ``period``
+    seconds after the last time."""
 
     def __init__(
         self,
         reactor: Any,
         trim: Callable[[], object] | None = None,
+        collect: Callable[[], object] = gc.collect,
         cpu_time: Callable[[], float] = time.process_time,
         interval: float = 1.0,
+        period: float = 60.0,
     ) -> None:
         self.reactor = reactor
         self.trim = trim if trim is not None else malloc_trim()
+        self.collect = collect
         self.cpu_time = cpu_time
         self.interval = interval
+        self.period = period
+        self._since = 0.0
         self.busy = False
         self.trims = 0
         self._last = 0.0
@@ -83,11 +96,15 @@ class IdleTrim(service.Service):
         now = self.cpu_time()
         share = (now - self._last) / self.interval
         self._last = now
+        self._since += self.interval
         if share >= BUSY_SHARE:
             self.busy = True
-        elif share < QUIET_SHARE and self.busy and self.trim is not None:
+        elif share < QUIET_SHARE and (self.busy or self._since >= self.period):
             self.busy = False
-            self.trim()
-            self.trims += 1
+            self._since = 0.0
+            if self.trim is not None:
+                self.collect()
+                self.trim()
+                self.trims += 1
             # The trim's own CPU time must not count as the next interval's work.
             self._last = self.cpu_time()
