@@ -3,8 +3,8 @@
 ``test_rest_modules`` starts the real service in a separate Python process (the twistd
 plugin's ``makeService`` and ``startService`` on the real reactor, a TLS listener, an SQLite
 state directory), makes one HTTPS request to it, and reads that process's ``sys.modules``.
-Modules that only an option needs (PostgreSQL, OpenID, identity assertions, the admin API)
-must not be there. ``IdleTrim`` gives glibc's free heap back after a burst.
+Modules that only an option needs (PostgreSQL, OpenID, identity assertions, the admin API,
+Prometheus metrics) must not be there. ``IdleTrim`` gives glibc's free heap back after a burst.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ print(json.dumps(out))
 #: Imported only when an option asks for them: never by a proxy at rest on SQLite.
 HEAVY_AT_REST = (
     "psycopg",
+    "prometheus_client",
     "joserfc",
     "treq",
     "hypothesis",
@@ -119,18 +120,27 @@ class RestModulesTests(unittest.TestCase):
 
     def test_option_brings_its_modules(self) -> None:
         """The check sees an optional module when the option is on (so it can fail)."""
-        result = started_proxy_modules("--identity-assertion")
+        result = started_proxy_modules(
+            "--identity-assertion", "--metrics", "tcp:0:interface=127.0.0.1"
+        )
+        self.assertEqual(result["status"], 200)
         self.assertIn("joserfc", heavy(result["modules"]))
         self.assertIn("cocalcproxy.guard.identity", heavy(result["modules"]))
+        self.assertIn("prometheus_client", heavy(result["modules"]))
 
 
 class IdleTrimTests(unittest.TestCase):
     def make(self) -> tuple[memory.IdleTrim, Clock, list[float], list[int]]:
+        """Trims are recorded as 1, collections as 0: a trim must follow a collection."""
         clock = Clock()
         cpu = [0.0]
         trims: list[int] = []
         trim = memory.IdleTrim(
-            clock, trim=lambda: trims.append(1), cpu_time=lambda: cpu[0], interval=1.0
+            clock,
+            trim=lambda: trims.append(1),
+            collect=lambda: trims.append(0),
+            cpu_time=lambda: cpu[0],
+            interval=1.0,
         )
         trim.startService()
         self.addCleanup(trim.stopService)
@@ -142,15 +152,30 @@ class IdleTrimTests(unittest.TestCase):
         clock.advance(1)
         self.assertEqual(trims, [])  # busy: no trim during the burst
         clock.advance(1)
-        self.assertEqual(trims, [1])  # the first quiet second after it
+        self.assertEqual(trims, [0, 1])  # the first quiet second after it: collect, then trim
         clock.advance(1)
         clock.advance(1)
-        self.assertEqual(trims, [1])  # quiet stays quiet: no more trims
+        self.assertEqual(trims, [0, 1])  # quiet stays quiet: no more trims
 
-    def test_never_busy_never_trims(self) -> None:
-        _, clock, cpu, trims = self.make()
-        for _ in range(5):
+    def test_quiet_process_trims_once_a_period(self) -> None:
+        trim, clock, cpu, trims = self.make()
+        for _ in range(59):
             cpu[0] += 0.01
+            clock.advance(1)
+        self.assertEqual(trims, [])
+        clock.advance(1)
+        self.assertEqual(trims, [0, 1])
+        for _ in range(59):
+            clock.advance(1)
+        self.assertEqual(trims, [0, 1])
+        clock.advance(1)
+        self.assertEqual(trims, [0, 1, 0, 1])
+        self.assertEqual(trim.trims, 2)
+
+    def test_no_periodic_trim_under_load(self) -> None:
+        _, clock, cpu, trims = self.make()
+        for _ in range(120):
+            cpu[0] += 0.1  # between quiet and busy, all along
             clock.advance(1)
         self.assertEqual(trims, [])
 
@@ -163,7 +188,7 @@ class IdleTrimTests(unittest.TestCase):
         clock.advance(1)
         self.assertEqual(trims, [])
         clock.advance(1)
-        self.assertEqual(trims, [1])
+        self.assertEqual(trims, [0, 1])
 
     def test_glibc_trim_is_callable(self) -> None:
         trim = memory.malloc_trim()

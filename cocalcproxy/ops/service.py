@@ -32,10 +32,11 @@ from cocalcproxy.http.ownpages import OwnPages
 from cocalcproxy.http.redirect import RedirectResource
 from cocalcproxy.http.site import ProxySite, Root
 from cocalcproxy.ops import accesslog, memory, systemd, tls, workers
-from cocalcproxy.ops import metrics as metrics_module
+from cocalcproxy.ops.nometrics import NoMetrics
 
 if TYPE_CHECKING:
     from cocalcproxy.guard.identity import IdentityAssertions
+    from cocalcproxy.ops.metrics import Metrics
 
 # The namespace operators see in log lines (kept from before the package layout).
 log = Logger(namespace="cocalcproxy.service")
@@ -414,7 +415,13 @@ class ProxyService(service.MultiService):
         self.admin_api_listener: ListenerService | None = None
         self.tls_creator: tls.ReloadableServerCreator | None = None
         self.site: ProxySite | None = None
-        self.metrics: metrics_module.Metrics = metrics_module.Metrics()
+        # Without --metrics nobody can read them: NoMetrics, and prometheus_client is never
+        # imported (memory at rest, and no counting on the request path).
+        self.metrics: Metrics | NoMetrics = NoMetrics()
+        if options.get("metrics"):
+            from cocalcproxy.ops.metrics import Metrics
+
+            self.metrics = Metrics()
         self.access_log: accesslog.AccessLog | None = None
         self.systemd: systemd.SystemdService | None = None
         # Called (no arguments, may return a Deferred) when draining starts: close relays etc.
@@ -555,9 +562,11 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
             opened.close()
             raise
     # Everything but DirectoryService sees the timed wrapper (directory query latency metric).
-    directory = cast(
-        directory_module.IDirectory, metrics_module.TimedDirectory(opened, proxy.metrics)
-    )
+    directory = cast(directory_module.IDirectory, opened)
+    if not isinstance(proxy.metrics, NoMetrics):
+        from cocalcproxy.ops.metrics import TimedDirectory
+
+        directory = cast(directory_module.IDirectory, TimedDirectory(opened, proxy.metrics))
 
     oidc = options["oidc"]
     if oidc is not None:
@@ -716,8 +725,10 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         # The supervisor serves --metrics (the sum of all workers); no route may reach it.
         for label, port, path in spec.own:
             proxy.own_listeners.add(label, port=port, path=path)
-    elif options["metrics"]:
-        metrics_site = metrics_module.metrics_site(proxy.metrics, reactor)
+    elif options["metrics"] and not isinstance(proxy.metrics, NoMetrics):
+        from cocalcproxy.ops.metrics import metrics_site as make_metrics_site
+
+        metrics_site = make_metrics_site(proxy.metrics, reactor)
         metrics_site.request_head_timeout = options["request-head-timeout"]  # type: ignore[attr-defined]
         proxy.metrics_listener = ListenerService(
             reactor,
