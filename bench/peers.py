@@ -266,6 +266,18 @@ def twistd_command() -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+def compile_checkout() -> None:
+    """Byte-compile this checkout's package and twistd plugin (``__pycache__``, ignored by git),
+    as installing a package does. Without it, and with ``PYTHONDONTWRITEBYTECODE`` set (as on
+    the build machine), every proxy process compiles the package from source at start-up,
+    which leaves it about 1 MiB larger at rest than an installed proxy."""
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(ROOT / "cocalcproxy"),
+         str(ROOT / "twisted" / "plugins")],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+
+
 def has_workers_option() -> bool:
     """Whether this checkout's cocalcproxy has ``--workers`` (issue 10's worker processes)."""
     result = subprocess.run(

@@ -817,6 +817,7 @@ def main() -> None:
         os.sched_setaffinity(0, {int(c) for c in client_cpus.split(",")})
     raise_fd_limit(4 * settings.idle_websockets + 1024)
     labels = {SUBJECT: "cocalcproxy"}
+    peers_module.compile_checkout()
     chp_version = peers_module.install_chp() if "chp" in names else ""
 
     started = time.monotonic()
