@@ -43,6 +43,7 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 
+from cocalcproxy.http.eagerwrite import eager_write
 from cocalcproxy.http.headlimit import HeadLimit, HeadTooLarge
 
 log = Logger(namespace="cocalcproxy.forward")
@@ -270,11 +271,11 @@ class BackendConnection(Protocol):
         assert transport is not None
         call.progress()
         if call.content is None:
-            transport.write(call.head)
+            eager_write(transport, call.head)
             return
         call.content.seek(0)
         if call.length <= BODY_CHUNK:
-            transport.write(call.head + call.content.read(call.length))
+            eager_write(transport, call.head + call.content.read(call.length))
             return
         self.sending = True
         transport.write(call.head)

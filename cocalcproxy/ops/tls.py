@@ -24,6 +24,8 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from cocalcproxy.http.eagerwrite import eager_write
+
 # The namespace operators see in log lines (kept from before the package layout).
 log = Logger(namespace="cocalcproxy.tls")
 
@@ -255,3 +257,11 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
         # Declares every interface of the transport, starts the application protocol.
         ProtocolWrapper.makeConnection(self, transport)
         self._checkHandshakeStatus()
+
+    def _flushSendBIO(self) -> None:  # noqa: N802
+        """Twisted's, with the encrypted bytes sent at once (cocalcproxy.http.eagerwrite)."""
+        try:
+            data = self._tlsConnection.bio_read(2**15)
+        except SSL.WantReadError:
+            return  # nothing in the send BIO right now
+        eager_write(self.transport, data)
