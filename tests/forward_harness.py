@@ -344,7 +344,9 @@ def start_proxy(  # type: ignore[no-untyped-def]
     )
     site = ProxySite(root, reactor=reactor)
     site.max_body_size = max_body_size
-    factory = track(case, TLSMemoryBIOFactory(creator, False, site))
+    tls_factory = TLSMemoryBIOFactory(creator, False, site)
+    tls_factory.protocol = tls.LeanTLSProtocol  # type: ignore[assignment]  # as the service does
+    factory = track(case, tls_factory)
     port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     case.addCleanup(port.stopListening)
     return Proxy(port.getHost().port, cert, forwarder, site)

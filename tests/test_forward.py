@@ -81,6 +81,7 @@ class ScriptedForwarder(forward.Forwarder):
         content: Any,
         length: int,
         progress: Any,
+        sink: Any = None,
     ) -> Deferred[Any]:
         cancelled: list[bool] = []
         d: Deferred[Any] = (

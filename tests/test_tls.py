@@ -223,3 +223,52 @@ class LeanWrapperTests(unittest.TestCase):
             self.assertEqual((response.code, body), (200, b"hello over tls"), name)
         self.assertEqual(seen["lean"], seen["stock"])
         self.assertIn(ITCPTransport, seen["lean"])
+
+
+class CorkTests(unittest.TestCase):
+    """LeanTLSProtocol.cork/uncork: held writes leave as one record; closing sends them first."""
+
+    @inlineCallbacks
+    def test_held_writes_leave_together_and_before_a_close(self):  # type: ignore[no-untyped-def]
+        folder = Path(self.mktemp())
+        cert, key, _, ca = tlsutil.write_pair(folder, "cork")
+        (folder / "ca.pem").write_bytes(tlsutil.pem(ca))
+        flushes: list[int] = []
+        records: list[tuple[int, int]] = []
+
+        class Counting(tls.LeanTLSProtocol):
+            def _flushSendBIO(self) -> None:  # noqa: N802
+                flushes.append(1)
+                super()._flushSendBIO()
+
+        class Corked(resource.Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> int:  # noqa: N802
+                transport = request.channel.transport
+                transport.cork()
+                request.setHeader(b"content-type", b"text/plain")
+                request.write(b"one ")
+                request.write(b"two")
+                del flushes[:]
+                request.finish()  # with Connection: close, this loses the connection
+                held = len(flushes)
+                transport.uncork()
+                records.append((held, len(flushes) - held))
+                return server.NOT_DONE_YET  # type: ignore[no-any-return]
+
+        factory = TLSMemoryBIOFactory(
+            tls.ReloadableServerCreator(str(cert), str(key)), False, server.Site(Corked())
+        )
+        factory.protocol = Counting  # type: ignore[assignment]
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        url = f"https://localhost:{port.getHost().port}/"
+        client = https_client(self, str(folder / "ca.pem"))
+        for close in (False, True):
+            headers = {b"Connection": [b"close"]} if close else {}
+            response = yield client.get(url, headers=headers)
+            body = yield response.content()
+            self.assertEqual((response.code, body), (200, b"one two"), close)
+        # Kept alive: nothing left while corked, then one record for head, body and end.
+        self.assertEqual(records[0], (0, 1))

@@ -153,6 +153,7 @@ class _Call:
         "connection",
         "retried",
         "done",
+        "sink",
     )
 
     def __init__(
@@ -177,6 +178,9 @@ class _Call:
         self.connection: BackendConnection | None = None
         self.retried = False
         self.done = False
+        # The client's transport, when it can hold writes (cork/uncork): everything one backend
+        # read makes the proxy write to the client then leaves at once.
+        self.sink: Any = None
 
     def _cancel(self, d: Deferred[Any]) -> None:
         self.done = True
@@ -372,6 +376,16 @@ class BackendConnection(Protocol):
                 return  # after a HEAD's head: nothing more is read
             self.abandon()
             return
+        sink = self.call.sink if self.call is not None else None
+        if sink is not None:
+            sink.cork()
+        try:
+            self._parse(data)
+        finally:
+            if sink is not None:
+                sink.uncork()
+
+    def _parse(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -552,11 +566,13 @@ class BackendPool:
         length: int = 0,
         progress: Any = None,
         head_only: bool = False,
+        sink: Any = None,
     ) -> Deferred[BackendResponse]:
         """Send ``head`` (and ``length`` bytes of the seekable ``content``) to the backend of
         ``key``, over an idle connection when there is one, else a new one from ``endpoint``
         (a callable returning the endpoint, only called when a connection is needed)."""
         call = _Call(key, endpoint, head, content, length, progress or _nothing, head_only)
+        call.sink = sink
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()

@@ -107,6 +107,7 @@ class Forwarder:
         content: Any,
         length: int,
         progress: Any,
+        sink: Any = None,
     ) -> Deferred[BackendResponse]:
         """Send ``method target`` to ``backend`` over the pool, ``target`` byte for byte.
 
@@ -138,7 +139,7 @@ class Forwarder:
             return endpoints.endpoint(backend)
 
         return self.pool.request(
-            key, endpoint, head, content, length, progress, head_only=method == b"HEAD"
+            key, endpoint, head, content, length, progress, head_only=method == b"HEAD", sink=sink
         )
 
     def _host_bytes(self, host: str) -> bytes:
@@ -153,6 +154,12 @@ class Forwarder:
 
 def _is_ipv6(host: str) -> bool:
     return ":" in host
+
+
+def _corkable(request: ProxyRequest) -> Any:
+    """The client's transport if it can hold writes (the TLS listeners' wrapper), else None."""
+    transport = getattr(request.channel, "transport", None)
+    return transport if hasattr(transport, "cork") else None
 
 
 def _spool_length(content: Any) -> int:
@@ -230,6 +237,7 @@ class _Exchange:
                 content,
                 length,
                 self._progress,
+                sink=_corkable(request),
             )
         except BadRequestForBackend as e:
             self._disarm()

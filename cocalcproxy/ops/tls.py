@@ -258,6 +258,50 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
         ProtocolWrapper.makeConnection(self, transport)
         self._checkHandshakeStatus()
 
+    # --- corking: one TLS record and one send for what one event writes ---------------------
+
+    #: While not None, application writes wait here (see cork()).
+    _corked: list[bytes] | None = None
+
+    def cork(self) -> None:
+        """Hold writes until :meth:`uncork`: what the proxy writes while handling one backend
+        read (the response head, the body, the chunked terminator) leaves as one TLS record and
+        one ``send``, not three. Anything that could end or reorder the stream (lose the
+        connection, (un)register a producer) sends what is held first."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        held, self._corked = self._corked, None
+        if held:
+            super().write(b"".join(held))
+
+    def write(self, data: bytes) -> None:
+        if self._corked is not None:
+            if data and not (self.disconnecting and self._producer is None):
+                self._corked.append(data)
+            return
+        super().write(data)
+
+    def writeSequence(self, iovec: Any) -> None:  # noqa: N802
+        self.write(b"".join(iovec))
+
+    def loseConnection(self) -> None:  # noqa: N802
+        self.uncork()
+        super().loseConnection()
+
+    def abortConnection(self) -> None:  # noqa: N802
+        self._corked = None  # an abort throws away what is unsent anyway
+        super().abortConnection()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:  # noqa: N802
+        self.uncork()
+        super().registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:  # noqa: N802
+        self.uncork()
+        super().unregisterProducer()
+
     def _flushSendBIO(self) -> None:  # noqa: N802
         """Twisted's, with the encrypted bytes sent at once (cocalcproxy.http.eagerwrite)."""
         try:
