@@ -18,7 +18,7 @@ setup(
     include_package_data=True,
     install_requires=[
         "Twisted[tls]>=26.10,<26.11",
-        "httptools>=0.6",
+        "httptools>=0.9",
         "h11>=0.14",
         "pyOpenSSL>=24",
         "service-identity>=24",

@@ -9,6 +9,7 @@ from typing import Any
 
 from twisted.internet import error, task
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -314,5 +315,7 @@ class Endpoints(unittest.TestCase):
         first = endpoint(TcpTarget("127.0.0.1", 8000))
         self.assertIs(endpoint(TcpTarget("127.0.0.1", 8000)), first)
         self.assertIsNot(endpoint(TcpTarget("127.0.0.1", 8001)), first)
+        # An IPv4 literal is connected to as it is: no name resolution in a thread.
+        self.assertIsInstance(first, TCP4ClientEndpoint)
         self.assertEqual(forwarder._host_bytes("::1"), b"::1")
         self.assertEqual(forwarder._host_bytes("bücher.example"), b"xn--bcher-kva.example")

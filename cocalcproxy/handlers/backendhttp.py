@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import httptools  # type: ignore[import-untyped]
+import httptools
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol, connectionDone

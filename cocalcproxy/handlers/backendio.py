@@ -16,10 +16,11 @@ from __future__ import annotations
 import socket
 import weakref
 from collections.abc import Callable
+from ipaddress import IPv4Address
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
 from twisted.internet.interfaces import (
     IHostnameResolver,
     IReactorPluggableNameResolver,
@@ -240,7 +241,14 @@ class Backends:
         if found is None:
             if len(self._endpoints) >= ENDPOINT_CACHE_SIZE:
                 self._endpoints.clear()
-            if ip_of(target.host) is not None:
+            literal = ip_of(target.host)
+            if isinstance(literal, IPv4Address) and str(literal) == target.host:
+                # An IPv4 literal needs no name resolution: HostnameEndpoint would still send
+                # it through getaddrinfo in the reactor's thread pool for every new connection.
+                found = TCP4ClientEndpoint(
+                    self.reactor, target.host, target.port, timeout=self.connect_timeout
+                )
+            elif literal is not None:
                 found = HostnameEndpoint(
                     self.reactor, target.host, target.port, timeout=self.connect_timeout
                 )
