@@ -226,6 +226,12 @@ def warm_up(run: Run) -> None:
     """Each peer's first connections, TLS session setup, backend pools and caches, unmeasured."""
     for peer in run.peers.values():
         wrk(run, peer.url("small"), peer.header_lines(), 16, run.settings.warmup)
+    # Memory at rest of a started, warmed-up proxy (the issue's "per worker at rest"): measured
+    # here, before the scenarios, as well as after them (idle-websockets' "before" figure).
+    time.sleep(run.settings.settle)
+    fresh = run.figure("memory at rest after start-up and warm-up (RSS)", "MiB", "lower")
+    for name, peer in run.peers.items():
+        fresh.add(name, tree_memory(peer.pids())["Rss"] / 2**20)
 
 
 # -- scenarios ----------------------------------------------------------------------------------
@@ -366,7 +372,9 @@ def scenario_websocket(run: Run) -> None:
 def scenario_idle_websockets(run: Run) -> None:
     n = run.settings.idle_websockets
     print(f"{n} idle WebSockets ...", flush=True)
-    rest = run.figure("memory at rest, before the WebSockets (RSS)", "MiB", "lower")
+    rest = run.figure(
+        "memory at rest after the load scenarios, before the WebSockets (RSS)", "MiB", "lower"
+    )
     rss = run.figure(f"memory per idle WebSocket, {n} open (RSS)", "KiB", "lower")
     pss = run.figure(f"memory per idle WebSocket, {n} open (PSS)", "KiB", "lower")
     # Once per peer (opening thousands of TLS WebSockets is slow), in the same order.

@@ -182,6 +182,7 @@ class QuickSmokeRun(unittest.TestCase):
         self.assertEqual(
             names,
             [
+                "memory at rest after start-up and warm-up (RSS)",
                 "small GET, 4 conns: proxy CPU per request",
                 "small GET, 4 conns: requests/s",
                 "small GET, 4 conns: p50 latency",
