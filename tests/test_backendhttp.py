@@ -218,6 +218,7 @@ class Client(unittest.TestCase):
             self.answer(conn, OK)
             results[0].deliverBody(Body())
         self.assertEqual(self.pool.idle_count(KEY), 5, "five were busy at once: five kept")
+
         self.clock.advance(61)
         self.assertEqual(self.pool.idle_count(KEY), 0, "idle over a minute: closed")
         results = self.get()
@@ -226,6 +227,14 @@ class Client(unittest.TestCase):
         results[0].deliverBody(Body())
         self.clock.advance(31)
         self.assertEqual(self.pool.idle_count(KEY), 1)
+
+    def test_growth_has_a_ceiling(self) -> None:
+        self.patch(backendhttp, "IDLE_CEILING", 3)
+        waiting = [self.get() for _ in range(5)]
+        for conn, results in zip(self.endpoint.made, waiting):
+            self.answer(conn, OK)
+            results[0].deliverBody(Body())
+        self.assertEqual(self.pool.idle_count(KEY), 3, "five busy at once, but at most three kept")
 
     def test_cancel_closes_the_connection(self) -> None:
         head = request_head(b"GET", b"/", [(b"Host", b"h")], None)

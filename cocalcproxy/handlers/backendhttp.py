@@ -7,9 +7,9 @@ body) on a kept-alive connection and hand back the response, parsed by llhttp th
 
 * :class:`BackendPool` keeps idle connections per key (host and port, or Unix socket and owner).
   It grows with demand: it keeps every released connection up to the larger of ``pool_size`` and
-  the most connections that were busy at once since the last sweep, and a sweep closes those
-  idle for more than ``idle_timeout`` seconds. One timer serves the whole pool, armed only while
-  something is idle.
+  the most connections that were busy at once since the last sweep (at most ``IDLE_CEILING``),
+  and a sweep closes those idle for more than ``idle_timeout`` seconds. One timer serves the
+  whole pool, armed only while something is idle.
 * :class:`BackendConnection` carries one exchange at a time. A reused connection that fails
   before any byte of the answer arrived is tried once more on a fresh connection, any method,
   with the spooled body sent again from its start (the backend never saw the request).
@@ -53,6 +53,9 @@ log = Logger(namespace="cocalcproxy.forward")
 BODY_CHUNK = 64 * 1024
 #: Idle connections are closed after this many seconds (servers close them anyway).
 IDLE_TIMEOUT = 60.0
+#: However many were busy at once, at most this many idle connections are kept per backend
+#: beyond the configured pool size (a burst must not leave thousands of sockets open).
+IDLE_CEILING = 1024
 
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # What a request target may hold: printable ASCII without spaces (as Twisted's client checks).
@@ -629,7 +632,7 @@ class BackendPool:
             connection.abandon()
             return
         idle = self._idle.setdefault(key, [])
-        if len(idle) >= max(self.pool_size, self._peak.get(key, 0)):
+        if len(idle) >= max(self.pool_size, min(self._peak.get(key, 0), IDLE_CEILING)):
             connection.abandon()
             return
         connection.idle_since = self.reactor.seconds()
