@@ -30,6 +30,7 @@ class CocalcProxyServiceMaker:
                 return build_supervisor(options)
             proxy = build_service(options)
             proxy.exit_on_listen_failure = True
+            proxy.settle_gc_when_listening = True
             return proxy
         except UsageError as e:
             # twistd would print a traceback; an operator needs one clear line and status 1.
