@@ -527,3 +527,47 @@ class PolicyPropertyTests(unittest.TestCase):
             shared = shares or (neighbours and on_this_machine)
             self.assertFalse(shared, "auto allows nothing on a shared host")
             self.assertGreaterEqual(port, 1024)
+
+
+class CachedAddressParsing(unittest.TestCase):
+    """ip_of and always_local are cached (they run for every proxied request): the cached
+    answers are the parser's, invalid input included, and a repeat costs no parse."""
+
+    SAMPLES = [
+        "127.0.0.1",
+        "10.0.0.5",
+        "[::1]",
+        "::ffff:127.0.0.1",
+        "fe80::1%eth0",
+        "0.1.2.3",
+        "localhost",
+        "example.org",
+        "300.1.1.1",
+        "",
+    ]
+
+    def test_same_answers_as_parsing(self) -> None:
+        import ipaddress
+
+        from cocalcproxy.directory import addresses
+
+        for host in self.SAMPLES:
+            text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+            try:
+                expected: object = ipaddress.ip_address(text.split("%", 1)[0])
+            except ValueError:
+                expected = None
+            for _ in range(2):
+                self.assertEqual(addresses.ip_of(host), expected, host)
+        self.assertEqual(
+            [always_local(h) for h in self.SAMPLES],
+            [True, False, True, True, False, True, True, False, False, False],
+        )
+
+    def test_a_repeat_is_not_parsed_again(self) -> None:
+        from cocalcproxy.directory import addresses
+
+        addresses.ip_of("192.0.2.7")
+        hits = addresses.ip_of.cache_info().hits
+        addresses.ip_of("192.0.2.7")
+        self.assertEqual(addresses.ip_of.cache_info().hits, hits + 1)

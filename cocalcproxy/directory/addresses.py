@@ -8,10 +8,18 @@ and is passed into the pure policy as a function.
 from __future__ import annotations
 
 import ipaddress
+from functools import lru_cache
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+# ip_of and always_local run for every proxied request (the backend's address is screened
+# before each connection), and parsing an address with ipaddress costs more than the rest of
+# the screening; the addresses seen are few (projects' hosts and what they resolve to), so the
+# answers are cached. Both are pure and their results immutable.
+
+
+@lru_cache(maxsize=4096)
 def ip_of(host: str) -> IPAddress | None:
     """The IP address a host literal names (brackets and a zone allowed), else None."""
     text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -43,6 +51,7 @@ def is_loopback_name(host: str) -> bool:
     return name == "localhost" or name.endswith(".localhost")
 
 
+@lru_cache(maxsize=4096)
 def always_local(host: str) -> bool:
     """Hosts that reach this machine whatever its interfaces: loopback (127.0.0.0/8, ::1), the
     unspecified addresses (connecting to 0.0.0.0 or :: reaches this machine on Linux),
