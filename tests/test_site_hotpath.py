@@ -138,3 +138,95 @@ class ConnectionFactsTests(unittest.TestCase):
         self.assertEqual(channel.getPeer().host, "10.0.0.4")
         channel.transport = None
         self.assertFalse(channel.isSecure())
+
+
+class LazyDeadlines(unittest.TestCase):
+    """site._Deadline: one DelayedCall however often the deadline moves, firing on time."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from cocalcproxy.http.site import _Deadline
+
+        self.clock = Clock()
+        self.fired: list[float] = []
+        self.deadline = _Deadline(lambda: self.fired.append(self.clock.seconds()))
+
+    def test_moved_later_many_times_fires_once_at_the_last_deadline(self) -> None:
+        for _ in range(1000):
+            self.deadline.set(10, self.clock.callLater)
+            self.deadline.clear()
+            self.clock.advance(1 / 128)
+        self.deadline.set(10, self.clock.callLater)  # at 7.8125: due at 17.8125
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(10 - 1 / 1024)
+        self.assertEqual(self.fired, [])
+        self.clock.advance(1 / 1024)
+        self.assertEqual(self.fired, [17.8125])
+        self.clock.advance(100)
+        self.assertEqual(self.fired, [17.8125])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_an_earlier_deadline_moves_the_call(self) -> None:
+        self.deadline.set(10, self.clock.callLater)
+        self.deadline.set(2, self.clock.callLater)
+        self.clock.advance(2)
+        self.assertEqual(self.fired, [2.0])
+
+    def test_cleared_never_fires_and_stop_cancels(self) -> None:
+        self.deadline.set(1, self.clock.callLater)
+        self.deadline.clear()
+        self.clock.advance(5)
+        self.assertEqual(self.fired, [])
+        self.deadline.set(1, self.clock.callLater)
+        self.deadline.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class IdleAndHeadTimeouts(unittest.TestCase):
+    """The channel's idle timeout and head deadline on the lazy clock, with a task.Clock."""
+
+    def connect(self, head_timeout: float | None = 20.0):  # type: ignore[no-untyped-def]
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        clock = Clock()
+        site = ProxySite(Facts(), reactor=clock)
+        site.request_head_timeout = head_timeout
+        channel: Any = site.buildProtocol(IPv4Address("TCP", "10.0.0.2", 5000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.2", 5000))
+        channel.makeConnection(transport)
+        return clock, channel, transport
+
+    def test_idle_timeout_counts_from_the_end_of_the_last_request(self) -> None:
+        clock, channel, transport = self.connect(head_timeout=None)
+        timeout = channel.timeOut
+        self.assertGreater(timeout, 0)
+        for _ in range(3):
+            clock.advance(timeout - 1)
+            channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 3)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(timeout - 0.5)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.5)
+        self.assertTrue(transport.disconnecting)
+
+    def test_a_slow_head_gets_408_at_its_deadline(self) -> None:
+        clock, channel, transport = self.connect(head_timeout=20.0)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        clock.advance(5)
+        channel.dataReceived(b"GET / HTTP/1.1\r\n")  # a second head starts at 5 s
+        clock.advance(19.9)
+        self.assertNotIn(b"408", transport.value())
+        clock.advance(0.1)
+        self.assertIn(b"HTTP/1.1 408 Request Timeout", transport.value())
+
+    def test_no_timer_left_behind_when_the_connection_goes(self) -> None:
+        from twisted.internet.error import ConnectionDone
+
+        clock, channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(clock.getDelayedCalls(), [])

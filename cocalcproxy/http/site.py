@@ -447,6 +447,57 @@ def _closing_answer(status: int, reason: bytes, error: str, detail: str) -> byte
     return b"\r\n".join(lines)
 
 
+class _Deadline:
+    """A deadline set and cleared on every request for the price of one DelayedCall a period.
+
+    Arming a timer per request and cancelling it (Twisted's idle timeout, the head clock) cost
+    a DelayedCall, a push onto the reactor's heap and a cancellation each time. Here the
+    DelayedCall stays armed: moving the deadline later or clearing it is only noted, and when
+    the call comes due early it re-arms for what is left. An earlier deadline moves the call,
+    so ``fire`` never runs later than the deadline, nor more than a microsecond early.
+    """
+
+    __slots__ = ("_call", "_call_later", "_fire", "deadline")
+
+    def __init__(self, fire: Callable[[], None]) -> None:
+        self._fire = fire
+        self._call: Any = None
+        self._call_later: Any = None
+        self.deadline: float | None = None
+
+    def set(self, delay: float, call_later: Callable[..., Any]) -> None:
+        call = self._call
+        if call is None or not call.active():
+            self._call_later = call_later
+            call = self._call = call_later(delay, self._due)
+            self.deadline = call.getTime()
+            return
+        self.deadline = call.seconds() + delay
+        if self.deadline < call.getTime():
+            call.reset(delay)
+
+    def clear(self) -> None:
+        self.deadline = None
+
+    def stop(self) -> None:
+        """Clear, and give the reactor its DelayedCall back (the connection is gone)."""
+        self.deadline = None
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _due(self) -> None:
+        call, self._call = self._call, None
+        if self.deadline is None:
+            return
+        left = self.deadline - call.seconds()
+        if left > 1e-6:
+            self._call = self._call_later(left, self._due)
+            return
+        self.deadline = None
+        self._fire()
+
+
 class ProxyChannel(HTTPChannel):
     """HTTP/1.1 with a deadline for each request head and a minimum rate for bodies.
 
@@ -464,7 +515,7 @@ class ProxyChannel(HTTPChannel):
     connection the idle timeout (``KEEPALIVE_IDLE_TIMEOUT``) applies, as before.
     """
 
-    _head_timer: Any = None
+    _head_limit = 0.0
     _body_timer: Any = None
     _awaiting_head = True
     _body_start = 0.0
@@ -514,19 +565,51 @@ class ProxyChannel(HTTPChannel):
             from twisted.internet import reactor as clock
         return float(clock.seconds())
 
+    # --- the head clock and Twisted's idle timeout, on lazy deadlines ---------------------
+    _head_clock: _Deadline | None = None
+    _idle_clock: _Deadline | None = None
+
     def connectionMade(self) -> None:  # noqa: N802
+        self._idle_clock = _Deadline(self._idled)
+        self._head_clock = _Deadline(self._head_too_slow)
         super().connectionMade()
         self._start_head_clock()
 
+    def setTimeout(self, period: float | None) -> float | None:  # noqa: N802
+        """TimeoutMixin's, on a lazy deadline: Twisted turns the idle timeout off for every
+        request it handles and on again after it."""
+        previous: float | None = self.timeOut
+        self.timeOut = period  # type: ignore[assignment]  # Twisted says int; seconds are float
+        clock = self._idle_clock
+        if clock is None:
+            clock = self._idle_clock = _Deadline(self._idled)
+        if period is None:
+            clock.clear()
+        else:
+            clock.set(period, self.callLater)
+        return previous
+
+    def resetTimeout(self) -> None:  # noqa: N802
+        clock = self._idle_clock
+        if clock is not None and clock.deadline is not None and self.timeOut is not None:
+            clock.set(self.timeOut, self.callLater)
+
+    def _idled(self) -> None:
+        self.timeoutConnection()
+
     def _start_head_clock(self) -> None:
         timeout = self._head_timeout()
-        if timeout is not None and self._head_timer is None:
-            self._head_timer = self.callLater(timeout, partial(self._timed_out, "head", timeout))
+        clock = self._head_clock
+        if timeout is not None and clock is not None and clock.deadline is None:
+            self._head_limit = timeout
+            clock.set(timeout, self.callLater)
+
+    def _head_too_slow(self) -> None:
+        self._timed_out("head", self._head_limit)
 
     def _stop_head_clock(self) -> None:
-        timer, self._head_timer = self._head_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        if self._head_clock is not None:
+            self._head_clock.clear()
 
     def _stop_body_clock(self) -> None:
         timer, self._body_timer = self._body_timer, None
@@ -565,6 +648,9 @@ class ProxyChannel(HTTPChannel):
         self._stop_head_clock()
         self._stop_body_clock()
         super().connectionLost(reason)
+        for clock in (self._head_clock, self._idle_clock):
+            if clock is not None:
+                clock.stop()
 
     def _check_body(self, grace: float) -> None:
         self._body_timer = None
@@ -585,7 +671,6 @@ class ProxyChannel(HTTPChannel):
         self._timed_out("body", grace)
 
     def _timed_out(self, what: str, timeout: float) -> None:
-        self._head_timer = None
         transport: Any = self.transport
         if transport is None or getattr(self, "_draining", False):
             return
