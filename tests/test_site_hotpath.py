@@ -230,3 +230,24 @@ class IdleAndHeadTimeouts(unittest.TestCase):
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         channel.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class WebSocketUpgrade(unittest.TestCase):
+    def test_which_requests_are_upgrades(self) -> None:
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from cocalcproxy.http.site import is_websocket_upgrade
+
+        cases = [
+            ({}, False),
+            ({b"connection": [b"keep-alive"]}, False),
+            ({b"upgrade": [b"websocket"]}, False),
+            ({b"upgrade": [b"WebSocket"], b"connection": [b"keep-alive, Upgrade"]}, True),
+            ({b"upgrade": [b"h2c", b"websocket"], b"connection": [b"x", b"upgrade"]}, True),
+            ({b"upgrade": [b"h2c"], b"connection": [b"upgrade"]}, False),
+        ]
+        for headers, expected in cases:
+            request = DummyRequest([b""])
+            for name, values in headers.items():
+                request.requestHeaders.setRawHeaders(name, values)
+            self.assertIs(is_websocket_upgrade(request), expected, headers)  # type: ignore[arg-type]

@@ -402,7 +402,10 @@ class Root(resource.Resource):
 
 
 def is_websocket_upgrade(request: server.Request) -> bool:
-    upgrade = b",".join(request.requestHeaders.getRawHeaders(b"upgrade", []))
+    upgrades = request.requestHeaders.getRawHeaders(b"upgrade")
+    if not upgrades:
+        return False  # nearly every request: no need to read Connection
+    upgrade = b",".join(upgrades)
     connection = b",".join(request.requestHeaders.getRawHeaders(b"connection", []))
     return b"websocket" in [t.strip().lower() for t in upgrade.split(b",")] and b"upgrade" in [
         t.strip().lower() for t in connection.split(b",")
