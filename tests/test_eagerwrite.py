@@ -33,7 +33,7 @@ class Keep(Protocol):
             more.callback(None)
 
 
-class EagerWrite(unittest.TestCase):
+class _Pair(unittest.TestCase):
     @defer.inlineCallbacks
     def pair(self):  # type: ignore[no-untyped-def]
         server = Keep()
@@ -55,9 +55,11 @@ class EagerWrite(unittest.TestCase):
             if len(protocol.data) >= size:
                 return protocol.data
             protocol.more = defer.Deferred()
-            yield protocol.more
+            yield protocol.more.addTimeout(10, reactor)  # a stalled transfer fails, not hangs
         raise AssertionError("never arrived")
 
+
+class EagerWrite(_Pair):
     @defer.inlineCallbacks
     def test_small_write_leaves_at_once_without_registering(self):  # type: ignore[no-untyped-def]
         server, client = yield self.pair()
@@ -101,3 +103,29 @@ class EagerWrite(unittest.TestCase):
         transport = StringTransport()
         eager_write(transport, b"abc")
         self.assertEqual(transport.value(), b"abc")
+
+
+class _Pull:
+    def __init__(self, transport: Any, chunks: list[bytes]) -> None:
+        self.transport = transport
+        self.chunks = chunks
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        if self.chunks:
+            eager_write(self.transport, self.chunks.pop(0))
+        else:
+            self.transport.unregisterProducer()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        pass
+
+
+class PullProducer(_Pair):
+    @defer.inlineCallbacks
+    def test_pull_producer_writes_are_left_to_twisted(self):  # type: ignore[no-untyped-def]
+        server, client = yield self.pair()
+        transport: Any = server.transport
+        chunks = [b"a" * 1000, b"b" * 1000, b"c" * 1000]
+        transport.registerProducer(_Pull(transport, list(chunks)), False)
+        data = yield self.receive(client, 3000)
+        self.assertEqual(data, b"".join(chunks), "every chunk asked for and delivered")

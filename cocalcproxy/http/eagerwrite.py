@@ -32,6 +32,9 @@ def eager_write(transport: Any, data: bytes) -> None:
         and transport.offset == len(transport.dataBuffer)
         and transport.connected
         and not transport._writeDisconnected
+        # A pull producer is asked for more only when Twisted's own doWrite drains the buffer;
+        # bytes sent here would never trigger that, and its transfer would stall.
+        and (transport.producer is None or transport.streamingProducer)
     ):
         sent = transport.writeSomeData(data)
         if type(sent) is int and sent > 0:

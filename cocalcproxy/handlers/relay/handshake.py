@@ -515,4 +515,3 @@ def _peer_ip(request: ProxyRequest) -> str:
     peer = request.getClientAddress()
     host = getattr(peer, "host", None)
     return host if isinstance(host, str) else "unknown"
-
