@@ -340,6 +340,23 @@ class Caching(GuardTestCase):
         self.poll()
         self.assertEqual(self.get(cookie(token)).status, 401)
 
+    def test_a_file_gone_during_an_outage_ends_its_grace(self) -> None:
+        """Deleting the SQLite file can first fail a call some other way (halfway through the
+        deletion); once the directory says the file is gone, the grace ends all the same."""
+        from twisted.python.failure import Failure
+
+        from cocalcproxy.directory.model import Gone, Unavailable
+
+        token = self.world.directory.add_session("bob")
+        self.poll()
+        self.assert_reached_backend(self.get(cookie(token)), "bob")
+        self.world.guard.directory_failed(Failure(Unavailable("disk I/O error")))
+        self.assertEqual(self.world.guard.directory_status(), "degraded")
+        self.world.guard.directory_failed(Failure(Gone("the directory file was deleted")))
+        self.assertEqual(self.world.guard.directory_status(), "unavailable")
+        self.world.directory.unavailable = True
+        self.assertEqual(self.get(cookie(token)).status, 503)
+
     def test_no_grace_with_zero(self) -> None:
         world = make_world(outage_grace=0.0)
         world.directory.add_user("alice", "alice-password")

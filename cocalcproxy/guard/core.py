@@ -707,10 +707,21 @@ class Guard:
         deleted or replaced directory file (Gone) gets no grace."""
         if not failure.check(Unavailable):
             return
+        gone = bool(failure.check(Gone))
         if self.outage is not None:
+            if gone and not self.outage.gone:
+                # The file was deleted or replaced during an outage that began as something
+                # else (a call failed halfway through the deletion): no grace for it either.
+                self.outage.gone = True
+                self.outage.reason = str(failure.value)
+                if self.outage.serve_until is not None:
+                    log.error(
+                        "directory unusable: {why}; every request that needs it gets 503",
+                        why=failure.value,
+                    )
+                    self._end_grace(self.outage)
             return
         now = self.clock.seconds()
-        gone = bool(failure.check(Gone))
         last = self.last_contact if self.last_contact is not None else now
         grace = 0.0 if gone else self.outage_grace
         serve_until = last + grace if grace > 0 and now <= last + grace else None

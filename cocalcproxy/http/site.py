@@ -136,6 +136,16 @@ class ProxyRequest(BannerlessRequest):
         if not self.startedWriting:
             self._set_transport_security()
             self._say_if_closing()
+            # Twisted writes the head and the first body bytes separately: on a TLS listener
+            # they are held and leave as one record and one send (ops.tls.LeanTLSProtocol).
+            transport = getattr(self.channel, "transport", None)
+            if getattr(transport, "corked", True) is False:
+                transport.cork()  # type: ignore[union-attr]
+                try:
+                    super().write(data)
+                finally:
+                    transport.uncork()  # type: ignore[union-attr]
+                return
         super().write(data)
 
     def _say_if_closing(self) -> None:

@@ -271,6 +271,10 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
         if self._corked is None:
             self._corked = []
 
+    @property
+    def corked(self) -> bool:
+        return self._corked is not None
+
     def uncork(self) -> None:
         held, self._corked = self._corked, None
         if held:

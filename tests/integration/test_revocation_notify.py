@@ -285,7 +285,10 @@ class PollIsTheFallback(unittest.TestCase):
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
         url = new_postgres_url(self)
-        running = yield start_proxy(self, "--database", url)
+        # --metrics: the notification gauge and the lookups counter are read from its registry.
+        running = yield start_proxy(
+            self, "--database", url, "--metrics", f"tcp:{free_port()}:interface=127.0.0.1"
+        )
         directory = running.directory
         listener = guard_service_of(running.service).notifications
         self.assertIsInstance(listener, ChangeListener)
