@@ -240,6 +240,40 @@ class WatchdogTests(unittest.TestCase):
         self.assertEqual(receiver.messages(), [b"WATCHDOG=1"])
 
 
+class ReadyAfterTheSignalHandlers(unittest.TestCase):
+    def test_ready_waits_for_the_sigterm_handler(self) -> None:
+        import signal
+
+        from twisted.internet import task
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+        clock: Any = task.Clock()
+        clock.running = False  # twistd starts services, then the reactor
+        clock.addReader = clock.removeReader = lambda reader: None
+        when_running: list[Any] = []
+        clock.callWhenRunning = lambda f, *a: when_running.append((f, a))
+        report_r, report_w = os.pipe()
+        parent_r, parent_w = os.pipe()
+        for fd in (report_r, report_w, parent_r, parent_w):
+            self.addCleanup(lambda fd=fd: _close(fd))
+        spec = workers.WorkerSpec(
+            index=0, listen=[], own=[], report_fd=report_w, parent_fd=parent_r
+        )
+        link = workers.WorkerLink(clock, spec, lambda: defer.succeed(None))
+        link.await_handlers = True  # as the twistd plugin sets it
+        link.startService()
+        self.addCleanup(link.stopService)
+        os.set_blocking(report_r, False)
+        with self.assertRaises(BlockingIOError):
+            os.read(report_r, 100)  # listening, but no SIGTERM handler yet: not ready
+        clock.running = True
+        for f, a in when_running:
+            f(*a)
+        self.assertIsNot(signal.getsignal(signal.SIGTERM), signal.SIG_DFL)
+        self.assertTrue(os.read(report_r, 100).startswith(b"ready\n"))
+
+
 class WorkerModeTests(unittest.TestCase):
     """``build_service`` in a worker: adopts the socket it is handed, registers it and the
     supervisor's metrics listener among its own endpoints, and reports ``ready``."""

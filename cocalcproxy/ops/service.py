@@ -462,6 +462,8 @@ class ProxyService(service.MultiService):
         # Set by the twistd plugin (each worker runs it too): once listening, settle_gc().
         # Not in tests that run the proxy inside the test process, whose GC is the runner's.
         self.settle_gc_when_listening = False
+        # In a worker process: its link to the supervisor.
+        self.worker_link: workers.WorkerLink | None = None
         self._previous_hup: Any = None
 
     def startService(self) -> None:  # noqa: N802
@@ -773,9 +775,10 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
         )
     if spec is not None:
         # A worker tells its supervisor, not systemd, that it listens, and sends heartbeats.
-        workers.WorkerLink(
+        proxy.worker_link = workers.WorkerLink(
             reactor, spec, proxy.all_listening, tick=[proxy.metrics.refresh]
-        ).setServiceParent(proxy)
+        )
+        proxy.worker_link.setServiceParent(proxy)
     else:
         proxy.systemd = systemd.SystemdService(reactor, proxy.all_listening)
         proxy.systemd.setServiceParent(proxy)

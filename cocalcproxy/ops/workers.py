@@ -202,6 +202,9 @@ class WorkerLink(service.Service):
             if not getattr(self.reactor, "running", True):
                 # After Twisted's own handlers, which it installs as the reactor starts (under
                 # twistd the service starts first; a reactor already running is a test's).
+                # "ready" waits for them in a real worker (set by the twistd plugin); a test
+                # runner's reactor may never fire this.
+                self._handlers_pending = self.await_handlers
                 self.reactor.callWhenRunning(self._signals)
             self._watch = _ParentWatch(self.reactor, self.spec.parent_fd, self._parent_gone)
             self._watch.startReading()
@@ -222,9 +225,24 @@ class WorkerLink(service.Service):
                 self.reactor.callFromThread(self.reactor.stop)
 
         signal.signal(signal.SIGTERM, stop_once)
+        self._handlers_pending = False
+        if self._ready_pending:
+            self._ready_pending = False
+            self._listening(None)
+
+    #: Under twistd every listener may listen before the reactor runs, and so before this
+    #: worker's SIGTERM handler exists: a supervisor told "ready" then could stop the worker
+    #: with a SIGTERM that kills it outright (seen in CI). Ready waits for the handler.
+    _handlers_pending = False
+    _ready_pending = False
+    #: Set by the twistd plugin in a worker process.
+    await_handlers = False
 
     def _listening(self, _: object) -> None:
         if not self.running:
+            return
+        if self._handlers_pending:
+            self._ready_pending = True
             return
         self.send(b"ready")
         self._beat = task.LoopingCall(self._heartbeat)

@@ -31,6 +31,10 @@ class CocalcProxyServiceMaker:
             proxy = build_service(options)
             proxy.exit_on_listen_failure = True
             proxy.settle_gc_when_listening = True
+            if proxy.worker_link is not None:
+                # Under twistd the listeners may listen before the reactor runs: "ready" only
+                # once this worker's SIGTERM handler is in place.
+                proxy.worker_link.await_handlers = True
             return proxy
         except UsageError as e:
             # twistd would print a traceback; an operator needs one clear line and status 1.
