@@ -252,7 +252,6 @@ class BackendConnection(Protocol):
         self.limit: HeadLimit | None = None
         self.answered = False
         self.reused = False
-        self.sending = False
         self.complete = False
         self.reusable = True
         self.gone = False
@@ -284,16 +283,18 @@ class BackendConnection(Protocol):
         if call.length <= BODY_CHUNK:
             eager_write(transport, call.head + call.content.read(call.length))
             return
-        self.sending = True
         transport.write(call.head)
         self.sender = _BodySender(self, call)
         transport.registerProducer(self.sender, False)
 
+    @property
+    def sending(self) -> bool:
+        """A body larger than one write is still going out."""
+        return self.sender is not None
+
     def body_sent(self) -> None:
-        self.sending = False
+        # The answer cannot be complete yet: completing stops the sender before its last chunk.
         self.sender = None
-        if self.complete:
-            self._finished()
 
     # --- parser callbacks (httptools) ---------------------------------------------------------
 
@@ -413,14 +414,13 @@ class BackendConnection(Protocol):
         response = self.response
         if response is not None:
             response._end(Failure(ResponseDone("Response body fully received")))
-        if self.sending:
+        sender = self.sender
+        if sender is not None:
             # Answered before the whole body went out: stop sending; the connection is spent.
-            self.sending = False
             self.reusable = False
-            if self.sender is not None and self.transport is not None:
-                self.sender.stopped = True
-                self.transport.unregisterProducer()
-                self.sender = None
+            sender.stopped = True
+            self.sender = None
+            self.transport.unregisterProducer()
         self._finished()
 
     def _finished(self) -> None:
