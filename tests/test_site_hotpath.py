@@ -3,8 +3,11 @@ with and without TLS, on a kept-alive connection serving several requests."""
 
 from __future__ import annotations
 
+import email.utils
 import json
+import time
 from typing import Any
+from unittest import mock
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -14,8 +17,9 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
+from cocalcproxy.http import bannerless
 from cocalcproxy.http.site import ProxySite
 from cocalcproxy.ops import tls
 
@@ -32,6 +36,7 @@ class Facts(resource.Resource):
             "host": [host.type, host.host, host.port],
             "peer": [peer.type, peer.host, peer.port],
             "secure": request.isSecure(),
+            "postpath": [part.decode("latin-1") for part in request.postpath],
         }
         return json.dumps(facts).encode()
 
@@ -70,7 +75,7 @@ def bodies(answer: bytes) -> list[dict[str, Any]]:
 
 class ConnectionFactsTests(unittest.TestCase):
     @inlineCallbacks
-    def _exchange(self, secure: bool):  # type: ignore[no-untyped-def]
+    def _exchange(self, secure: bool, ask: bytes = THREE_REQUESTS):  # type: ignore[no-untyped-def]
         site = ProxySite(Facts(), reactor=reactor)
         factory: Any = site
         client_endpoint: Any
@@ -86,11 +91,40 @@ class ConnectionFactsTests(unittest.TestCase):
             client_endpoint = wrapClientTLS(
                 optionsForClientTLS("localhost", trustRoot=authority), client_endpoint
             )
-        client = Collect(THREE_REQUESTS)
+        client = Collect(ask)
         connected = yield client_endpoint.connect(Factory.forProtocol(lambda: client))
         local = connected.transport.getHost()
         answer = yield client.done
+        self.answer = answer
         return port.getHost(), local, bodies(answer)
+
+    @inlineCallbacks
+    def test_date_once_a_second_no_banner_and_postpath_on_demand(self):  # type: ignore[no-untyped-def]
+        """The request's own ``process``: a ``Date`` that is the current second's, no
+        ``Server`` banner, and ``postpath`` percent-decoded like Twisted's when read."""
+        before = time.time()
+        ask = b"GET /a%2Fb/c%20d/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        _, _, facts = yield self._exchange(secure=True, ask=ask)
+        after = time.time()
+        self.assertEqual(facts[0]["postpath"], ["a/b", "c d", ""])
+        head = self.answer.split(b"\r\n\r\n", 1)[0].lower()
+        self.assertNotIn(b"\r\nserver:", head)
+        dates = [line[6:] for line in head.split(b"\r\n") if line.startswith(b"date: ")]
+        self.assertEqual(len(dates), 1)
+        stamp = email.utils.parsedate_to_datetime(dates[0].decode()).timestamp()
+        self.assertTrue(int(before) <= stamp <= after, (before, dates, after))
+
+    def test_the_date_changes_with_the_second(self) -> None:
+        clock = [1_000_000.4]
+        date = bannerless._HttpDate()
+        with mock.patch.object(bannerless.time, "time", lambda: clock[0]):
+            first = date.now()
+            clock[0] = 1_000_000.9
+            self.assertIs(date.now(), first)
+            clock[0] = 1_000_001.0
+            second = date.now()
+        self.assertEqual(first, http.datetimeToString(1_000_000))
+        self.assertEqual(second, http.datetimeToString(1_000_001))
 
     @inlineCallbacks
     def test_addresses_and_security_over_tls(self):  # type: ignore[no-untyped-def]

@@ -804,9 +804,6 @@ class ProxySite(server.Site):
 
     def getResourceFor(self, request: server.Request) -> resource.IResource:  # noqa: N802
         self.request_started(request)
-        # Twisted has just set "Server: TwistedWeb/<version>": a banner helps only attackers
-        # (cocalcproxy.http.bannerless). A proxied answer carries the backend's own, if any.
-        request.responseHeaders.removeHeader(b"server")
         found: resource.IResource = super().getResourceFor(request)
         return found
 

@@ -696,11 +696,6 @@ class ApiSite(server.Site):
     protocol = proxy_channel_protocol
     request_head_timeout: float | None = REQUEST_HEAD_TIMEOUT
 
-    def getResourceFor(self, request: server.Request) -> resource.IResource:  # noqa: N802
-        request.responseHeaders.removeHeader(b"server")
-        found: resource.IResource = super().getResourceFor(request)
-        return found
-
     def log(self, request: Any) -> None:
         """Nothing: Twisted's combined log line would carry query strings."""
 
