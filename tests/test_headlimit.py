@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
@@ -56,3 +56,52 @@ class HeadLimitTests(unittest.TestCase):
         with self.assertRaises(HeadTooLarge) as caught:
             limit.feed(b"D: 1\r\n")
         self.assertIn("more than 3 header fields", str(caught.exception))
+
+
+class _LineByLine(HeadLimit):
+    """The bound without its whole-head shortcut: the reference the shortcut must agree with."""
+
+    def _fits_whole(self, data: bytes) -> bool:
+        return False
+
+
+def verdict(limit: HeadLimit, data: bytes) -> str:
+    try:
+        return "done" if limit.feed(data) else "more"
+    except HeadTooLarge as e:
+        return str(e)
+
+
+_LINE = st.sampled_from([b"A: 1", b" folded", b"\tfolded", b"", b"Long: " + b"x" * 40])
+_END = st.sampled_from([b"\r\n", b"\n"])
+
+
+class WholeHeadShortcutTests(unittest.TestCase):
+    @given(
+        st.sampled_from([b"HTTP/1.1 200 OK", b"HTTP/1.1 103 Early Hints", b"HTTP/1.0 101 Up"]),
+        st.lists(st.tuples(_LINE, _END), max_size=12),
+        st.binary(max_size=20),
+        st.sampled_from([30, 60, 120, 400, 65536]),
+        st.integers(min_value=0, max_value=8),
+    )
+    @settings(max_examples=500)
+    def test_agrees_with_counting_line_by_line(  # type: ignore[no-untyped-def]
+        self, status, lines, tail, max_bytes, max_fields
+    ) -> None:
+        data = status + b"\r\n" + b"".join(line + end for line, end in lines) + tail
+        fast = HeadLimit(max_bytes=max_bytes, max_fields=max_fields)
+        slow = _LineByLine(max_bytes=max_bytes, max_fields=max_fields)
+        self.assertEqual(verdict(fast, data), verdict(slow, data), data)
+
+    def test_a_usual_head_is_taken_at_once(self) -> None:
+        limit = HeadLimit()
+        self.assertTrue(limit.feed(b"HTTP/1.1 200 OK\r\nA: 1\r\n\r\nbody"))
+        self.assertEqual(limit.size, len(b"HTTP/1.1 200 OK\r\nA: 1\r\n\r\n"))
+
+    def test_the_bounds_are_exact_on_the_shortcut(self) -> None:
+        head = b"HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n"
+        self.assertTrue(HeadLimit(max_bytes=len(head), max_fields=3).feed(head + b"body"))
+        with self.assertRaises(HeadTooLarge):
+            HeadLimit(max_bytes=len(head) - 1, max_fields=3).feed(head + b"body")
+        with self.assertRaises(HeadTooLarge):
+            HeadLimit(max_bytes=len(head), max_fields=2).feed(head + b"body")

@@ -45,6 +45,8 @@ class HeadLimit:
         """
         if self.done:
             return True
+        if self.size == 0 and self._fits_whole(data):
+            return True
         position, end = 0, len(data)
         while position < end:
             newline = data.find(b"\n", position)
@@ -63,6 +65,22 @@ class HeadLimit:
                 if self.done:
                     return True
         return False
+
+    def _fits_whole(self, data: bytes) -> bool:
+        """The usual case at once: the first bytes hold a whole final head, well within both
+        bounds. The head ends at the first blank line, which is at or before the first
+        CRLF CRLF; so it is no longer than that, and has no more fields than the lines up to
+        there less the status line and the blank one. Anything else is counted line by line."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or end + 4 > self.max_bytes:
+            return False
+        if data.count(b"\n", 0, end + 4) - 2 > self.max_fields:
+            return False
+        if _is_interim(data[: data.find(b"\n")]):
+            return False
+        self.size = end + 4
+        self.done = True
+        return True
 
     def _line_ended(self) -> None:
         start = self._line_start
