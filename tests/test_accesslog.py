@@ -9,6 +9,8 @@ import os
 import threading
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import formatEventAsClassicLogText, globalLogPublisher
@@ -489,3 +491,87 @@ class PipeTests(unittest.TestCase):
         records = [json.loads(line) for line in b"".join(received).splitlines()]
         self.assertEqual([r["bytes_out"] for r in records], list(range(100)))
         self.assertEqual(lost, [])
+
+
+def reference_line(facts: accesslog.RequestFacts) -> str:
+    """What the line was when json built it from a dict: the formatted line must equal it."""
+    record: dict[str, Any] = {
+        "time": accesslog._timestamp_slow(facts.time),
+        "client": facts.client,
+        "method": facts.method,
+        "host": facts.host,
+        "path": facts.path,
+        "query": facts.has_query,
+        "status": facts.status,
+        "completed": facts.completed,
+        "bytes_in": facts.bytes_in,
+        "bytes_out": facts.bytes_out,
+        "duration_ms": round(facts.duration * 1000, 3),
+        "account": facts.account,
+        "project": facts.project,
+        "form": facts.form,
+        "port": facts.port,
+    }
+    for key, value in (
+        ("backend", facts.backend_error),
+        ("websocket_end", facts.websocket_end),
+        ("share", facts.share),
+    ):
+        if value is not None:
+            record[key] = value
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=True) + "\n"
+
+
+_TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
+_MAYBE = st.none() | _TEXT
+_TIMES = st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False) | st.sampled_from(
+    [0.0, 1_700_000_000.0, 1_700_000_000.9995, 1_700_000_000.9999999, 1_699_999_999.999999]
+)
+
+
+class FormattedLikeJsonTests(unittest.TestCase):
+    @settings(max_examples=400)
+    @given(
+        st.builds(
+            accesslog.RequestFacts,
+            time=_TIMES,
+            client=_TEXT,
+            method=_TEXT,
+            host=_MAYBE,
+            path=_TEXT,
+            has_query=st.booleans(),
+            status=st.integers(min_value=100, max_value=599),
+            completed=st.booleans(),
+            bytes_in=st.integers(min_value=0, max_value=2**63),
+            bytes_out=st.integers(min_value=0, max_value=2**63),
+            duration=st.floats(min_value=0, max_value=1e7, allow_nan=False) | st.just(0),
+            account=_MAYBE,
+            project=_MAYBE,
+            form=_MAYBE,
+            port=st.none() | st.integers(min_value=1, max_value=65535),
+            backend_error=_MAYBE,
+            websocket_end=_MAYBE,
+            share=_MAYBE,
+        )
+    )
+    def test_same_text_as_json(self, facts: accesslog.RequestFacts) -> None:
+        self.assertEqual(accesslog.format_line(facts), reference_line(facts))
+
+    @settings(max_examples=400)
+    @given(st.lists(_TIMES, min_size=1, max_size=6))
+    def test_timestamps_as_isoformat_in_any_order(self, times: list[float]) -> None:
+        for when in sorted(times) + times:
+            self.assertEqual(accesslog._timestamp(when), accesslog._timestamp_slow(when), when)
+
+    def test_the_second_changes(self) -> None:
+        stamps = accesslog._Timestamps()
+        self.assertEqual(stamps(1_700_000_000.25), "2023-11-14T22:13:20.250Z")
+        self.assertEqual(stamps(1_700_000_000.999), "2023-11-14T22:13:20.999Z")
+        self.assertEqual(stamps(1_700_000_001.0), "2023-11-14T22:13:21.000Z")
+        self.assertEqual(stamps(1_700_000_000.5), "2023-11-14T22:13:20.500Z")
+        # Within a known second: truncated to the millisecond, as isoformat does.
+        self.assertEqual(stamps(1_700_000_000.5006), "2023-11-14T22:13:20.500Z")
+        self.assertEqual(stamps(1_700_000_000.5009), "2023-11-14T22:13:20.500Z")
+        # ... after rounding to the microsecond first, as datetime does.
+        self.assertEqual(stamps(1_700_000_000.2499999999), "2023-11-14T22:13:20.250Z")
+        self.assertEqual(stamps(1_700_000_000.9999996), "2023-11-14T22:13:21.000Z")

@@ -114,42 +114,68 @@ def _word(value: object) -> str | None:
     return value[:64] if isinstance(value, str) else None
 
 
-# One encoder, built once: json.dumps with non-default arguments builds a new one every call.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
-
-
-def _timestamp(when: float) -> str:
-    # isoformat truncates to milliseconds like ``microsecond // 1000`` and costs a third less
-    # than strftime; "+00:00" becomes "Z".
+def _timestamp_slow(when: float) -> str:
+    # isoformat truncates to milliseconds like ``microsecond // 1000``; "+00:00" becomes "Z".
     moment = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
     return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
+class _Timestamps:
+    """``_timestamp_slow``'s text for a time, with the part up to the second formatted once a
+    second: a datetime per line cost about a quarter of writing one."""
+
+    __slots__ = ("second", "prefix")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def __call__(self, when: float) -> str:
+        second = int(when)
+        # As datetime does: the fraction rounded (half to even) to the microsecond, then cut.
+        milliseconds = round((when - second) * 1e6) // 1000
+        if second != self.second or not 0 <= milliseconds < 1000:
+            # Rounding at a second's edge, or a new second: the slow way says which second.
+            text = _timestamp_slow(when)
+            if 0 <= milliseconds < 1000 and text[-5:-1] == f".{milliseconds:03d}":
+                self.second, self.prefix = second, text[:-5]
+            return text
+        return f"{self.prefix}.{milliseconds:03d}Z"
+
+
+_timestamp = _Timestamps()
+
+# JSON text of a string: the C function json.dumps uses with ensure_ascii=True.
+_quoted: Callable[[str], str] = json.encoder.encode_basestring_ascii
+
+
+def _text_or_null(value: str | None) -> str:
+    return "null" if value is None else _quoted(value)
+
+
 def format_line(facts: RequestFacts) -> str:
-    record: dict[str, Any] = {
-        "time": _timestamp(facts.time),
-        "client": facts.client,
-        "method": facts.method,
-        "host": facts.host,
-        "path": facts.path,
-        "query": facts.has_query,
-        "status": facts.status,
-        "completed": facts.completed,
-        "bytes_in": facts.bytes_in,
-        "bytes_out": facts.bytes_out,
-        "duration_ms": round(facts.duration * 1000, 3),
-        "account": facts.account,
-        "project": facts.project,
-        "form": facts.form,
-        "port": facts.port,
-    }
+    """One JSON object, exactly as ``json.dumps(record, separators=(",", ":"))`` writes it
+    (the keys below, in this order; the last three only when set), formatted directly: the
+    encoder's dict walk cost half of writing a line. Every text goes through json's own
+    escaping, so a hostile path or method cannot forge a line (tested against json)."""
+    port = "null" if facts.port is None else str(facts.port)
+    line = (
+        f'{{"time":"{_timestamp(facts.time)}","client":{_quoted(facts.client)},'
+        f'"method":{_quoted(facts.method)},"host":{_text_or_null(facts.host)},'
+        f'"path":{_quoted(facts.path)},"query":{"true" if facts.has_query else "false"},'
+        f'"status":{facts.status:d},"completed":{"true" if facts.completed else "false"},'
+        f'"bytes_in":{facts.bytes_in:d},"bytes_out":{facts.bytes_out:d},'
+        f'"duration_ms":{round(facts.duration * 1000, 3)!r},'
+        f'"account":{_text_or_null(facts.account)},"project":{_text_or_null(facts.project)},'
+        f'"form":{_text_or_null(facts.form)},"port":{port}'
+    )
     if facts.backend_error is not None:
-        record["backend"] = facts.backend_error
+        line += ',"backend":' + _quoted(facts.backend_error)
     if facts.websocket_end is not None:
-        record["websocket_end"] = facts.websocket_end
+        line += ',"websocket_end":' + _quoted(facts.websocket_end)
     if facts.share is not None:
-        record["share"] = facts.share
-    return _ENCODER.encode(record) + "\n"
+        line += ',"share":' + _quoted(facts.share)
+    return line + "}\n"
 
 
 # Lines wait in memory at most this long, and at most this many bytes of them: one ``write(2)``
