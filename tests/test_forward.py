@@ -83,6 +83,7 @@ class ScriptedForwarder(forward.Forwarder):
         length: int,
         progress: Any,
         sink: Any = None,
+        has_host: bool | None = None,
     ) -> Deferred[Any]:
         cancelled: list[bool] = []
         d: Deferred[Any] = (

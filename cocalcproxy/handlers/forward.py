@@ -108,12 +108,14 @@ class Forwarder:
         length: int,
         progress: Any,
         sink: Any = None,
+        has_host: bool | None = None,
     ) -> Deferred[BackendResponse]:
         """Send ``method target`` to ``backend`` over the pool, ``target`` byte for byte.
 
         ``request_headers`` hold no body framing: the body is ``length`` bytes of the seekable
         ``content`` (the spool), or there is none when ``content`` is None. A request without a
-        Host header gets the backend's address as its Host. The endpoint comes from the backend
+        Host header gets the backend's address as its Host (``has_host`` says whether there is
+        one when the caller knows; None looks). The endpoint comes from the backend
         policy (cocalcproxy.handlers.backendio: TCP with screened addresses, or a checked Unix
         socket) and is only asked for when a new connection is needed.
         """
@@ -125,7 +127,9 @@ class Forwarder:
         else:
             host_b = self._host_bytes(backend.host)
             key = (b"http", host_b, backend.port)
-        if not any(name.lower() == b"host" for name, _ in request_headers):
+        if has_host is None:
+            has_host = any(name.lower() == b"host" for name, _ in request_headers)
+        if not has_host:
             authority = b"[%s]" % host_b if b":" in host_b else host_b
             if backend.port != 80 and not isinstance(backend, backends.UnixTarget):
                 authority += b":%d" % backend.port
@@ -238,6 +242,8 @@ class _Exchange:
                 length,
                 self._progress,
                 sink=_corkable(request),
+                # backend_request_headers puts the client's Host first when there is one.
+                has_host=bool(hosts),
             )
         except BadRequestForBackend as e:
             self._disarm()

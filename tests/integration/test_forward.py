@@ -77,6 +77,16 @@ class Forwarding(unittest.TestCase):
         self.assertEqual(json.loads(body)["uri"], rest.decode())
 
     @inlineCallbacks
+    def test_no_host_gets_the_backends_address_once(self):  # type: ignore[no-untyped-def]
+        target = f"/{PID}/server/{self.backend.port}/h".encode()
+        raw = yield raw_request(self, self.proxy, b"GET " + target + b" HTTP/1.0\r\n\r\n")
+        head, body = head_and_body(raw)
+        self.assertIn(b" 200 ", head.split(b"\r\n")[0])
+        doc = json.loads(body)
+        self.assertEqual(header_values(doc, "host"), [f"127.0.0.1:{self.backend.port}"])
+        self.assertEqual(header_values(doc, "x-forwarded-host"), [])
+
+    @inlineCallbacks
     def test_curl_path_as_is(self):  # type: ignore[no-untyped-def]
         out, err, code = yield curl(
             "--cacert",
