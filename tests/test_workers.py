@@ -9,6 +9,7 @@ import socket
 from typing import Any
 
 from twisted.internet import defer, error, task
+from twisted.logger import Logger, LogLevel, LogPublisher, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -323,3 +324,23 @@ def _close(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+class LogTagTests(unittest.TestCase):
+    def test_every_line_names_the_worker(self) -> None:
+        publisher = LogPublisher()
+        workers.tag_log_lines(3, publisher)
+        lines: list[str] = []
+        publisher.addObserver(lambda event: lines.append(formatEventAsClassicLogText(event) or ""))
+        Logger(namespace="cocalcproxy.guard", observer=publisher).info("signed in {who}", who="x")
+        publisher({"log_system": "-", "log_format": "legacy", "log_time": 0.0})
+        self.assertIn("[cocalcproxy.guard#info worker 3] signed in x", lines[0])
+        self.assertIn("[- worker 3] legacy", lines[1])
+
+    def test_tagged_once(self) -> None:
+        publisher = LogPublisher()
+        workers.tag_log_lines(1, publisher)
+        workers.tag_log_lines(1, publisher)
+        event: dict[str, Any] = {"log_namespace": "n", "log_level": LogLevel.warn}
+        publisher(event)
+        self.assertEqual(event["log_system"], "n#warn worker 1")

@@ -40,7 +40,7 @@ from twisted.application import service
 from twisted.internet import defer, error, protocol, task
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 
@@ -156,6 +156,31 @@ class _ParentWatch(FileDescriptor):
     def connectionLost(self, reason: Failure) -> None:  # noqa: N802
         super().connectionLost(reason)
         self.gone()
+
+
+def tag_log_lines(index: int, publisher: LogPublisher = globalLogPublisher) -> ILogObserver:
+    """Make every log line of worker ``index`` say which worker wrote it.
+
+    The workers share the supervisor's standard output and error, so without this an operator
+    cannot tell them apart. Twisted's line format shows an event's ``log_system`` in brackets
+    (by default ``<namespace>#<level>``); this observer adds `` worker <index>`` to it. Added to
+    the publisher before twistd begins logging, it runs before twistd's own observer sees the
+    event: ``[cocalcproxy.guard#info worker 1] ...``."""
+    tag = f" worker {index}"
+
+    def tagger(event: dict[str, Any]) -> None:
+        system = event.get("log_system")
+        if system is None:
+            level = event.get("log_level")
+            namespace = event.get("log_namespace", "-")
+            system = f"{namespace}#{level.name if level is not None else '-'}"
+        elif str(system).endswith(tag):
+            return
+        event["log_system"] = f"{system}{tag}"
+
+    observer: ILogObserver = tagger  # type: ignore[assignment]  # a callable is an observer
+    publisher.addObserver(observer)
+    return observer
 
 
 class WorkerLink(service.Service):

@@ -237,6 +237,12 @@ class WorkerTests(unittest.TestCase):
             20,
             "both workers to reload the certificate",
         )
+        # Each worker's line says which worker it is (workers.tag_log_lines).
+        reloads = [
+            line for line in proxy.output().splitlines() if "TLS certificate reloaded" in line
+        ]
+        tags = sorted(re.findall(r"#info worker (\d+)\] ", "\n".join(reloads)))
+        self.assertEqual(tags, ["0", "1"], reloads)
         # New connections to every worker see the new certificate: 16 handshakes, and the
         # kernel's split puts some on each worker (checked above all on new connections).
         seen = {tlsutil.peer_fingerprint(proxy.port) for _ in range(16)}

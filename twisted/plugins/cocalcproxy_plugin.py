@@ -35,6 +35,10 @@ class CocalcProxyServiceMaker:
                 # Under twistd the listeners may listen before the reactor runs: "ready" only
                 # once this worker's SIGTERM handler is in place.
                 proxy.worker_link.await_handlers = True
+                # Before twistd begins logging, so its observer sees the worker's number.
+                from cocalcproxy.ops.workers import tag_log_lines
+
+                tag_log_lines(proxy.worker_link.spec.index)
             return proxy
         except UsageError as e:
             # twistd would print a traceback; an operator needs one clear line and status 1.
