@@ -272,3 +272,129 @@ class CorkTests(unittest.TestCase):
             self.assertEqual((response.code, body), (200, b"one two"), close)
         # Kept alive: nothing left while corked, then one record for head, body and end.
         self.assertEqual(records[0], (0, 1))
+
+
+class MemoryBIORenewalTests(unittest.TestCase):
+    """tls.renew_memory_bios: a connection gives back the buffers its memory BIOs grew to."""
+
+    def setUp(self) -> None:
+        folder = Path(self.mktemp())
+        cert, key, _, _ = tlsutil.write_pair(folder, "bio")
+        self.server_context = tls.load_material(str(cert), str(key)).options.getContext()
+        self.client_context = SSL.Context(SSL.TLS_METHOD)
+
+    def pair(self) -> tuple[SSL.Connection, SSL.Connection]:
+        """A server and a client connection on memory BIOs, their handshake done."""
+        server, client = SSL.Connection(self.server_context), SSL.Connection(self.client_context)
+        server.set_accept_state()
+        client.set_connect_state()
+        for _ in range(4):
+            for side in (client, server):
+                try:
+                    side.do_handshake()
+                except SSL.WantReadError:
+                    pass
+                move(client, server)
+                move(server, client)
+        return server, client
+
+    def test_a_renewed_connection_carries_on_both_ways(self) -> None:
+        server, client = self.pair()
+        before: Any = server
+        old = (before._into_ssl, before._from_ssl)
+        self.assertIs(tls.renew_memory_bios(server), True)
+        self.assertNotIn(before._into_ssl, old)
+        self.assertNotIn(before._from_ssl, old)
+        client.sendall(b"up")
+        move(client, server)
+        self.assertEqual(server.recv(100), b"up")
+        server.sendall(b"down")
+        move(server, client)
+        self.assertEqual(client.recv(100), b"down")
+        server.shutdown()
+        move(server, client)
+        with self.assertRaises(SSL.ZeroReturnError):
+            client.recv(100)
+
+    def test_not_while_bytes_wait_in_either_bio(self) -> None:
+        server, client = self.pair()
+        client.sendall(b"unread")
+        server.bio_write(client.bio_read(2**16))  # in the server's receive BIO, not yet read
+        self.assertIs(tls.renew_memory_bios(server), False)
+        self.assertEqual(server.recv(100), b"unread")
+        server.sendall(b"unsent")  # in the server's send BIO, not yet taken out
+        self.assertIs(tls.renew_memory_bios(server), False)
+        move(server, client)
+        self.assertEqual(client.recv(100), b"unsent")
+        self.assertIs(tls.renew_memory_bios(server), True)
+
+    def test_renewing_frees_what_the_bios_grew_to(self) -> None:
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            mallinfo2 = libc.mallinfo2
+        except (OSError, AttributeError):
+            raise unittest.SkipTest("needs glibc's mallinfo2") from None
+
+        class MallInfo(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks",
+                        "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                        "keepcost")]  # fmt: skip
+
+        mallinfo2.restype = MallInfo
+
+        def in_use() -> int:
+            info = mallinfo2()
+            return int(info.uordblks + info.hblkhd)
+
+        count, size = 40, 64 * 1024
+        servers = []
+        for _ in range(count):
+            server, client = self.pair()
+            client.sendall(b"x" * size)
+            server.bio_write(client.bio_read(2 * size))  # one socket read's worth at once
+            received = 0
+            while received < size:
+                received += len(server.recv(size))
+            servers.append(server)
+        grown = in_use()
+        for server in servers:
+            self.assertIs(tls.renew_memory_bios(server), True)
+        # Each receive BIO had grown past the 64 KiB it held at once.
+        self.assertGreater(grown - in_use(), count * size)
+
+    @inlineCallbacks
+    def test_a_live_connection_renews_its_bios_after_the_handshake(self):  # type: ignore[no-untyped-def]
+        folder = Path(self.mktemp())
+        cert, key, _, ca = tlsutil.write_pair(folder, "renew")
+        (folder / "ca.pem").write_bytes(tlsutil.pem(ca))
+        first: dict[Any, Any] = {}
+
+        class Noting(tls.LeanTLSProtocol):
+            def makeConnection(self, transport: Any) -> None:  # noqa: N802
+                super().makeConnection(transport)
+                first[self] = self._tlsConnection._into_ssl  # type: ignore[attr-defined]
+
+        factory = TLSMemoryBIOFactory(
+            tls.ReloadableServerCreator(str(cert), str(key)), False, server.Site(Hello())
+        )
+        factory.protocol = Noting  # type: ignore[assignment]
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        client = https_client(self, str(folder / "ca.pem"))
+        for _ in range(2):  # one kept-alive connection, its BIOs renewed after the first
+            response = yield client.get(f"https://localhost:{port.getHost().port}/")
+            self.assertEqual((yield response.content()), b"hello over tls")
+        [(protocol, original)] = first.items()
+        self.assertTrue(protocol._bios_renewed)
+        self.assertNotEqual(protocol._tlsConnection._into_ssl, original)
+
+
+def move(source: SSL.Connection, destination: SSL.Connection) -> None:
+    """Whatever ``source`` has written goes to ``destination``'s receive BIO."""
+    try:
+        data = source.bio_read(2**20)
+    except SSL.WantReadError:
+        return
+    destination.bio_write(data)
