@@ -7,7 +7,9 @@ relay losing bytes or connections in production.
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -180,6 +182,26 @@ class PlainTakeoverTests(unittest.TestCase):
         self.assertFalse(request.finished)
 
     @defer.inlineCallbacks
+    def test_nothing_of_the_http_layer_stays_referenced(self):  # type: ignore[no-untyped-def]
+        client = yield self.connect()
+        client.transport.write(REQUEST)
+        yield wait_for(lambda: bool(self.resource.requests))
+        request = self.resource.requests[0]
+        channel = weakref.ref(request.channel)
+        transport = request.channel.transport
+        wrapper = weakref.ref(getattr(transport, "wrappedProtocol", None) or transport.protocol)
+        self.resource.take(request)
+        gc.collect()
+        self.assertIsNone(channel())
+        self.assertIsNone(wrapper())
+        self.assertIsNone(request.channel)
+        # The connection still works both ways, and its end still reaches the request.
+        client.transport.write(b"echo still here")
+        yield wait_for(lambda: client.data == b"taken\nstill here")
+        client.transport.loseConnection()
+        yield wait_for(lambda: bool(self.resource.lost) and bool(self.resource.ends))
+
+    @defer.inlineCallbacks
     def test_closing_from_the_server_side_is_clean(self):  # type: ignore[no-untyped-def]
         client = yield self.connect()
         client.transport.write(REQUEST)
@@ -222,3 +244,39 @@ class GuardTests(unittest.TestCase):
         setup_py = os.path.join(os.path.dirname(__file__), os.pardir, "setup.py")
         with open(setup_py, encoding="utf-8") as f:
             self.assertIn(f'"Twisted[tls]{takeover.PROVEN_TWISTED}"', f.read())
+
+
+class DrainSweepTests(unittest.TestCase):
+    """The shutdown sweep closes connections without a request; a taken-over one has no HTTP
+    channel any more, and is busy: its taker (the relay's shutdown hook) ends it."""
+
+    def test_a_taken_over_connection_is_busy_and_left_open(self) -> None:
+        from twisted.internet.task import Clock
+
+        from cocalcproxy.http.site import ProxySite
+        from cocalcproxy.ops.service import DrainService
+
+        closed: list[str] = []
+
+        class Wire:
+            def loseConnection(self) -> None:  # noqa: N802
+                closed.append("wire")
+
+        class Connection:
+            transport = Wire()
+
+            def __init__(self) -> None:
+                request: Any = object()  # only kept, for the end
+                self.wrappedProtocol = takeover.TakenProtocol(
+                    request, lambda data: None, lambda reason: None
+                )
+
+            def loseConnection(self) -> None:  # noqa: N802
+                closed.append("connection")
+
+        class Factory:
+            protocols = {Connection(): 1}
+
+        drain = DrainService(Clock(), ProxySite(resource.Resource()), 1.0, [Factory()])  # type: ignore[list-item]
+        self.assertEqual(drain.sweep(), 1)
+        self.assertEqual(closed, [])

@@ -661,6 +661,12 @@ class ProxyChannel(HTTPChannel):
         self._stop_head_clock()
         self._stop_body_clock()
         super().connectionLost(reason)
+        self.stop_timers()
+
+    def stop_timers(self) -> None:
+        """Give every DelayedCall back to the reactor: the connection is gone, or has been
+        taken over (http.takeover), and armed timers would keep this channel alive until due."""
+        self._stop_body_clock()
         for clock in (self._head_clock, self._idle_clock):
             if clock is not None:
                 clock.stop()

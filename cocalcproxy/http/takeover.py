@@ -10,8 +10,10 @@ by tests/test_takeover.py over real sockets:
 * ``channel._dataBuffer`` (list of bytes) holds what the client sent after the request while it
   is being handled; ``channel._buffer`` (LineReceiver) holds bytes not yet looked at when the
   takeover happens inside the channel's own ``dataReceived``.
-* ``_GenericHTTPChannelProtocol`` and LineReceiver look up ``dataReceived``, ``rawDataReceived``
-  and ``connectionLost`` on the channel instance, so instance attributes replace them.
+* Twisted's server protocol is a ``_GenericHTTPChannelProtocol`` wrapping the channel (its
+  ``_channel``); the transport delivers to it as a TLS wrapper's ``wrappedProtocol`` or a TCP
+  connection's ``protocol``, both looked up on every event, so putting another protocol there
+  sends every later byte and the end of the connection to that one instead.
 * The channel registered itself as the transport's push producer and may have paused the
   transport (more than 16 KiB arrived while the request was handled).
 
@@ -75,6 +77,47 @@ def check_channel(channel: object) -> HTTPChannel:
     return channel
 
 
+class TakenProtocol:
+    """What a taken-over connection delivers to: every byte to the taker, then the end to the
+    taker and to the request (so its ``notifyFinish`` waiters see it end).
+
+    It replaces Twisted's HTTP protocol on the transport, so nothing of the HTTP layer (the
+    channel with its parser state, buffers and timers, and Twisted's protocol wrapper) is
+    referenced any more: a connection held open for hours keeps only this, its request and the
+    taker's own objects.
+    """
+
+    __slots__ = ("_connection_lost", "_request", "dataReceived")
+
+    def __init__(
+        self,
+        request: Request,
+        data_received: Callable[[bytes], None],
+        connection_lost: Callable[[Failure], None],
+    ) -> None:
+        # The taker's callable itself, not a method calling it: one call less per read.
+        self.dataReceived = data_received
+        self._connection_lost = connection_lost
+        self._request: Request | None = request
+
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
+        request, self._request = self._request, None
+        try:
+            self._connection_lost(reason)
+        finally:
+            if request is not None:
+                request.connectionLost(reason)
+
+
+def _protocol_holder(transport: object, channel: HTTPChannel) -> tuple[object, str]:
+    """The object and attribute through which the transport reaches the channel's wrapper."""
+    for attribute in ("wrappedProtocol", "protocol"):
+        protocol = getattr(transport, attribute, None)
+        if protocol is not None and getattr(protocol, "_channel", None) is channel:
+            return transport, attribute
+    raise TakeoverUnsupported("the connection's protocol is not Twisted's HTTP/1.1 wrapper")
+
+
 def take_over(
     request: Request,
     data_received: Callable[[bytes], None],
@@ -85,7 +128,10 @@ def take_over(
     After this, every byte the client sends goes to ``data_received`` and the end of the
     connection to ``connection_lost``; the request itself then gets ``connectionLost`` too, so
     ``notifyFinish`` waiters (the site's in-flight count, the access log) see it end. The
-    request is never finished. The transport is resumed (reading) and has no producer.
+    request is never finished, and is no longer attached to the channel (``request.channel``
+    is None, as after any ``connectionLost``). The transport is resumed (reading) and has no
+    producer. The channel's timers are stopped (a channel with a ``stop_timers`` method, as
+    site.ProxyChannel, has it called) and nothing refers to the channel any more.
     """
     channel = check_channel(request.channel)
     transport = channel.transport
@@ -93,6 +139,7 @@ def take_over(
         raise ConnectionGone("the client went away")
     if channel.requests != [request]:
         raise TakeoverUnsupported("another request is queued on this connection")
+    holder, attribute = _protocol_holder(transport, channel)
 
     private: Any = channel
     buffered = b"".join(private._dataBuffer) + private._buffer
@@ -100,20 +147,17 @@ def take_over(
     private._buffer = b""
 
     channel.setTimeout(None)
+    stop_timers = getattr(channel, "stop_timers", None)
+    if callable(stop_timers):
+        stop_timers()
     aborting = getattr(channel, "_abortingCall", None)
     if aborting is not None and aborting.active():
         aborting.cancel()
         private._abortingCall = None
 
-    def lost(reason: Failure) -> None:
-        try:
-            connection_lost(reason)
-        finally:
-            type(channel).connectionLost(channel, reason)
-
-    private.dataReceived = data_received
-    private.rawDataReceived = data_received
-    private.connectionLost = lost
+    setattr(holder, attribute, TakenProtocol(request, data_received, connection_lost))
+    private.requests = []
+    request.channel = None  # type: ignore[assignment]
 
     wire: Any = transport
     wire.unregisterProducer()

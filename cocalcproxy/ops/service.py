@@ -29,6 +29,7 @@ from cocalcproxy.directory.dialect import dialect_for
 from cocalcproxy.directory.model import DirectoryError
 from cocalcproxy.guard import build_guard, csrf
 from cocalcproxy.handlers import backendio, backends, forward, raw, relay
+from cocalcproxy.http import takeover
 from cocalcproxy.http.ownpages import OwnPages
 from cocalcproxy.http.redirect import RedirectResource
 from cocalcproxy.http.site import ProxySite, Root
@@ -283,6 +284,9 @@ class DrainService(service.Service):
         busy = 0
         for protocol in self.connections():
             channel = _http_channel(protocol)
+            if isinstance(channel, takeover.TakenProtocol):
+                busy += 1  # a relay's: the relay's own shutdown hook ends it
+                continue
             requests = getattr(channel, "requests", None)
             if requests:
                 busy += 1
@@ -348,7 +352,10 @@ class DrainService(service.Service):
             c=len(left),
         )
         for request in list(self.site.in_flight):
-            transport = getattr(request.channel, "transport", None)
+            # A taken-over request (a relay's) has no channel any more, only its transport.
+            transport = getattr(request.channel, "transport", None) or getattr(
+                request, "transport", None
+            )
             if transport is not None:
                 transport.abortConnection()
         for protocol in left:
