@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
+import weakref
 from typing import Any
 
 from twisted.internet import defer
@@ -12,6 +14,7 @@ from twisted.trial import unittest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from cocalcproxy.http import site
 from tests.relay_support import (
     TOKEN,
     MiniProxy,
@@ -391,3 +394,75 @@ class EndingTests(unittest.TestCase):
         self.assertEqual((first, status), ("closed 1001", 503))
         yield closing
         self.assertEqual(self.proxy.relay.open_count(), 0)
+
+
+class HeldStateTests(unittest.TestCase):
+    """What an open relay keeps: an idle WebSocket may stay open for hours, thousands at once."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.proxy = MiniProxy(self)
+
+    @defer.inlineCallbacks
+    def test_an_open_relay_holds_nothing_of_http_nor_of_its_handshake(self):  # type: ignore[no-untyped-def]
+        port = WSBackend(echo).start(self)
+        relay_handler = self.proxy.relay
+        seen: dict[str, Any] = {}
+        handle = relay_handler.handle
+
+        def recording(request: Any, route: Any, access: Any) -> None:
+            seen["channel"] = weakref.ref(request.channel)
+            seen["request"] = request
+            handle(request, route, access)
+            [handshake] = relay_handler._pending
+            seen["handshake"] = weakref.ref(handshake)
+            seen["h11"] = weakref.ref(handshake.conn)
+
+        relay_handler.handle = recording  # type: ignore[method-assign]
+
+        ended: list[Any] = []
+
+        def held() -> dict[str, Any]:
+            gc.collect()
+            request = seen["request"]
+            request.notifyFinish().addBoth(ended.append)
+            [splice] = relay_handler.open_relays
+            return {
+                "channel": seen["channel"]() is None,
+                "handshake": seen["handshake"]() is None,
+                "h11": seen["h11"]() is None,
+                "backend knows the handshake": splice.backend.handshake is not None,
+                "request.channel": request.channel,
+                # Twisted's thirty-odd attributes, less all but those read until the end.
+                "request attributes": set(vars(request)) - set(site._KEPT_AFTER_TAKEOVER),
+                "request headers": list(request.requestHeaders.getAllRawHeaders()),
+                "response headers": list(request.responseHeaders.getAllRawHeaders()),
+            }
+
+        async def scenario() -> tuple[dict[str, Any], str]:
+            async with client(self.proxy.url(port, "/echo")) as ws:
+                await ws.send("one")
+                assert await ws.recv() == "one"
+                facts = on_reactor(held)
+                await ws.send("still relaying")
+                return facts, await ws.recv()
+
+        facts, echoed = yield in_thread(scenario)
+        self.assertEqual(echoed, "still relaying")
+        self.assertEqual(
+            facts,
+            {
+                "channel": True,
+                "handshake": True,
+                "h11": True,
+                "backend knows the handshake": False,
+                "request.channel": None,
+                "request attributes": {"requestHeaders", "responseHeaders"},
+                "request headers": [(b"Host", [f"127.0.0.1:{self.proxy.port}".encode()])],
+                "response headers": [],
+            },
+        )
+        # The end still reaches the request (the access log's notifyFinish waiters).
+        yield wait_for(lambda: bool(ended))
+        self.assertTrue(seen["request"]._disconnected)

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 
 from cocalcproxy import pages
 from cocalcproxy.directory import Account, Project
@@ -110,6 +111,28 @@ class LogInfo:
     bytes_out: int = 0
 
 
+#: The attributes of a request that anything reads after its connection was taken over:
+#: Twisted's (``Request.connectionLost``, ``getClientAddress``) and the access log's (facts_of).
+_KEPT_AFTER_TAKEOVER = (
+    "notifications",
+    "channel",
+    "transport",
+    "site",
+    "client",
+    "method",
+    "uri",
+    "path",
+    "clientproto",
+    "code",
+    "code_message",
+    "finished",
+    "startedWriting",
+    "sentLength",
+    "_disconnected",
+    "log_info",
+)
+
+
 class ProxyRequest(BannerlessRequest):
     """A Request that carries access-log facts and knows whether it is on TLS."""
 
@@ -131,6 +154,21 @@ class ProxyRequest(BannerlessRequest):
 
     def notifyFinishOrNone(self) -> Deferred[None]:  # noqa: N802
         return self.notifyFinish()
+
+    def shed_http_state(self) -> None:
+        """Keep only what is read once the connection has been taken over (a WebSocket relay,
+        which may stay open for hours) until it ends: the access log's facts (``Host`` alone
+        of the request's headers), the ``notifyFinish`` waiters, the status. Twisted's
+        request holds some thirty attributes (headers, cookies, paths, a body spool) in a
+        dictionary sized for them: about 3 KiB an open WebSocket would keep for nothing."""
+        if self.content is not None:
+            self.content.close()
+        hosts = self.requestHeaders.getRawHeaders(b"host")
+        state = vars(self)
+        # A new dictionary, sized for what is left (deleting keys would not shrink the old one).
+        self.__dict__ = {name: state[name] for name in _KEPT_AFTER_TAKEOVER if name in state}
+        self.requestHeaders = Headers({b"host": hosts} if hosts else None)
+        self.responseHeaders = Headers()
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting:

@@ -155,10 +155,13 @@ def handshake_refusal(request: ProxyRequest) -> tuple[int, str, str] | None:
 
 @implementer(IHalfCloseableProtocol)
 class _BackendProtocol(Protocol):
-    """The backend connection; its events go to the handshake, then to the splice."""
+    """The backend connection; its events go to the handshake, then to the splice.
+
+    Once spliced it forgets the handshake (its h11 state, the request's headers): a relay may
+    stay open for hours."""
 
     def __init__(self, handshake: _Handshake) -> None:
-        self.handshake = handshake
+        self.handshake: _Handshake | None = handshake
         self.splice: Splice | None = None
 
     @property
@@ -167,18 +170,19 @@ class _BackendProtocol(Protocol):
         return self.transport
 
     def connectionMade(self) -> None:  # noqa: N802
-        self.handshake.backend_connected(self)
+        if self.handshake is not None:
+            self.handshake.backend_connected(self)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self.splice is not None:
             self.splice.backend_data(data)
-        else:
+        elif self.handshake is not None:
             self.handshake.backend_data(data)
 
     def readConnectionLost(self) -> None:  # noqa: N802
         if self.splice is not None:
             self.splice.backend_eof()
-        else:
+        elif self.handshake is not None:
             self.handshake.backend_eof()
 
     def writeConnectionLost(self) -> None:  # noqa: N802
@@ -187,8 +191,23 @@ class _BackendProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         if self.splice is not None:
             self.splice.backend_lost(reason)
-        else:
+        elif self.handshake is not None:
             self.handshake.backend_eof()
+
+
+class _ClientWatch:
+    """Tells a handshake that its client went away, until the handshake no longer cares: the
+    request's ``notifyFinish`` keeps this (not the handshake) until the relay ends."""
+
+    __slots__ = ("handshake",)
+
+    def __init__(self, handshake: _Handshake) -> None:
+        self.handshake: _Handshake | None = handshake
+
+    def gone(self, failure: Failure) -> None:
+        handshake, self.handshake = self.handshake, None
+        if handshake is not None:
+            handshake._client_gone(failure)
 
 
 class _Handshake:
@@ -214,6 +233,7 @@ class _Handshake:
         self._connecting: defer.Deferred[Any] | None = None
         self._timer: Any = None
         self._head = b""
+        self._watch = _ClientWatch(self)
 
     # -- start
 
@@ -243,7 +263,7 @@ class _Handshake:
         except h11.LocalProtocolError:
             self._fail(400, "Bad request", "The handshake cannot be forwarded as it was sent.")
             return
-        request.notifyFinish().addErrback(self._client_gone)
+        request.notifyFinish().addErrback(self._watch.gone)
         endpoint = self.relay.backends.endpoint(self.target)
         d = endpoint.connect(_quiet_factory(_BackendProtocol(self)))
         d.addTimeout(self.relay.connect_timeout, self.relay.clock)
@@ -443,6 +463,7 @@ class _Handshake:
             return
         self.phase = "spliced"
         self.request.setResponseCode(101)
+        self.request.shed_http_state()
         response_headers = headers.client_response_headers(
             list(event.headers.raw_items()),
             route=self.route,
@@ -454,6 +475,8 @@ class _Handshake:
             head.append(name + b": " + value + b"\r\n")
         head.append(b"\r\n")
         self.backend.splice = splice
+        self.backend.handshake = None
+        self._watch.handshake = None
         splice.start(taken, b"".join(head), trailing, closed)
 
     # -- endings
