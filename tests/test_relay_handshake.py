@@ -509,6 +509,29 @@ class RawTests(unittest.TestCase):
         yield wait_for(lambda: factory.protocols[0].lost and self.proxy.relay.open_count() == 0)
 
     @defer.inlineCallbacks
+    def test_one_timer_watches_every_open_relay_for_idleness(self):  # type: ignore[no-untyped-def]
+        factory, port = self.backend(switch, echo=True)
+        clients = []
+        for _ in range(3):
+            client = yield self.connect()
+            client.transport.write(upgrade(self.proxy.path(port)))
+            clients.append(client)
+        yield wait_for(lambda: self.proxy.relay.open_count() == 3)
+        [sweep] = self.clock.getDelayedCalls()  # not one per relay
+        self.assertAlmostEqual(sweep.getTime() - self.clock.seconds(), 100.0 / 60, delta=0.5)
+        self.clock.advance(101)
+        for client in clients:
+            yield client.lost
+        yield wait_for(lambda: self.proxy.relay.open_count() == 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # none left once none is open
+
+    def test_idle_check_interval_is_a_sixtieth_between_one_second_and_a_minute(self) -> None:
+        self.assertEqual(relay.idle_check_interval(3600), 60)
+        self.assertEqual(relay.idle_check_interval(86400), 60)
+        self.assertEqual(relay.idle_check_interval(600), 10)
+        self.assertEqual(relay.idle_check_interval(5), 1)
+
+    @defer.inlineCallbacks
     def test_backend_half_close_ends_the_relay_cleanly(self):  # type: ignore[no-untyped-def]
         def switch_then_half_close(backend: RawBackend, head: bytes) -> bytes:
             backend.transport.write(switch(backend, head, b"last words"))  # type: ignore[union-attr]

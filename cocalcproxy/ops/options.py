@@ -292,7 +292,8 @@ class Options(usage.Options):
             "websocket-idle-timeout",
             None,
             3600.0,
-            "Seconds without traffic in either direction before a WebSocket relay is closed.",
+            "Seconds without traffic in either direction before a WebSocket relay is closed "
+            "(checked every sixtieth of that, 1 s to 60 s).",
             _positive_float,
         ],
         [

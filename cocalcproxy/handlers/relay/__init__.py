@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from cocalcproxy import pages
 from cocalcproxy.handlers import backendio, backends
@@ -106,6 +106,7 @@ class Relay:
         self._open: set[Splice] = set()
         self._closing = False
         self.opened_total = 0
+        self._idle_sweep: task.LoopingCall | None = None
 
     def open_count(self) -> int:
         """Relays currently splicing (for metrics)."""
@@ -134,6 +135,35 @@ class Relay:
         self._pending.add(handshake)
         handshake.start()
 
+    # -- open relays, and one timer for all of their idle timeouts
+
+    def opened(self, splice: Splice) -> None:
+        """A splice has started: count it, and watch it for the idle timeout.
+
+        One LoopingCall checks every open relay every ``idle_timeout / 60`` seconds (1 s to
+        60 s) rather than a DelayedCall per relay: thousands of idle WebSockets would each keep
+        one (with its two bound methods) on the reactor's heap. A relay is closed at most that
+        much later than its idle timeout."""
+        self._open.add(splice)
+        self.opened_total += 1
+        if self._idle_sweep is None:
+            sweep = task.LoopingCall(self._sweep_idle)
+            sweep.clock = self.clock
+            self._idle_sweep = sweep
+            sweep.start(idle_check_interval(self.idle_timeout), now=False)
+
+    def finished(self, splice: Splice) -> None:
+        """A splice has ended on both sides; with none left open the idle timer stops."""
+        self._open.discard(splice)
+        if not self._open and self._idle_sweep is not None:
+            sweep, self._idle_sweep = self._idle_sweep, None
+            sweep.stop()
+
+    def _sweep_idle(self) -> None:
+        now = self.clock.seconds()
+        for splice in list(self._open):
+            splice.check_idle(now)
+
     def close_all(self) -> defer.Deferred[None]:
         """Refuse new relays, abandon handshakes in progress, close every open relay.
 
@@ -144,3 +174,8 @@ class Relay:
             handshake.abandon(503, "Service unavailable", "The proxy is shutting down.")
         waits = [splice.close("proxy shutting down") for splice in list(self._open)]
         return defer.DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
+
+
+def idle_check_interval(idle_timeout: float) -> float:
+    """How often the relay looks for idle relays: a sixtieth of the timeout, 1 s to 60 s."""
+    return min(60.0, max(1.0, idle_timeout / 60))

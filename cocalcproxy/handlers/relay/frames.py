@@ -19,6 +19,8 @@ class FrameBoundary:
     are skipped, never looked at, so permessage-deflate and fragmentation make no difference.
     """
 
+    __slots__ = ("_header", "_remaining")
+
     def __init__(self) -> None:
         self._header = bytearray()
         self._remaining = 0

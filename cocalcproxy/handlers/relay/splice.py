@@ -41,6 +41,8 @@ CLOSE_GRACE = 15.0
 class _Valve:
     """One side's reading, paused by the other side's transport when its write buffer is full."""
 
+    __slots__ = ("pauses", "paused", "transport")
+
     def __init__(self, transport: Any) -> None:
         self.transport = transport
         self.paused = False
@@ -62,7 +64,32 @@ class _Valve:
 
 
 class Splice:
-    """A relay after the 101: bytes both ways until either side ends, idles or is revoked."""
+    """A relay after the 101: bytes both ways until either side ends, idles or is revoked.
+
+    Slotted, as are its valves and frame trackers: an idle WebSocket may stay open for hours,
+    thousands at once."""
+
+    __slots__ = (
+        "_abort_call",
+        "_cancel_revocation",
+        "_finished",
+        "access",
+        "backend",
+        "backend_done",
+        "backend_reading",
+        "bytes_down",
+        "bytes_up",
+        "client",
+        "client_done",
+        "client_reading",
+        "down_frames",
+        "ending",
+        "last_activity",
+        "reactor",
+        "relay",
+        "request",
+        "up_frames",
+    )
 
     def __init__(
         self,
@@ -85,10 +112,9 @@ class Splice:
         self.ending: str | None = None
         self.client_done = False
         self.backend_done = False
-        self._idle_call: Any = None
         self._abort_call: Any = None
         self._cancel_revocation: Any = None
-        self._finished: list[defer.Deferred[None]] = []
+        self._finished: list[defer.Deferred[None]] | None = None
         self.up_frames = FrameBoundary()
         self.down_frames = FrameBoundary()
 
@@ -106,9 +132,7 @@ class Splice:
         self.backend_reading = _Valve(backend)
         client.registerProducer(self.backend_reading, True)
         backend.registerProducer(self.client_reading, True)
-        self.relay._open.add(self)
-        self.relay.opened_total += 1
-        self._idle_call = self.reactor.callLater(self.relay.idle_timeout, self._check_idle)
+        self.relay.opened(self)
         client.write(head)
         if backend_bytes:
             self.backend_data(backend_bytes)
@@ -148,17 +172,10 @@ class Splice:
         self.down_frames.feed(data)
         self.client.write(data)
 
-    def _check_idle(self) -> None:
-        self._idle_call = None
-        if self.ending is not None:
-            return
-        quiet = self.reactor.seconds() - self.last_activity
-        if quiet >= self.relay.idle_timeout:
+    def check_idle(self, now: float) -> None:
+        """End the relay if nothing went either way for the relay's idle timeout."""
+        if self.ending is None and now - self.last_activity >= self.relay.idle_timeout:
             self._end("idle timeout", GOING_AWAY)
-        else:
-            self._idle_call = self.reactor.callLater(
-                self.relay.idle_timeout - quiet, self._check_idle
-            )
 
     # -- endings
 
@@ -189,6 +206,8 @@ class Splice:
         if self.client_done and self.backend_done:
             d.callback(None)
             return d
+        if self._finished is None:
+            self._finished = []
         self._finished.append(d)
         self._end(why, code)
         return d
@@ -200,9 +219,6 @@ class Splice:
             return
         self.ending = why
         log.debug("WebSocket relay ending: {why}", why=why)
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
         if self._cancel_revocation is not None:
             self._cancel_revocation()
             self._cancel_revocation = None
@@ -239,7 +255,7 @@ class Splice:
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         self._abort_call = None
-        self.relay._open.discard(self)
-        waiters, self._finished = self._finished, []
+        self.relay.finished(self)
+        waiters, self._finished = self._finished or [], None
         for d in waiters:
             d.callback(None)
