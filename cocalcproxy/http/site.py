@@ -56,12 +56,12 @@ class Access:
             callback()
             return lambda: None
         self._revoked_callbacks.append(callback)
+        # A partial, not a closure: a relay keeps it for as long as it is open.
+        return partial(self._forget, callback)
 
-        def cancel() -> None:
-            if callback in self._revoked_callbacks:
-                self._revoked_callbacks.remove(callback)
-
-        return cancel
+    def _forget(self, callback: Callable[[], None]) -> None:
+        if callback in self._revoked_callbacks:
+            self._revoked_callbacks.remove(callback)
 
     @property
     def watched(self) -> bool:
@@ -95,9 +95,10 @@ class OwnPages(Protocol):
     def handle(self, request: ProxyRequest, page: routing.OwnPage) -> None: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class LogInfo:
-    """Facts the access log records; filled in as the request travels."""
+    """Facts the access log records; filled in as the request travels (slotted: an open
+    relay's request keeps its own until the end)."""
 
     account: str | None = None
     project: str | None = None
@@ -703,11 +704,13 @@ class ProxyChannel(HTTPChannel):
 
     def stop_timers(self) -> None:
         """Give every DelayedCall back to the reactor: the connection is gone, or has been
-        taken over (http.takeover), and armed timers would keep this channel alive until due."""
+        taken over (http.takeover), and armed timers would keep this channel alive until due.
+        The clocks go too: each refers back to the channel, a cycle only the collector frees."""
         self._stop_body_clock()
         for clock in (self._head_clock, self._idle_clock):
             if clock is not None:
                 clock.stop()
+        self._head_clock = self._idle_clock = None
 
     def _check_body(self, grace: float) -> None:
         self._body_timer = None
@@ -827,16 +830,17 @@ class ProxySite(server.Site):
             clock: Any = self.reactor
             request.log_info.started = clock.seconds()
 
-        def done(_: object) -> None:
-            self.in_flight.discard(request)
-            for hook in self.on_request_done:
-                hook(request)
-            if not self.in_flight:
-                waiters, self._idle_waiters = self._idle_waiters, []
-                for w in waiters:
-                    w.callback(None)
+        # The request as an argument, not in a closure: an open relay's keeps it for hours.
+        request.notifyFinish().addBoth(self._request_done, request)
 
-        request.notifyFinish().addBoth(done)
+    def _request_done(self, _: object, request: server.Request) -> None:
+        self.in_flight.discard(request)
+        for hook in self.on_request_done:
+            hook(request)
+        if not self.in_flight:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for w in waiters:
+                w.callback(None)
 
     def wait_idle(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()

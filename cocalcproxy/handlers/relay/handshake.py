@@ -234,6 +234,7 @@ class _Handshake:
         self._timer: Any = None
         self._head = b""
         self._watch = _ClientWatch(self)
+        self._watching: defer.Deferred[None] | None = None
 
     # -- start
 
@@ -263,7 +264,7 @@ class _Handshake:
         except h11.LocalProtocolError:
             self._fail(400, "Bad request", "The handshake cannot be forwarded as it was sent.")
             return
-        request.notifyFinish().addErrback(self._watch.gone)
+        self._watching = request.notifyFinish().addErrback(self._watch.gone)
         endpoint = self.relay.backends.endpoint(self.target)
         d = endpoint.connect(_quiet_factory(_BackendProtocol(self)))
         d.addTimeout(self.relay.connect_timeout, self.relay.clock)
@@ -477,9 +478,18 @@ class _Handshake:
         self.backend.splice = splice
         self.backend.handshake = None
         self._watch.handshake = None
+        self._stop_watching()
         splice.start(taken, b"".join(head), trailing, closed)
 
     # -- endings
+
+    def _stop_watching(self) -> None:
+        """The request's notifyFinish keeps the relay's waiter only: this one's is dropped
+        (Twisted fires ``request.notifications`` in turn, nothing else holds them)."""
+        watching, self._watching = self._watching, None
+        notifications = getattr(self.request, "notifications", None)
+        if watching is not None and isinstance(notifications, list) and watching in notifications:
+            notifications.remove(watching)
 
     def _client_gone(self, failure: Failure) -> None:
         if self.phase in ("spliced", "done"):
@@ -526,12 +536,23 @@ class _Handshake:
                 self.backend.wire.loseConnection()
 
 
+class _OneConnection(Factory):
+    """A one-connection factory, like ``connectProtocol``'s but not ``noisy`` (Twisted would log
+    "Starting factory" and "Stopping factory" for every backend WebSocket connection), and
+    holding its protocol itself rather than through a closure: it lives as long as the relay."""
+
+    noisy = False
+
+    def __init__(self, protocol: _BackendProtocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: object) -> _BackendProtocol:  # noqa: N802
+        self._protocol.factory = self
+        return self._protocol
+
+
 def _quiet_factory(protocol: _BackendProtocol) -> Any:
-    """A one-connection factory, like ``connectProtocol``'s but not ``noisy``: Twisted would log
-    "Starting factory" and "Stopping factory" for every backend WebSocket connection."""
-    factory: Factory[_BackendProtocol] = Factory.forProtocol(lambda: protocol)
-    factory.noisy = False
-    return factory
+    return _OneConnection(protocol)
 
 
 def _peer_ip(request: ProxyRequest) -> str:

@@ -140,9 +140,7 @@ class Splice:
             self.client_data(taken.buffered)
         if backend_closed:
             self._end("backend closed")
-        self._cancel_revocation = self.access.on_revoked(
-            lambda: self._end("access revoked", POLICY_VIOLATION)
-        )
+        self._cancel_revocation = self.access.on_revoked(self._revoked)
 
     @property
     def client_paused(self) -> bool:
@@ -171,6 +169,9 @@ class Splice:
         self.bytes_down += len(data)
         self.down_frames.feed(data)
         self.client.write(data)
+
+    def _revoked(self) -> None:
+        self._end("access revoked", POLICY_VIOLATION)
 
     def check_idle(self, now: float) -> None:
         """End the relay if nothing went either way for the relay's idle timeout."""
