@@ -243,7 +243,7 @@ class Outage:
         return Unavailable(f"the directory is unreachable: {self.reason}")
 
 
-@dataclass
+@dataclass(slots=True)
 class Grant:
     """What an issued Access rests on, kept (weakly, with the Access) to check it again."""
 

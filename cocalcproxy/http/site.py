@@ -33,7 +33,7 @@ log = Logger(namespace="cocalcproxy.site")
 _gate_log = Logger(namespace="cocalcproxy.prebody")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class Access:
     """An authorised request: who asked and which project they may reach.
 
