@@ -525,6 +525,28 @@ class RawTests(unittest.TestCase):
         yield wait_for(lambda: self.proxy.relay.open_count() == 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])  # none left once none is open
 
+    @defer.inlineCallbacks
+    def test_a_quiet_relay_gives_back_its_buffers_once_per_quiet_spell(self):  # type: ignore[no-untyped-def]
+        factory, port = self.backend(switch, echo=True)
+        client = yield self.connect()
+        client.transport.write(upgrade(self.proxy.path(port)))
+        yield wait_for(lambda: self.proxy.relay.open_count() == 1)
+        [splice] = self.proxy.relay._open
+        released: list[float] = []
+        # What a TLS listener's transport offers (ops.tls.LeanTLSProtocol.release_buffers).
+        splice.client.release_buffers = lambda: released.append(self.clock.seconds())
+        interval = relay.idle_check_interval(100.0)
+        self.clock.advance(interval)  # the first sweep: quiet for exactly one interval
+        self.assertEqual(len(released), 1)
+        self.clock.advance(interval)
+        self.clock.advance(interval)
+        self.assertEqual(len(released), 1)  # nothing happened since: not again
+        client.transport.write(b"a large message")
+        yield wait_for(lambda: client.data.endswith(b"a large message"))
+        self.clock.advance(interval)  # the traffic was less than an interval ago at the sweep
+        self.clock.advance(interval)
+        self.assertEqual(len(released), 2)
+
     def test_idle_check_interval_is_a_sixtieth_between_one_second_and_a_minute(self) -> None:
         self.assertEqual(relay.idle_check_interval(3600), 60)
         self.assertEqual(relay.idle_check_interval(86400), 60)

@@ -20,6 +20,7 @@ from twisted.web import resource, server
 
 from cocalcproxy.ops import tls
 from tests import tlsutil
+from tests.relay_support import wait_for
 from tests.support import https_client
 
 
@@ -389,6 +390,13 @@ class MemoryBIORenewalTests(unittest.TestCase):
         [(protocol, original)] = first.items()
         self.assertTrue(protocol._bios_renewed)
         self.assertNotEqual(protocol._tlsConnection._into_ssl, original)
+        # Later, quiet (the relay asks a connection that was quiet a while): renewed again.
+        renewed = protocol._tlsConnection._into_ssl
+        self.assertIs(protocol.release_buffers(), True)
+        self.assertNotEqual(protocol._tlsConnection._into_ssl, renewed)
+        protocol.transport.loseConnection()
+        yield wait_for(lambda: protocol._lostTLSConnection)
+        self.assertIs(protocol.release_buffers(), False)  # never on a connection that is gone
 
 
 def move(source: SSL.Connection, destination: SSL.Connection) -> None:

@@ -292,6 +292,16 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
         if not self._bios_renewed and self._handshakeDone and not self._lostTLSConnection:
             self._bios_renewed = renew_memory_bios(self._tlsConnection) is not False
 
+    def release_buffers(self) -> bool:
+        """Give back what this connection's memory BIOs grew to, when both are empty now.
+
+        A memory BIO keeps the largest buffer it ever needed: a WebSocket that once carried a
+        large message (a plot, a notebook) would keep up to ~88 KiB for the rest of its life.
+        The relay calls this for connections that have been quiet a while. True when renewed."""
+        if not self._handshakeDone or self._lostTLSConnection:
+            return False
+        return renew_memory_bios(self._tlsConnection) is True
+
     def makeConnection(self, transport: Any) -> None:  # noqa: N802
         if not self._connectWrapped:
             super().makeConnection(transport)

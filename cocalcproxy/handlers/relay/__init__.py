@@ -160,9 +160,13 @@ class Relay:
             sweep.stop()
 
     def _sweep_idle(self) -> None:
+        """End relays quiet for the idle timeout; let those quiet for one interval give back
+        the buffers their traffic grew."""
         now = self.clock.seconds()
+        quiet = idle_check_interval(self.idle_timeout)
         for splice in list(self._open):
             splice.check_idle(now)
+            splice.release_buffers(now, quiet)
 
     def close_all(self) -> defer.Deferred[None]:
         """Refuse new relays, abandon handshakes in progress, close every open relay.

@@ -87,6 +87,7 @@ class Splice:
         "last_activity",
         "reactor",
         "relay",
+        "released_at",
         "request",
         "up_frames",
     )
@@ -109,6 +110,8 @@ class Splice:
         self.bytes_up = 0
         self.bytes_down = 0
         self.last_activity = self.reactor.seconds()
+        # When the client connection's buffers were last given back (release_buffers).
+        self.released_at = float("-inf")
         self.ending: str | None = None
         self.client_done = False
         self.backend_done = False
@@ -177,6 +180,19 @@ class Splice:
         """End the relay if nothing went either way for the relay's idle timeout."""
         if self.ending is None and now - self.last_activity >= self.relay.idle_timeout:
             self._end("idle timeout", GOING_AWAY)
+
+    def release_buffers(self, now: float, quiet: float) -> None:
+        """Once the relay has been quiet for ``quiet`` seconds after any traffic, let the client
+        connection give back the buffers that traffic grew (a TLS listener's memory BIOs,
+        ops.tls.LeanTLSProtocol.release_buffers); once per quiet spell."""
+        if self.ending is not None or self.last_activity <= self.released_at:
+            return
+        if now - self.last_activity < quiet:
+            return
+        self.released_at = now
+        release = getattr(self.client, "release_buffers", None)
+        if callable(release):
+            release()
 
     # -- endings
 
