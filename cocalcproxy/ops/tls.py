@@ -289,8 +289,8 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
         super().dataReceived(data)
         # Once the handshake is over and everything it and this read produced has been passed
         # on, its buffers are freed: an idle connection (an open WebSocket) keeps none of them.
-        if not self._bios_renewed and self._handshakeDone and not self._lostTLSConnection:
-            self._bios_renewed = renew_memory_bios(self._tlsConnection) is not False
+        if not self._bios_renewed:
+            self._bios_renewed = self._renew_bios() is not False
 
     def release_buffers(self) -> bool:
         """Give back what this connection's memory BIOs grew to, when both are empty now.
@@ -298,9 +298,14 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
         A memory BIO keeps the largest buffer it ever needed: a WebSocket that once carried a
         large message (a plot, a notebook) would keep up to ~88 KiB for the rest of its life.
         The relay calls this for connections that have been quiet a while. True when renewed."""
+        return self._renew_bios() is True
+
+    def _renew_bios(self) -> bool | None:
+        """renew_memory_bios, only on a connection past its handshake and not lost; False
+        otherwise (try again later)."""
         if not self._handshakeDone or self._lostTLSConnection:
             return False
-        return renew_memory_bios(self._tlsConnection) is True
+        return renew_memory_bios(self._tlsConnection)
 
     def makeConnection(self, transport: Any) -> None:  # noqa: N802
         if not self._connectWrapped:
