@@ -245,19 +245,36 @@ def scenario_small(run: Run) -> None:
         p50 = run.figure(f"small GET, {connections} conns: p50 latency", "ms", "lower")
         p99 = run.figure(f"small GET, {connections} conns: p99 latency", "ms", "lower")
         for _, name in run.order():
-            peer = run.peers[name]
-            with CpuWindow(peer) as window:
-                result = wrk(
-                    run, peer.url("small"), peer.header_lines(), connections, run.settings.duration
-                )
-            if not check_wrk(
-                run, name, f"small GET at {connections}", result, [cpu, rps, p50, p99]
-            ):
-                continue
-            cpu.add(name, window.seconds / max(1, result.requests) * 1e6)
-            rps.add(name, result.requests_per_second)
-            p50.add(name, result.latency_ms.get("p50", 0.0))
-            p99.add(name, result.latency_ms.get("p99", 0.0))
+            headers = run.peers[name].header_lines()
+            what = f"small GET at {connections}"
+            result = wrk_turn(run, name, headers, connections, what, cpu, rps, p50, [p99])
+            if result is not None:
+                p99.add(name, result.latency_ms.get("p99", 0.0))
+
+
+def wrk_turn(
+    run: Run,
+    name: str,
+    headers: list[str],
+    connections: int,
+    what: str,
+    cpu: Figure,
+    rate: Figure,
+    p50: Figure,
+    others: list[Figure],
+) -> measure.WrkResult | None:
+    """One peer's turn in a wrk scenario on ``/small``: wrk inside a CPU window, its errors
+    noted, and the proxy's CPU per request, requests/s and p50 added. The result, for the
+    scenario's ``others`` figures; None when no request completed (all figures marked)."""
+    peer = run.peers[name]
+    with CpuWindow(peer) as window:
+        result = wrk(run, peer.url("small"), headers, connections, run.settings.duration)
+    if not check_wrk(run, name, what, result, [cpu, rate, p50, *others]):
+        return None
+    cpu.add(name, window.seconds / max(1, result.requests) * 1e6)
+    rate.add(name, result.requests_per_second)
+    p50.add(name, result.latency_ms.get("p50", 0.0))
+    return result
 
 
 def check_wrk(
@@ -299,16 +316,11 @@ def scenario_close(run: Run) -> None:
         p50 = run.figure(f"{label}: p50 latency", "ms", "lower")
         whole = run.figure(f"{label}: time per connection, connect to close", "ms", "lower")
         for _, name in run.order():
-            peer = run.peers[name]
-            headers = [*peer.header_lines(), "Connection: close"]
-            with CpuWindow(peer) as window:
-                result = wrk(run, peer.url("small"), headers, n, run.settings.duration)
-            if not check_wrk(run, name, "connection per request", result, [cpu, rate, p50, whole]):
-                continue
-            cpu.add(name, window.seconds / max(1, result.requests) * 1e6)
-            rate.add(name, result.requests_per_second)
-            p50.add(name, result.latency_ms.get("p50", 0.0))
-            whole.add(name, n / max(result.requests_per_second, 1e-9) * 1000)
+            headers = [*run.peers[name].header_lines(), "Connection: close"]
+            what = "connection per request"
+            result = wrk_turn(run, name, headers, n, what, cpu, rate, p50, [whole])
+            if result is not None:
+                whole.add(name, n / max(result.requests_per_second, 1e-9) * 1000)
 
 
 def scenario_download(run: Run) -> None:
