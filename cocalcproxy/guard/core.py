@@ -363,7 +363,7 @@ class Guard:
         return self._look_up(request, *known)
 
     def _known_outcome(
-        self, request: Request, host_label: str | None
+        self, request: Request, host_label: str | None, count: bool = True
     ) -> Outcome | tuple[Presented, bytes]:
         """The outcome when it needs no lookup (nothing presented, malformed, a stale subdomain
         cookie, or a cache hit); else what was presented and its cache key, to look up."""
@@ -389,7 +389,8 @@ class Guard:
         key = cache_key(self._key, presented.credentials)
         hit = self.identities.cached(key)
         if hit is not None:
-            self.identities.count(hit=True)
+            if count:
+                self.identities.count(hit=True)
             return self._outcome(presented, hit)
         return presented, key
 
@@ -556,6 +557,38 @@ class Guard:
             return self._granted(hit, request, outcome)
         looking = projects.get(key, lambda: self.directory.project_for(*key))
         return looking.addCallback(self._granted, request, outcome)
+
+    def lane_peek(
+        self, request: ProxyRequest, route: routing.Route
+    ) -> tuple[Authenticated, Looked[Project | None]] | None:
+        """For the fast lane (cocalcproxy.http.lane): the member's decision when both caches
+        hold it and it is yes, without counting, registering or answering anything; None when
+        ``authorize`` must decide (a share's port, nothing or something unknown presented, a
+        cache miss, a refusal: each answered on the ordinary path)."""
+        if self.shares is not None and self.shares.applies(route):
+            return None
+        label = hop_label(route) if route.subdomain else None
+        known = self._known_outcome(request, label, count=False)
+        if not isinstance(known, Authenticated):
+            return None
+        looked = self.projects.cached((known.identity.account.id, route.project_id))
+        if looked is None or looked.value is None:
+            return None
+        return known, looked
+
+    def lane_grant(
+        self, request: ProxyRequest, peeked: tuple[Authenticated, Looked[Project | None]]
+    ) -> Access:
+        """Take the decision ``lane_peek`` found: counted and registered as ``authorize``
+        would have (two cache hits, the grant that revocation walks)."""
+        outcome, looked = peeked
+        self.identities.count(hit=True)
+        self.projects.count(hit=True)
+        if outcome.presented.from_authorization:
+            request.authorization_is_proxy_credential = True
+        access = self._granted(looked, request, outcome)
+        assert access is not None
+        return access
 
     def _granted(
         self, looked: Looked[Project | None], request: ProxyRequest, outcome: Authenticated

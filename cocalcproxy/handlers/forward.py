@@ -98,6 +98,11 @@ class Forwarder:
         assert route.port is not None and route.kind != "raw"
         _Exchange(self, request, route, access).start()
 
+    def lane_handle(self, request: Any, route: routing.Route, access: Access) -> None:
+        """A request the fast lane took (cocalcproxy.http.lane): its target is decided already
+        (``request.lane_target``), it has no body, and its headers are a plain list."""
+        _LaneExchange(self, request, route, access).start()
+
     def backend_request(
         self,
         method: bytes,
@@ -437,6 +442,79 @@ class _Exchange:
         transport = getattr(request.channel, "transport", None)
         if transport is not None:
             transport.abortConnection()
+
+
+class _LaneExchange(_Exchange):
+    """``_Exchange`` for a request of the fast lane: the same journey without the steps the
+    lane has taken already (the backend policy's decision, body framing) or has no need of
+    (Twisted's header objects); failures are answered by ``_Exchange``'s own pages."""
+
+    def start(self) -> None:
+        request: Any = self.request
+        self.backend = decision = request.lane_target
+        request.on_lost = self._client_lost
+        channel = request.channel
+        outgoing = headers.backend_request_headers(
+            request.requestHeaders.raw,
+            route=self.route,
+            client_ip=str(getattr(channel.peer, "host", "")),
+            proto=b"https" if channel.secure else b"http",
+            host=request.host,
+            strip_authorization=request.authorization_is_proxy_credential,
+            identity=request.identity_assertion,
+        )
+        self._progress()
+        try:
+            self.pending = self.forwarder.backend_request(
+                request.method,
+                decision,
+                self.route.backend_target,
+                outgoing,
+                None,
+                0,
+                self._progress,
+                sink=_corkable(request),
+                has_host=True,
+            )
+        except BadRequestForBackend as e:
+            self._disarm()
+            self.settled = True
+            request.log_info.extra["backend"] = "bad-request"
+            pages.write_error(
+                request,
+                400,
+                "Bad request",
+                f"The request cannot be passed on to a project's server: {e}.",
+            )
+            return
+        self.pending.addCallbacks(self._got_response, self._failed)
+
+    def _got_response(self, response: Any) -> None:
+        self.settled = True
+        self._disarm()
+        request: Any = self.request
+        if self.client_gone or request._disconnected:
+            response.deliverBody(_Discard())
+            return
+        head = request.method == b"HEAD"
+        code = response.code
+        if head:
+            backend_headers = [
+                (n, v) for n, v in response.headers if n.lower() != b"transfer-encoding"
+            ]
+        else:
+            backend_headers = [(n, v) for n, v in response.headers if n.lower() not in _FRAMING]
+        outgoing = headers.client_response_headers(
+            backend_headers,
+            route=self.route,
+            project_host=self.project.host,
+            proxy_hosts=(*self.forwarder.public_hosts, request.host),
+        )
+        if response.length is not None and code not in (204, 304) and not head:
+            outgoing.append((b"Content-Length", b"%d" % response.length))
+        request.set_proxied_head(code, response.phrase or None, outgoing)
+        self.delivery = _Delivery(self)
+        response.deliverBody(self.delivery)
 
 
 def _head_too_large(failure: Failure) -> str | None:

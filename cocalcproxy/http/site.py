@@ -423,6 +423,37 @@ class Root(resource.Resource):
         d.addCallback(self._dispatch, request, route)
         d.addErrback(self._failed, request)
 
+    def lane_take(self, request: Any) -> bool:
+        """The fast lane's question (cocalcproxy.http.lane): answer this request now, or leave
+        it to the ordinary path? Yes only for a project's server (``port`` or ``server`` form)
+        whose guard decision is known from its caches; then it is dispatched as ``_dispatch``
+        does. Nothing is written, counted or sent before the answer is yes."""
+        lane_access = getattr(self.guard, "lane_access", None)
+        lane_handle = getattr(self.forwarder, "lane_handle", None)
+        if lane_access is None or lane_handle is None:
+            return False
+        route = routing.parse(request.host, request.uri, self.project_domain, self.main_host)
+        if type(route) is not routing.Route or route.kind == "raw" or route.port is None:
+            return False
+        access = lane_access(request, route)
+        if access is None:
+            return False
+        info = request.log_info
+        info.form = route.kind
+        info.port = route.port
+        info.account = access.account.name
+        info.project = access.project.id
+        if self.identity is not None:
+            request.identity_assertion = self.identity(route, access)
+        request.channel.start(request)
+        try:
+            lane_handle(request, route, access)
+        except Exception:
+            log.failure("forwarding {uri!r} failed", uri=request.uri)
+            if not request.finished and not request.startedWriting and not request._disconnected:
+                pages.write_error(request, 500, "Internal error", "The proxy failed; see its log.")
+        return True
+
     def _dispatch(self, access: Access | None, request: ProxyRequest, route: routing.Route) -> None:
         if access is None:
             return
@@ -818,6 +849,33 @@ class ProxySite(server.Site):
         self.on_request_done: list[Callable[[server.Request], None]] = []
         # The proxy's Metrics (cocalcproxy.ops.metrics), set by build_service.
         self.metrics: Any = None
+
+    #: Whether connections start on the fast lane (cocalcproxy.http.lane); set by the service
+    #: for the proxy's own site, whose resource is a Root.
+    lane_enabled = False
+
+    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802
+        if self.lane_enabled:
+            from cocalcproxy.http.lane import LaneChannel
+
+            lane = LaneChannel(self, addr)
+            lane.factory = self
+            return lane
+        return self.build_channel(addr)
+
+    def build_channel(self, addr: Any) -> Any:
+        """The ordinary path's protocol (Twisted's HTTP/1.1 channel, a ProxyChannel)."""
+        return super().buildProtocol(addr)
+
+    def lane_started(self, request: Any) -> None:
+        """A request taken by the fast lane is in flight (as request_started)."""
+        self.in_flight.add(request)
+        clock: Any = self.reactor
+        request.log_info.started = clock.seconds()
+
+    def lane_done(self, request: Any) -> None:
+        """... and has ended (finished, or its client went away)."""
+        self._request_done(None, request)
 
     def request_started(self, request: server.Request) -> None:
         if isinstance(request, ProxyRequest):

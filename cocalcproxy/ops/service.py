@@ -698,6 +698,8 @@ def build_service(options: Any, reactor: Any = None) -> ProxyService:
     site.request_head_timeout = options["request-head-timeout"]
     proxy.site = site
     site.metrics = proxy.metrics
+    # Common proxied requests skip Twisted's HTTP server machinery (cocalcproxy.http.lane).
+    site.lane_enabled = True
     site.on_request_done.append(proxy.request_done)
     if options["access-log"] != "off":
         try:
