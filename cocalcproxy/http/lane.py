@@ -43,7 +43,7 @@ from typing import Any
 
 import httptools
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -368,6 +368,8 @@ class LaneChannel(Protocol):
 
     def connectionMade(self) -> None:  # noqa: N802
         transport: Any = self.transport
+        if ITCPTransport.providedBy(transport):
+            transport.setTcpNoDelay(True)  # as Twisted's HTTPChannel: answers leave at once
         self.peer = transport.getPeer()
         self.secure = ISSLTransport(transport, None) is not None
         max_age = getattr(self.site, "hsts_max_age", 0)
@@ -386,6 +388,10 @@ class LaneChannel(Protocol):
             self._deadline.set(timeout, self.site.reactor.callLater)
         else:
             self._deadline.clear()
+
+    def idle(self) -> None:
+        """Between two requests (the ordinary path has just given the connection back)."""
+        self._arm_idle_clock()
 
     def _arm_idle_clock(self) -> None:
         self._in_head = False

@@ -726,6 +726,47 @@ class ProxyChannel(HTTPChannel):
     def requestDone(self, request: http.Request) -> None:  # noqa: N802
         self._awaiting_head = True
         super().requestDone(request)
+        self._back_to_lane()
+
+    def _back_to_lane(self) -> None:
+        """A kept-alive connection that the fast lane handed over goes back to it once its
+        request is done and nothing of the next one has arrived (cocalcproxy.http.lane):
+        a browser's connection whose one request was a sign-in, a body or a cache miss is
+        not left on this path for its remaining requests. Skipped whenever anything is in
+        the middle (bytes buffered, output paused, a refusal draining, a closing connection)."""
+        site: Any = getattr(self, "site", None)
+        transport: Any = self.transport
+        if (
+            not getattr(site, "lane_enabled", False)
+            or transport is None
+            or not self.persistent
+            or self.requests
+            or self._handlingRequest
+            or self._waitingForTransport
+            or self._buffer
+            or self._dataBuffer
+            or self.line_mode != 1
+            or getattr(self, "_draining", False)
+            or getattr(self, "_abortingCall", None) is not None
+        ):
+            return
+        from cocalcproxy.http.lane import LaneChannel
+
+        for attribute in ("wrappedProtocol", "protocol"):
+            wrapper = getattr(transport, attribute, None)
+            if wrapper is not None and getattr(wrapper, "_channel", None) is self:
+                break
+        else:
+            return
+        lane = LaneChannel(site, transport.getPeer())
+        lane.factory = site
+        self.setTimeout(None)
+        self.stop_timers()
+        self._networkProducer.unregisterProducer()
+        setattr(transport, attribute, lane)
+        self.transport = None
+        lane.makeConnection(transport)
+        lane.idle()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         self._stop_head_clock()

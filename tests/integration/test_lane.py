@@ -118,6 +118,17 @@ class LaneCase(RawTLSCase):
         yield poll(lambda: warm.lost, timeout=10, what="the warm-up answer")
         self.assertIn(b" 200 ", warm.received.split(b"\r\n", 1)[0])
         yield poll(lambda: not self.server_protocols(), timeout=10, what="the warm-up's close")
+        self.count_handovers()
+
+    def count_handovers(self) -> None:
+        self.handed_over = False
+        original = LaneChannel.hand_over
+
+        def hand_over(lane: LaneChannel, data: bytes) -> None:
+            self.handed_over = True
+            original(lane, data)
+
+        self.patch(LaneChannel, "hand_over", hand_over)
 
     def server_protocols(self) -> list[object]:
         """What each of the proxy's open TLS connections delivers to."""
@@ -303,7 +314,7 @@ class Ends(LaneCase):
         deadline = reactor.seconds() + 10
         while not (yield refused()):
             self.assertLess(reactor.seconds(), deadline, statuses)
-        self.assertFalse(self.on_lane())
+        self.assertTrue(self.handed_over)
 
     @defer.inlineCallbacks
     def test_shutdown_finishes_a_lane_request_with_close_and_closes_idle_ones(self):  # type: ignore[no-untyped-def]
@@ -351,22 +362,38 @@ class Ends(LaneCase):
 
 class HandsOver(LaneCase):
     @defer.inlineCallbacks
-    def test_body_goes_the_ordinary_way_and_stays_there(self):  # type: ignore[no-untyped-def]
+    def test_body_goes_the_ordinary_way_then_back(self):  # type: ignore[no-untyped-def]
         client = yield self.connect()
         yield self.exchange(client, self.request(self.path, self.auth))
         self.assertTrue(self.on_lane())
+        # The head in two reads: the lane holds the first part until the head is whole.
+        client.send(b"POST " + self.path.encode() + b" HTTP/1.1\r\nHost: localhost\r\n")
+        yield poll(lambda: self.server_protocols()[0].buffer, timeout=10, what="a partial head")
         ((head, _),) = yield self.exchange(
-            client,
-            b"POST "
-            + self.path.encode()
-            + b" HTTP/1.1\r\nHost: localhost\r\n"
-            + self.auth.encode()
-            + b"\r\nContent-Length: 3\r\n\r\nabc",
+            client, self.auth.encode() + b"\r\nContent-Length: 3\r\n\r\nabc"
         )
         self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
-        self.assertFalse(self.on_lane())
+        # The ordinary path answered it, and gave the connection back when it was done.
+        self.assertTrue(self.handed_over)
+        self.assertTrue(self.on_lane())
+        self.handed_over = False
         ((_, body),) = yield self.exchange(client, self.request(self.path, self.auth))
         self.assertEqual(body, b"hello, world\n")
+        self.assertFalse(self.handed_over)
+
+    @defer.inlineCallbacks
+    def test_a_cache_miss_goes_the_ordinary_way_then_back(self):  # type: ignore[no-untyped-def]
+        _, other = yield self.proxy.directory.create_token("alice")
+        client = yield self.connect()
+        auth = f"Authorization: Bearer {other}"
+        ((head, _),) = yield self.exchange(client, self.request(self.path, auth))
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertTrue(self.handed_over)
+        self.assertTrue(self.on_lane())
+        self.handed_over = False
+        ((head, _),) = yield self.exchange(client, self.request(self.path, auth))
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertFalse(self.handed_over)  # now from the cache, on the lane
 
     @defer.inlineCallbacks
     def test_unknown_credentials_get_the_ordinary_refusal(self):  # type: ignore[no-untyped-def]
@@ -375,7 +402,7 @@ class HandsOver(LaneCase):
             client, self.request(self.path, "Authorization: Bearer not-a-token")
         )
         self.assertTrue(head.startswith(b"HTTP/1.1 401 "), head)
-        self.assertFalse(self.on_lane())
+        self.assertTrue(self.handed_over)
 
     @defer.inlineCallbacks
     def test_pipelined_requests_are_answered_in_order(self):  # type: ignore[no-untyped-def]
@@ -387,7 +414,7 @@ class HandsOver(LaneCase):
         self.assertEqual(
             [json.loads(body)["uri"] for _, body in found], ["/echo?first", "/echo?second"]
         )
-        self.assertFalse(self.on_lane())
+        self.assertTrue(self.handed_over)
 
     @defer.inlineCallbacks
     def test_what_the_lane_does_not_take(self):  # type: ignore[no-untyped-def]
@@ -416,8 +443,8 @@ class HandsOver(LaneCase):
             )
             if status is not None:
                 self.assertIn(b" " + status + b" ", client.received.split(b"\r\n", 1)[0], data)
-            protocols = self.server_protocols()
-            self.assertFalse(any(isinstance(p, LaneChannel) for p in protocols), data)
+            self.assertTrue(self.handed_over, data)
+            self.handed_over = False
             if not client.lost:
                 client.transport.abortConnection()
             yield poll(lambda: not self.server_protocols(), timeout=10, what="the close")
