@@ -579,16 +579,18 @@ class Guard:
     def lane_grant(
         self, request: ProxyRequest, peeked: tuple[Authenticated, Looked[Project | None]]
     ) -> Access:
-        """Take the decision ``lane_peek`` found: counted and registered as ``authorize``
-        would have (two cache hits, the grant that revocation walks)."""
+        """Take the decision ``lane_peek`` found, counted as ``authorize`` counts it (two
+        cache hits). It is not entered in ``grants``: revocation acts only on watched
+        accesses (relays, raw streams), and the lane's are for one plain HTTP exchange that
+        nothing watches; the next request meets the dropped caches, as on the ordinary path."""
         outcome, looked = peeked
         self.identities.count(hit=True)
         self.projects.count(hit=True)
         if outcome.presented.from_authorization:
             request.authorization_is_proxy_credential = True
-        access = self._granted(looked, request, outcome)
-        assert access is not None
-        return access
+        project = looked.value
+        assert project is not None
+        return Access(outcome.identity.account, project)
 
     def _granted(
         self, looked: Looked[Project | None], request: ProxyRequest, outcome: Authenticated

@@ -308,7 +308,8 @@ class PolicyGuard:
         if isinstance(decision, backends.Refused):
             return None
         access = self._guard.lane_grant(request, peeked)
-        self._granted[access] = (route, decision)
+        # Not entered in _granted: still_allowed is asked only for watched accesses, and the
+        # lane's are never watched (see Guard.lane_grant).
         request.lane_target = decision
         return access
 
