@@ -489,6 +489,20 @@ class _LaneExchange(_Exchange):
             return
         self.pending.addCallbacks(self._got_response, self._failed)
 
+    def _progress(self) -> None:
+        """The response timeout on the lane connection's one lazily moved deadline, instead
+        of a reactor timer armed, moved and cancelled for every request."""
+        if self.settled:
+            return
+        channel: Any = self.request.channel
+        if channel is not None:
+            channel.response_deadline(self.forwarder.response_timeout, self._timeout)
+
+    def _disarm(self) -> None:
+        channel: Any = self.request.channel
+        if channel is not None:
+            channel.response_deadline_clear()
+
     def _got_response(self, response: Any) -> None:
         self.settled = True
         self._disarm()

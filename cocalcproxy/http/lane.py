@@ -117,6 +117,8 @@ class LaneRequest:
     ) -> None:
         self.channel: LaneChannel | None = channel
         self.site = channel.site
+        # Kept: the access log asks for it after the connection is gone.
+        self.peer = channel.peer
         self.method = method
         self.uri = uri
         self.path = uri.split(b"?", 1)[0]
@@ -147,11 +149,7 @@ class LaneRequest:
     # --- what the guard, the pages and the access log read --------------------------------
 
     def getClientAddress(self) -> Any:  # noqa: N802
-        return self.site_channel_peer()
-
-    def site_channel_peer(self) -> Any:
-        channel = self.channel
-        return channel.peer if channel is not None else None
+        return self.peer
 
     def getHost(self) -> Any:  # noqa: N802
         channel = self.channel
@@ -356,6 +354,9 @@ class LaneChannel(Protocol):
         self.closing = False
         self.handed_over = False
         self._deadline = _Deadline(self._due)
+        # The forwarder's response timeout, on one lazily moved deadline per connection.
+        self._response_clock = _Deadline(self._response_due)
+        self._on_response_due: Any = None
         self._in_head = True
         self._abort_call: Any = None
         self._parser: Any = None
@@ -417,6 +418,20 @@ class LaneChannel(Protocol):
             transport.write(_timeout_answer(detail))
         self.loseConnection()
 
+    def response_deadline(self, delay: float, on_due: Any) -> None:
+        """Call ``on_due`` in ``delay`` seconds unless moved again or cleared first."""
+        self._on_response_due = on_due
+        self._response_clock.set(delay, self.site.reactor.callLater)
+
+    def response_deadline_clear(self) -> None:
+        self._on_response_due = None
+        self._response_clock.clear()
+
+    def _response_due(self) -> None:
+        on_due, self._on_response_due = self._on_response_due, None
+        if on_due is not None:
+            on_due()
+
     def loseConnection(self) -> None:  # noqa: N802
         """Close (idle, timed out, or the shutdown drain); aborted if it takes too long."""
         transport: Any = self.transport
@@ -436,6 +451,8 @@ class LaneChannel(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         self._deadline.stop()
+        self._response_clock.stop()
+        self._on_response_due = None
         call, self._abort_call = self._abort_call, None
         if call is not None and call.active():
             call.cancel()
@@ -572,6 +589,7 @@ class LaneChannel(Protocol):
         byte of the connection the lane has not answered)."""
         transport: Any = self.transport
         self._deadline.stop()
+        self._response_clock.stop()
         self.handed_over = True
         self.buffer = b""
         self._parser = None

@@ -358,6 +358,7 @@ class Ends(LaneCase):
         self.assertEqual(line["status"], 200)
         self.assertEqual(line["path"], self.base + "/held")
         self.assertFalse(line["completed"])
+        self.assertEqual(line["client"], "127.0.0.1")  # known after the connection went
 
 
 class HandsOver(LaneCase):
@@ -451,7 +452,22 @@ class HandsOver(LaneCase):
 
 
 class Timeouts(LaneCase):
-    extra = ("--request-head-timeout", "0.5")
+    extra = ("--request-head-timeout", "0.5", "--backend-response-timeout", "0.5")
+
+    @defer.inlineCallbacks
+    def test_a_backend_that_never_answers_gets_504_and_the_connection_goes_on(self):  # type: ignore[no-untyped-def]
+        client = yield self.connect()
+        for _ in range(2):
+            yield self.exchange(client, self.request(self.path, self.auth))
+        started = reactor.seconds()
+        ((head, body),) = yield self.exchange(client, self.request(self.base + "/held", self.auth))
+        self.assertGreaterEqual(reactor.seconds() - started, 0.5)
+        self.assertTrue(head.startswith(b"HTTP/1.1 504 "), head)
+        self.assertEqual(json.loads(body)["status"], 504)
+        self.assertEqual(self.access_lines()[-1]["backend"], "response-timeout")
+        ((head, body),) = yield self.exchange(client, self.request(self.path, self.auth))
+        self.assertEqual(body, b"hello, world\n")
+        self.assertTrue(self.on_lane())
 
     @defer.inlineCallbacks
     def test_a_head_that_never_ends_gets_408(self):  # type: ignore[no-untyped-def]
