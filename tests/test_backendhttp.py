@@ -246,6 +246,56 @@ class Client(unittest.TestCase):
         self.assertTrue(conn.gone)
         self.assertTrue(results[0].check(backendhttp.CancelledError))
 
+    # --- the direct form (receiver=): what the fast lane's forwarder uses -------------------
+
+    def direct(self) -> tuple[Any, list[Any], list[Failure]]:
+        head = request_head(b"GET", b"/", [(b"Host", b"h")], None)
+        answers: list[Any] = []
+        failures: list[Failure] = []
+        pending = self.pool.request(
+            KEY, self.endpoint, head, receiver=(answers.append, failures.append)
+        )
+        return pending, answers, failures
+
+    def test_direct_answer_goes_to_the_receiver_once(self) -> None:
+        pending, answers, failures = self.direct()
+        self.assertNotIsInstance(pending, backendhttp.Deferred)
+        [conn] = self.endpoint.made
+        self.answer(conn, OK)
+        [response] = answers
+        self.assertEqual((response.code, response.length), (200, 2))
+        self.assertEqual(failures, [])
+        with self.assertRaises(backendhttp.AlreadyCalledError):
+            pending.callback(response)
+        pending.cancel()  # after the answer: nothing happens
+        self.assertEqual(failures, [])
+        self.assertFalse(conn.gone)
+
+    def test_direct_failure_and_cancel(self) -> None:
+        pending, answers, failures = self.direct()
+        [conn] = self.endpoint.made
+        pending.cancel()
+        self.assertTrue(conn.gone, "cancelling closes the backend connection")
+        [failure] = failures
+        self.assertTrue(failure.check(backendhttp.CancelledError))
+        pending, answers, failures = self.direct()
+        lose(self.endpoint.made[-1], error.ConnectionLost())
+        [failure] = failures
+        self.assertTrue(failure.check(ResponseNeverReceived))
+        self.assertEqual(answers, [])
+
+    def test_direct_receiver_that_raises_is_logged_not_lost(self) -> None:
+        head = request_head(b"GET", b"/", [(b"Host", b"h")], None)
+
+        def broken(response: Any) -> None:
+            raise RuntimeError("receiver bug")
+
+        failures: list[Failure] = []
+        self.pool.request(KEY, self.endpoint, head, receiver=(broken, failures.append))
+        self.answer(self.endpoint.made[0], OK)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(failures, [], "an answer is never also a failure")
+
     def test_close_cached_connections(self) -> None:
         results = self.get()
         [conn] = self.endpoint.made

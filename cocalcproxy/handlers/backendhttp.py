@@ -31,7 +31,7 @@ from typing import Any
 
 import httptools
 from twisted.internet import error
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import AlreadyCalledError, CancelledError, Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -173,6 +173,7 @@ class _Call:
         length: int,
         progress: Any,
         head_only: bool,
+        receiver: tuple[Any, Any] | None = None,
     ) -> None:
         self.key = key
         self.endpoint = endpoint
@@ -181,7 +182,9 @@ class _Call:
         self.length = length
         self.progress = progress
         self.head_only = head_only
-        self.deferred: Deferred[BackendResponse] = Deferred(self._cancel)
+        self.deferred: Any = (
+            Deferred(self._cancel) if receiver is None else _Direct(self, *receiver)
+        )
         self.connecting: Deferred[Any] | None = None
         self.connection: BackendConnection | None = None
         self.retried = False
@@ -190,7 +193,7 @@ class _Call:
         # read makes the proxy write to the client then leaves at once.
         self.sink: Any = None
 
-    def _cancel(self, d: Deferred[Any]) -> None:
+    def _cancel(self, d: Any) -> None:
         self.done = True
         if self.connecting is not None:
             connecting, self.connecting = self.connecting, None
@@ -200,12 +203,55 @@ class _Call:
             connection.abandon()
             connection.call = None
 
-    def settle(self) -> Deferred[BackendResponse] | None:
-        """The Deferred to fire, once; None when it was fired or cancelled already."""
+    def settle(self) -> Any:
+        """The Deferred (or _Direct) to fire, once; None when it was fired or cancelled
+        already."""
         if self.done:
             return None
         self.done = True
         return self.deferred
+
+
+class _Direct:
+    """What a caller of ``BackendPool.request`` gets when it passes ``receiver``: the answer
+    (or the failure) goes straight to the receiver's two functions, with a Deferred's
+    ``callback``/``errback``/``cancel`` semantics (once; ``cancel`` stops the call and fails
+    with :class:`CancelledError`), without a Deferred's callback chain on every request."""
+
+    __slots__ = ("_call", "_on_result", "_on_failure", "called")
+
+    def __init__(self, call: _Call, on_result: Any, on_failure: Any) -> None:
+        self._call = call
+        self._on_result = on_result
+        self._on_failure = on_failure
+        self.called = False
+
+    def callback(self, result: Any) -> None:
+        if self.called:
+            raise AlreadyCalledError()
+        self.called = True
+        try:
+            self._on_result(result)
+        except Exception:
+            log.failure("handling a backend's answer failed")
+
+    def errback(self, failure: Any = None) -> None:
+        if self.called:
+            raise AlreadyCalledError()
+        self.called = True
+        if not isinstance(failure, Failure):
+            failure = Failure(failure) if failure is not None else Failure()
+        try:
+            self._on_failure(failure)
+        except Exception:
+            log.failure("handling a backend request's failure failed")
+
+    def cancel(self) -> None:
+        if self.called:
+            return
+        self._call._cancel(self)
+        if not self.called:
+            self.errback(Failure(CancelledError()))
 
 
 class _BodySender:
@@ -575,11 +621,18 @@ class BackendPool:
         progress: Any = None,
         head_only: bool = False,
         sink: Any = None,
-    ) -> Deferred[BackendResponse]:
+        receiver: tuple[Any, Any] | None = None,
+    ) -> Any:
         """Send ``head`` (and ``length`` bytes of the seekable ``content``) to the backend of
         ``key``, over an idle connection when there is one, else a new one from ``endpoint``
-        (a callable returning the endpoint, only called when a connection is needed)."""
-        call = _Call(key, endpoint, head, content, length, progress or _nothing, head_only)
+        (a callable returning the endpoint, only called when a connection is needed).
+
+        Returns a Deferred of the :class:`BackendResponse`; with ``receiver`` (two functions,
+        for the response and for a failure), an object with a Deferred's ``cancel`` that calls
+        them instead (see :class:`_Direct`)."""
+        call = _Call(
+            key, endpoint, head, content, length, progress or _nothing, head_only, receiver
+        )
         call.sink = sink
         idle = self._idle.get(key)
         while idle:

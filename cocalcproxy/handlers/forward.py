@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import error
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -44,7 +44,6 @@ from cocalcproxy import pages
 from cocalcproxy.handlers import backendio, backends, socketdir
 from cocalcproxy.handlers.backendhttp import (
     BackendPool,
-    BackendResponse,
     BadRequestForBackend,
     request_head,
 )
@@ -114,13 +113,15 @@ class Forwarder:
         progress: Any,
         sink: Any = None,
         has_host: bool | None = None,
-    ) -> Deferred[BackendResponse]:
+        receiver: tuple[Any, Any] | None = None,
+    ) -> Any:
         """Send ``method target`` to ``backend`` over the pool, ``target`` byte for byte.
 
         ``request_headers`` hold no body framing: the body is ``length`` bytes of the seekable
         ``content`` (the spool), or there is none when ``content`` is None. A request without a
         Host header gets the backend's address as its Host (``has_host`` says whether there is
-        one when the caller knows; None looks). The endpoint comes from the backend
+        one when the caller knows; None looks). A Deferred, or with ``receiver`` the pool's
+        direct form (BackendPool.request). The endpoint comes from the backend
         policy (cocalcproxy.handlers.backendio: TCP with screened addresses, or a checked Unix
         socket) and is only asked for when a new connection is needed.
         """
@@ -148,7 +149,15 @@ class Forwarder:
             return endpoints.endpoint(backend)
 
         return self.pool.request(
-            key, endpoint, head, content, length, progress, head_only=method == b"HEAD", sink=sink
+            key,
+            endpoint,
+            head,
+            content,
+            length,
+            progress,
+            head_only=method == b"HEAD",
+            sink=sink,
+            receiver=receiver,
         )
 
     def _host_bytes(self, host: str) -> bytes:
@@ -191,7 +200,8 @@ class _Exchange:
         self.project = access.project
         self.port: int = route.port or 0
         self.backend: backends.Target | None = None
-        self.pending: Deferred[BackendResponse] | None = None
+        # The backend request: a Deferred, or the pool's direct form (_LaneExchange).
+        self.pending: Any = None
         self.delivery: _Delivery | None = None
         self.watchdog: Any = None
         self.timed_out = False
@@ -475,6 +485,7 @@ class _LaneExchange(_Exchange):
                 self._progress,
                 sink=_corkable(request),
                 has_host=True,
+                receiver=(self._got_response, self._failed),
             )
         except BadRequestForBackend as e:
             self._disarm()
@@ -487,7 +498,6 @@ class _LaneExchange(_Exchange):
                 f"The request cannot be passed on to a project's server: {e}.",
             )
             return
-        self.pending.addCallbacks(self._got_response, self._failed)
 
     def _progress(self) -> None:
         """The response timeout on the lane connection's one lazily moved deadline, instead
