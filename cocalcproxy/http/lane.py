@@ -43,12 +43,13 @@ from typing import Any
 
 import httptools
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import ISSLTransport, ITCPTransport
+from twisted.internet.interfaces import IPushProducer, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES, RESPONSES
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 from cocalcproxy.http.bannerless import http_date
 from cocalcproxy.http.headers import connection_tokens
@@ -204,18 +205,22 @@ class LaneRequest:
         self.proxied_headers = headers
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:  # noqa: N802
+        """The answer's producer (the forwarder's, streaming), paused and resumed by the channel
+        as the transport fills and drains (the channel is the transport's producer)."""
+        if not streaming:
+            raise ValueError("the lane takes only streaming producers")
         self.producer = producer
         channel = self.channel
-        if channel is not None and channel.transport is not None:
-            channel.transport.registerProducer(producer, streaming)
+        if channel is not None:
+            channel.set_request_producer(producer)
 
     def unregisterProducer(self) -> None:  # noqa: N802
         if self.producer is None:
             return
         self.producer = None
         channel = self.channel
-        if channel is not None and channel.transport is not None:
-            channel.transport.unregisterProducer()
+        if channel is not None:
+            channel.set_request_producer(None)
 
     def _head(self) -> bytes:
         """The answer's head, framing decided as Twisted's ``Request.write`` does."""
@@ -335,8 +340,14 @@ class LaneRequest:
         self._end()
 
 
+@implementer(IPushProducer)
 class LaneChannel(Protocol):
-    """The first protocol of each HTTPS connection; see the module's description."""
+    """The first protocol of each HTTPS connection; see the module's description.
+
+    As Twisted's ``HTTPChannel``, it is its transport's producer for as long as it is the
+    connection's protocol: when the transport's send buffer is full, the answer's producer is
+    paused, and between requests the connection is not read, so a client that sends requests
+    and never reads the answers cannot make the proxy hold answers without bound."""
 
     def __init__(self, site: Any, address: Any) -> None:
         self.site = site
@@ -345,6 +356,10 @@ class LaneChannel(Protocol):
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.paused = False
+        # The transport's send buffer is full (it paused us), and the answer's producer.
+        self.waiting_for_transport = False
+        self._request_producer: Any = None
+        self._producing = False
         self.persistent = True
         # The shutdown drain's view (as HTTPChannel's): the request being answered, if any.
         self.requests: list[LaneRequest] = []
@@ -373,6 +388,8 @@ class LaneChannel(Protocol):
             transport.setTcpNoDelay(True)  # as Twisted's HTTPChannel: answers leave at once
         self.peer = transport.getPeer()
         self.secure = ISSLTransport(transport, None) is not None
+        transport.registerProducer(self, True)
+        self._producing = True
         max_age = getattr(self.site, "hsts_max_age", 0)
         if self.secure and max_age > 0:
             self.hsts = b"Strict-Transport-Security: max-age=%d" % (max_age,)
@@ -441,7 +458,62 @@ class LaneChannel(Protocol):
         self._deadline.stop()
         if self._abort_call is None:
             self._abort_call = self.site.reactor.callLater(ABORT_TIMEOUT, self.abort)
+        # TLS closes only once no producer is registered (as HTTPChannel.loseConnection).
+        self._stop_being_producer()
         transport.loseConnection()
+
+    def _stop_being_producer(self) -> None:
+        transport: Any = self.transport
+        if self._producing and transport is not None:
+            self._producing = False
+            transport.unregisterProducer()
+
+    # --- the transport's producer -------------------------------------------------------------
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        """The send buffer is full: pause the answer; between requests, stop reading."""
+        self.waiting_for_transport = True
+        producer = self._request_producer
+        if producer is not None:
+            producer.pauseProducing()
+        if not self.requests:
+            self._stop_reading()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.waiting_for_transport = False
+        producer = self._request_producer
+        if producer is not None:
+            producer.resumeProducing()
+        if not self.requests:
+            self._read_on()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        producer = self._request_producer
+        if producer is not None:
+            producer.stopProducing()
+
+    def set_request_producer(self, producer: Any) -> None:
+        self._request_producer = producer
+        if producer is not None and self.waiting_for_transport:
+            producer.pauseProducing()
+
+    def _stop_reading(self) -> None:
+        transport: Any = self.transport
+        if not self.paused and transport is not None:
+            self.paused = True
+            transport.pauseProducing()
+
+    def _read_on(self) -> None:
+        """No request is being answered and the transport takes more: read again, starting
+        with what arrived meanwhile."""
+        transport: Any = self.transport
+        if transport is None or self.closing or self.handed_over:
+            return
+        if self.paused:
+            self.paused = False
+            transport.resumeProducing()
+        if self.pending:
+            self.site.reactor.callLater(0, self._read_pending)
 
     def abort(self) -> None:
         self._abort_call = None
@@ -453,6 +525,8 @@ class LaneChannel(Protocol):
         self._deadline.stop()
         self._response_clock.stop()
         self._on_response_due = None
+        self._request_producer = None
+        self._producing = False
         call, self._abort_call = self._abort_call, None
         if call is not None and call.active():
             call.cancel()
@@ -466,13 +540,13 @@ class LaneChannel(Protocol):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self.closing:
             return
-        if self.requests or self.pending:
-            # A request is being answered (or what came after one waits its turn).
+        if self.requests or self.pending or self.waiting_for_transport:
+            # A request is being answered, or the client has not read the last answer yet (or
+            # what came after one of these waits its turn).
             self.pending.append(data)
             self.pending_size += len(data)
-            if self.pending_size > MAX_PENDING and not self.paused:
-                self.paused = True
-                self.transport.pauseProducing()  # type: ignore[union-attr]
+            if self.pending_size > MAX_PENDING:
+                self._stop_reading()
             return
         if self.buffer:
             data = self.buffer + data
@@ -570,17 +644,24 @@ class LaneChannel(Protocol):
             self.loseConnection()
             return
         self._arm_idle_clock()
-        if self.paused:
-            self.paused = False
-            self.transport.resumeProducing()  # type: ignore[union-attr]
-        if self.pending:
-            self.site.reactor.callLater(0, self._read_pending)
+        if self.waiting_for_transport:
+            self._stop_reading()  # until the client has read the answer (resumeProducing)
+        else:
+            self._read_on()
 
     def _read_pending(self) -> None:
+        if (
+            self.transport is None
+            or self.requests
+            or self.handed_over
+            or self.closing
+            or self.waiting_for_transport
+            or not self.pending
+        ):
+            return  # gone, or not yet: resumeProducing or the next request_done reads it
         pending, self.pending = self.pending, []
         self.pending_size = 0
-        if self.transport is not None and not self.requests and not self.handed_over:
-            self.dataReceived(b"".join(pending))
+        self.dataReceived(b"".join(pending))
 
     # --- handing over -------------------------------------------------------------------------
 
@@ -595,6 +676,11 @@ class LaneChannel(Protocol):
         self._parser = None
         if transport is None:
             return
+        # The ordinary path's channel becomes the transport's producer, and reads for itself.
+        self._stop_being_producer()
+        if self.paused:
+            self.paused = False
+            transport.resumeProducing()
         protocol = self.site.build_channel(self.address)
         for holder, attribute in ((transport, "wrappedProtocol"), (transport, "protocol")):
             if getattr(holder, attribute, None) is self:
