@@ -622,7 +622,9 @@ class LaneChannel(Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        # llhttp drops the whitespace before a value, not after it: neither is part of it
+        # (RFC 9110 section 5.5), and the ordinary path strips both.
+        self._headers.append((name, value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         self._head_done = True

@@ -12,10 +12,11 @@ import socket
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.web import resource, server
 
 from tests.forward_harness import poll
-from tests.integration.test_lane import LaneCase
+from tests.integration.test_lane import LaneCase, answers
 
 
 class Extra(resource.Resource):
@@ -48,6 +49,35 @@ class Extra(resource.Resource):
         return b"short\n"
 
 
+class RawBackend(Protocol):
+    """A backend that records every request head byte for byte and answers each with its
+    factory's ``reply`` (a whole response, framing and all, as the test wants it)."""
+
+    def __init__(self, factory: RawBackendFactory) -> None:
+        self.factory = factory
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+            self.factory.heads.append(head + b"\r\n\r\n")
+            assert self.transport is not None
+            self.transport.write(self.factory.reply(head))
+
+
+class RawBackendFactory(Factory):
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    def reply(self, head: bytes) -> bytes:
+        return self.answer
+
+    def buildProtocol(self, addr: object) -> RawBackend:  # noqa: N802
+        return RawBackend(self)
+
+
 class AttackCase(LaneCase):
     @defer.inlineCallbacks
     def setUp(self):  # type: ignore[no-untyped-def]
@@ -58,6 +88,10 @@ class AttackCase(LaneCase):
         )
         self.addCleanup(port.stopListening)
         self.extra_base = f"/{self.project.id}/server/{port.getHost().port}"
+        self.raw = RawBackendFactory()
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.raw)
+        self.addCleanup(port.stopListening)
+        self.raw_base = f"/{self.project.id}/server/{port.getHost().port}"
         # The guard drops its caches at its first poll after setUp's changes: let that happen
         # now and warm them again, so the lane takes what each test expects it to take.
         self.guard = self.proxy.service.site.resource.guard._guard
@@ -124,3 +158,66 @@ class FlowControl(AttackCase):
         ((head, body),) = yield self.exchange(client, self.request(self.path, self.auth))
         self.assertEqual(body, b"hello, world\n")
         self.assertFalse(self.handed_over)
+
+
+class Credentials(AttackCase):
+    extra = ("--identity-assertion",)
+
+    @defer.inlineCallbacks
+    def test_what_the_backend_gets_from_the_lane(self):  # type: ignore[no-untyped-def]
+        """The proxy's credential and session cookie never reach the backend; spoofed identity
+        and forwarding headers (any spelling) are replaced by the proxy's own, exactly once."""
+        client = yield self.connect()
+        ((head, _),) = yield self.exchange(
+            client,
+            self.request(
+                self.raw_base + "/x",
+                self.auth,
+                "Cookie: app=1; __Host-cocalcproxy_session=stolen; __host-COCALCPROXY_session=x",
+                "X-Cocalcproxy-Identity: forged",
+                "x_cocalcproxy_identity: forged",
+                "X-Forwarded-Host: evil.example",
+                "X-Forwarded-For: 6.6.6.6",
+                "Forwarded: for=6.6.6.6",
+                "X-Real-IP: 6.6.6.6",
+                "Connection: X-Hop",
+                "X-Hop: hop",
+            ),
+        )
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertFalse(self.handed_over)
+        (sent,) = self.raw.heads
+        lower = sent.lower()
+        self.assertNotIn(self.token.encode(), sent)
+        self.assertNotIn(b"authorization", lower)
+        self.assertNotIn(b"cocalcproxy_session", lower)
+        self.assertNotIn(b"stolen", sent)
+        self.assertIn(b"\r\nCookie: app=1\r\n", sent)
+        self.assertNotIn(b"forged", sent)
+        self.assertNotIn(b"x_cocalcproxy", lower)
+        self.assertEqual(lower.count(b"\r\nx-cocalcproxy-identity: ey"), 1)
+        self.assertNotIn(b"6.6.6.6", sent)
+        self.assertNotIn(b"evil.example", sent)
+        self.assertNotIn(b"x-hop", lower)
+        self.assertIn(b"\r\nX-Forwarded-For: 127.0.0.1\r\n", sent)
+        self.assertIn(b"\r\nX-Forwarded-Host: localhost\r\n", sent)
+
+    @defer.inlineCallbacks
+    def test_header_values_reach_the_backend_as_on_the_ordinary_path(self):  # type: ignore[no-untyped-def]
+        """Whitespace around a header value is not part of it (RFC 9110 5.5): the ordinary path
+        strips it on both sides; so must the lane, for what it forwards and what it decides on
+        (Host, and with it X-Forwarded-Host and the Location rewriting)."""
+        client = yield self.connect()
+        yield self.exchange(
+            client,
+            b"GET "
+            + self.raw_base.encode()
+            + b"/x HTTP/1.1\r\nHost: localhost \t\r\n"
+            + self.auth.encode()
+            + b"\r\nX-Padded: \tvalue \t \r\n\r\n",
+        )
+        self.assertFalse(self.handed_over)
+        (sent,) = self.raw.heads
+        self.assertIn(b"\r\nX-Padded: value\r\n", sent)
+        self.assertIn(b"\r\nHost: localhost\r\n", sent)
+        self.assertIn(b"\r\nX-Forwarded-Host: localhost\r\n", sent)
