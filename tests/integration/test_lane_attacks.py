@@ -8,6 +8,7 @@ Harness: tests.integration.test_lane (the whole proxy in this process, raw TLS c
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 from twisted.internet import defer, reactor
@@ -60,8 +61,14 @@ class RawBackend(Protocol):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         self.buffer += data
         while b"\r\n\r\n" in self.buffer:
-            head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+            head, _, rest = self.buffer.partition(b"\r\n\r\n")
+            length = re.search(rb"\r\ncontent-length: *(\d+)", head.lower())
+            size = int(length.group(1)) if length else 0
+            if len(rest) < size:
+                return
+            self.buffer = rest[size:]
             self.factory.heads.append(head + b"\r\n\r\n")
+            self.factory.bodies.append(rest[:size])
             assert self.transport is not None
             self.transport.write(self.factory.reply(head))
 
@@ -69,6 +76,7 @@ class RawBackend(Protocol):
 class RawBackendFactory(Factory):
     def __init__(self) -> None:
         self.heads: list[bytes] = []
+        self.bodies: list[bytes] = []
         self.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
     def reply(self, head: bytes) -> bytes:
@@ -221,3 +229,165 @@ class Credentials(AttackCase):
         self.assertIn(b"\r\nX-Padded: value\r\n", sent)
         self.assertIn(b"\r\nHost: localhost\r\n", sent)
         self.assertIn(b"\r\nX-Forwarded-Host: localhost\r\n", sent)
+
+
+class Smuggling(AttackCase):
+    """Heads the lane must not take: each is handed over, with every byte, and answered as
+    the ordinary path answers it; nothing smuggled behind it ever reaches a backend as a
+    request of its own. Each case starts on a connection the lane has answered a request on."""
+
+    @defer.inlineCallbacks
+    def attempt(self, data: bytes):  # type: ignore[no-untyped-def]
+        client = yield self.connect()
+        yield self.exchange(client, self.request(self.raw_base + "/first", self.auth))
+        self.assertTrue(self.on_lane())
+        self.handed_over = False
+        before = len(client.received)
+        client.send(data)
+        yield poll(
+            lambda: b"\r\n\r\n" in client.received[before:] or client.lost,
+            timeout=10,
+            what="an answer",
+        )
+        return client, client.received[before:]
+
+    def smuggled(self) -> list[bytes]:
+        return [h for h in self.raw.heads if b"/smuggled" in h.split(b"\r\n", 1)[0]]
+
+    def head(self, *lines: bytes, path: bytes | None = None) -> bytes:
+        target = path if path is not None else (self.raw_base + "/x").encode()
+        return b"\r\n".join(
+            [b"GET " + target + b" HTTP/1.1", b"Host: localhost", self.auth.encode(), *lines]
+        )
+
+    @defer.inlineCallbacks
+    def test_content_length_and_transfer_encoding(self):  # type: ignore[no-untyped-def]
+        smuggle = b"GET /smuggled HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        _, got = yield self.attempt(
+            self.head(b"Content-Length: 5", b"Transfer-Encoding: chunked", b"", b"0", b"", b"")
+            + smuggle
+        )
+        self.assertTrue(self.handed_over)
+        self.assertTrue(got.startswith(b"HTTP/1.1 400 "), got[:60])
+        self.assertEqual(self.smuggled(), [])
+
+    @defer.inlineCallbacks
+    def test_transfer_encoding_that_is_not_chunked(self):  # type: ignore[no-untyped-def]
+        for coding in (b"identity", b"chunked, identity", b"gzip"):
+            _, got = yield self.attempt(
+                self.head(b"Transfer-Encoding: " + coding, b"", b"")
+                + b"GET /smuggled HTTP/1.1\r\nHost: localhost\r\n\r\n"
+            )
+            self.assertTrue(self.handed_over, coding)
+            self.assertTrue(got.startswith(b"HTTP/1.1 400 "), (coding, got[:60]))
+        self.assertEqual(self.smuggled(), [])
+
+    @defer.inlineCallbacks
+    def test_a_get_with_a_chunked_body_has_its_body_read_as_a_body(self):  # type: ignore[no-untyped-def]
+        """The lane sees a whole head and nothing after it only when the body is in a later
+        read: it must still not take it, or the body would be read as the next request."""
+        client = yield self.connect()
+        yield self.exchange(client, self.request(self.raw_base + "/first", self.auth))
+        self.handed_over = False
+        client.send(self.head(b"Transfer-Encoding: chunked", b"", b""))
+        yield poll(lambda: self.handed_over, timeout=10, what="the handover")
+        client.send(b"1a\r\nGET /smuggled HTTP/1.1\r\n\r\n\r\n0\r\n\r\n")
+        yield poll(lambda: len(self.raw.heads) == 2, timeout=10, what="the request")
+        yield poll(lambda: client.received.count(b"HTTP/1.1 200 ") == 2, timeout=10, what="it")
+        self.assertEqual(self.smuggled(), [])
+        self.assertIn(b"\r\nContent-Length: 26\r\n", self.raw.heads[1])
+        self.assertEqual(self.raw.bodies[1], b"GET /smuggled HTTP/1.1\r\n\r\n")
+
+    @defer.inlineCallbacks
+    def test_obsolete_line_folding(self):  # type: ignore[no-untyped-def]
+        _, got = yield self.attempt(
+            self.head(b"X-Folded: a", b" Transfer-Encoding: chunked", b"", b"")
+        )
+        self.assertTrue(self.handed_over)
+        self.assertEqual(self.smuggled(), [])
+        self.assertTrue(got.startswith(b"HTTP/1.1 "), got[:60])
+
+    @defer.inlineCallbacks
+    def test_bare_cr_nul_and_controls(self):  # type: ignore[no-untyped-def]
+        """What llhttp refuses is handed over: the ordinary path refuses NUL and bare CR
+        (400), and takes other control bytes in a value (as it would without the lane)."""
+        cases = [
+            (b"X-A: a\rb", b"400"),
+            (b"X-A: a\x00b", b"400"),
+            (b"X\x00: a", b"400"),
+            (b"X-A: a\x01b", b"200"),
+            (b"X-A: a\x7fb", b"200"),
+        ]
+        for line, status in cases:
+            client, got = yield self.attempt(self.head(line, b"", b""))
+            self.assertTrue(self.handed_over, line)
+            self.assertTrue(got.startswith(b"HTTP/1.1 " + status + b" "), (line, got[:60]))
+            if not client.lost:
+                client.transport.abortConnection()
+            yield poll(lambda: not self.server_protocols(), timeout=10, what="the close")
+        # The five first requests, and the two the ordinary path took, nothing else.
+        self.assertEqual(len(self.raw.heads), 7)
+        self.assertEqual([h for h in self.raw.heads if b"\r" in h.replace(b"\r\n", b"")], [])
+
+    @defer.inlineCallbacks
+    def test_leading_empty_lines(self):  # type: ignore[no-untyped-def]
+        """One empty line before a request is skipped by both paths; two are the ordinary
+        path's (a 400)."""
+        client = yield self.connect()
+        found = yield self.exchange(client, b"\r\n" + self.head(b"", b""))
+        client.transport.abortConnection()
+        yield poll(lambda: not self.server_protocols(), timeout=10, what="the close")
+        ((head, _),) = found
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertFalse(self.handed_over)
+        _, got = yield self.attempt(b"\r\n\r\n" + self.head(b"", b""))
+        self.assertTrue(self.handed_over)
+        self.assertTrue(got.startswith(b"HTTP/1.1 400 "), got[:60])
+
+    @defer.inlineCallbacks
+    def test_a_request_pipelined_behind_a_taken_one_in_the_same_read(self):  # type: ignore[no-untyped-def]
+        """Two requests in one read: both the ordinary path's, answered in order."""
+        client, _ = yield self.attempt(
+            self.head(b"", b"") + self.head(b"", b"", path=(self.raw_base + "/second").encode())
+        )
+        self.assertTrue(self.handed_over)
+        yield poll(lambda: client.received.count(b"HTTP/1.1 200 ") == 3, timeout=10, what="both")
+        self.assertEqual(
+            [h.split(b" ")[1] for h in self.raw.heads], [b"/first", b"/x", b"/second"]
+        )
+
+    @defer.inlineCallbacks
+    def test_a_head_longer_than_the_lane_takes(self):  # type: ignore[no-untyped-def]
+        """Over 16 KiB without its end: handed over at once, and the ordinary path refuses
+        it (its limit is the same) instead of waiting for more."""
+        lines = [b"X-Long-%d: %s" % (i, b"a" * 6000) for i in range(4)]
+        client, got = yield self.attempt(self.head(*lines, b""))
+        self.assertTrue(self.handed_over)
+        self.assertTrue(got.startswith(b"HTTP/1.1 400 "), got[:60])
+        yield poll(lambda: client.lost, timeout=10, what="the close")
+        self.assertEqual(len(self.raw.heads), 1)
+
+    @defer.inlineCallbacks
+    def test_a_whole_head_at_the_lane_limit_is_the_ordinary_paths(self):  # type: ignore[no-untyped-def]
+        """A whole head a little over what the lane takes: the ordinary path's answer."""
+        lines = [b"X-Long-%d: %s" % (i, b"a" * 5450) for i in range(3)]
+        data = self.head(*lines, b"", b"")
+        self.assertTrue(16384 < len(data) < 16600, len(data))
+        _, got = yield self.attempt(data)
+        self.assertTrue(self.handed_over)
+        self.assertTrue(got.startswith(b"HTTP/1.1 400 "), got[:60])
+
+    @defer.inlineCallbacks
+    def test_the_end_of_a_head_split_between_reads(self):  # type: ignore[no-untyped-def]
+        client = yield self.connect()
+        data = self.head(b"", b"")
+        for cut in (1, 2, 3):
+            before = len(self.raw.heads)
+            client.send(data[:-cut])
+            yield poll(lambda: self.server_protocols()[0].buffer, timeout=10, what="a part")
+            self.assertEqual(len(self.raw.heads), before)
+            ((head, body),) = yield self.exchange(client, data[-cut:])
+            self.assertEqual(body, b"ok")
+        self.assertFalse(self.handed_over)
+        self.assertTrue(self.on_lane())
+        self.assertEqual(len(answers(client.received)), 3)
