@@ -11,7 +11,7 @@ import json
 import re
 import socket
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.web import resource, server
@@ -352,9 +352,7 @@ class Smuggling(AttackCase):
         )
         self.assertTrue(self.handed_over)
         yield poll(lambda: client.received.count(b"HTTP/1.1 200 ") == 3, timeout=10, what="both")
-        self.assertEqual(
-            [h.split(b" ")[1] for h in self.raw.heads], [b"/first", b"/x", b"/second"]
-        )
+        self.assertEqual([h.split(b" ")[1] for h in self.raw.heads], [b"/first", b"/x", b"/second"])
 
     @defer.inlineCallbacks
     def test_a_head_longer_than_the_lane_takes(self):  # type: ignore[no-untyped-def]
@@ -391,3 +389,141 @@ class Smuggling(AttackCase):
         self.assertFalse(self.handed_over)
         self.assertTrue(self.on_lane())
         self.assertEqual(len(answers(client.received)), 3)
+
+
+class Access_(AttackCase):
+    @defer.inlineCallbacks
+    def test_a_denied_port_is_the_ordinary_404_and_never_reached(self):  # type: ignore[no-untyped-def]
+        client = yield self.connect()
+        yield self.exchange(client, self.request(self.raw_base + "/x", self.auth))
+        self.handed_over = False
+        ((head, _),) = yield self.exchange(
+            client, self.request(f"/{self.project.id}/server/22/", self.auth)
+        )
+        self.assertTrue(head.startswith(b"HTTP/1.1 404 "), head)
+        self.assertTrue(self.handed_over)
+
+    @defer.inlineCallbacks
+    def test_the_proxys_own_listener_is_the_404_of_an_unknown_project(self):  # type: ignore[no-untyped-def]
+        client = yield self.connect()
+        yield self.exchange(client, self.request(self.raw_base + "/x", self.auth))
+        before = len(self.access_lines())
+        ((head, _),) = yield self.exchange(
+            client, self.request(f"/{self.project.id}/server/{self.proxy.port}/", self.auth)
+        )
+        self.assertTrue(head.startswith(b"HTTP/1.1 404 "), head)
+        lines = self.access_lines()[before:]
+        self.assertEqual([line["status"] for line in lines], [404])  # not a request to itself
+        self.assertEqual(lines[0]["backend"], "own-listener")
+
+    @defer.inlineCallbacks
+    def test_another_projects_route_with_cached_credentials(self):  # type: ignore[no-untyped-def]
+        """Alice's credentials are cached; Bob's project is not hers: the ordinary 404."""
+        yield self.proxy.directory.add_user("bob", "bob-password")
+        bobs = yield self.proxy.directory.add_project("bob")
+        client = yield self.connect()
+        yield self.exchange(client, self.request(self.raw_base + "/x", self.auth))
+        port = self.raw_base.rsplit("/", 1)[1]
+        for _ in range(2):  # the second from the (negative) cache
+            self.handed_over = False
+            ((head, _),) = yield self.exchange(
+                client, self.request(f"/{bobs.id}/server/{port}/x", self.auth)
+            )
+            self.assertTrue(head.startswith(b"HTTP/1.1 404 "), head)
+            self.assertTrue(self.handed_over)
+        self.assertEqual(len(self.raw.heads), 1)
+
+
+class Subdomains(AttackCase):
+    extra = ("--project-domain", "projects.test", "--allow-sharing", "none")
+
+    @defer.inlineCallbacks
+    def test_session_cookies_count_only_on_the_host_they_are_bound_to(self):  # type: ignore[no-untyped-def]
+        account = yield self.proxy.directory.account_for_token(self.token)
+        session = yield self.proxy.directory.create_session(account.id, 3600)
+        port = int(self.raw_base.rsplit("/", 1)[1])
+        label = f"{self.project.id}-{port}"
+        keys = self.guard.hop_keys
+        host = f"Host: {label}.projects.test"
+
+        def get(cookie: str) -> bytes:
+            return "\r\n".join(
+                ["GET /x HTTP/1.1", host, f"Cookie: __Host-cocalcproxy_session={cookie}", "", ""]
+            ).encode()
+
+        client = yield self.connect()
+        bound = keys.bind(label, session)
+        for _ in range(2):  # the first fills the caches on the ordinary path
+            ((head, _),) = yield self.exchange(client, get(bound))
+            self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertTrue(self.on_lane())
+        self.handed_over = False
+        ((head, _),) = yield self.exchange(client, get(bound))
+        self.assertFalse(self.handed_over)  # taken by the lane
+        self.assertNotIn(b"cocalcproxy_session", b"".join(self.raw.heads).lower())
+        served = len(self.raw.heads)
+        # The same session bound to a sibling host, or not bound at all: never this host's.
+        for cookie in (keys.bind(f"{self.project.id}-{port + 1}", session), session):
+            self.handed_over = False
+            fresh = yield self.connect()
+            ((head, _),) = yield self.exchange(fresh, get(cookie))
+            self.assertTrue(self.handed_over)
+            self.assertFalse(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertEqual(len(self.raw.heads), served)
+
+
+class Slow(AttackCase):
+    extra = ("--request-head-timeout", "0.5")
+
+    @defer.inlineCallbacks
+    def test_a_connection_that_sends_nothing_is_closed(self):  # type: ignore[no-untyped-def]
+        client = yield self.connect()
+        started = reactor.seconds()
+        yield poll(lambda: client.lost, timeout=10, what="the proxy to close")
+        self.assertLess(reactor.seconds() - started, 5)
+
+    @defer.inlineCallbacks
+    def test_a_head_trickled_byte_by_byte_gets_408(self):  # type: ignore[no-untyped-def]
+        """Each byte in time for any idle timer, the head never whole: the head's own
+        deadline, from its first byte, ends it (slowloris), after a request the lane took."""
+        client = yield self.connect()
+        yield self.exchange(client, self.request(self.raw_base + "/x", self.auth))
+        self.assertTrue(self.on_lane())
+        data = iter(self.request(self.raw_base + "/x", self.auth, "X-Slow: " + "s" * 400))
+        started = reactor.seconds()
+
+        def one() -> None:
+            if not client.lost:
+                client.send(bytes([next(data)]))
+
+        trickle = task.LoopingCall(one)
+        trickle.start(0.02)
+        self.addCleanup(lambda: trickle.running and trickle.stop())
+        yield poll(lambda: client.lost, timeout=10, what="the proxy to close")
+        self.assertLess(reactor.seconds() - started, 3)
+        head = answers(client.received)[-1][0]
+        self.assertTrue(head.startswith(b"HTTP/1.1 408 "), head)
+        self.assertEqual(len(self.raw.heads), 1)
+        self.assertFalse(self.handed_over)
+
+    @defer.inlineCallbacks
+    def test_back_from_the_ordinary_path_no_timer_of_it_is_left(self):  # type: ignore[no-untyped-def]
+        """After a handover and the way back, the connection idles on the lane's idle timer
+        alone: no 408 from the ordinary channel's head clock, no early close."""
+        self.proxy.service.site.timeOut = 2.0
+        client = yield self.connect()
+        ((head, _),) = yield self.exchange(
+            client,
+            b"POST "
+            + self.raw_base.encode()
+            + b"/p HTTP/1.1\r\nHost: localhost\r\n"
+            + self.auth.encode()
+            + b"\r\nContent-Length: 2\r\n\r\nhi",
+        )
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertTrue(self.handed_over)
+        self.assertTrue(self.on_lane())
+        idle_from = reactor.seconds()
+        yield poll(lambda: client.lost, timeout=10, what="the idle close")
+        self.assertGreater(reactor.seconds() - idle_from, 1.8)
+        self.assertEqual(len(answers(client.received)), 1, client.received)
