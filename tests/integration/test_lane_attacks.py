@@ -527,3 +527,26 @@ class Slow(AttackCase):
         yield poll(lambda: client.lost, timeout=10, what="the idle close")
         self.assertGreater(reactor.seconds() - idle_from, 1.8)
         self.assertEqual(len(answers(client.received)), 1, client.received)
+
+
+class Closing(AttackCase):
+    @defer.inlineCallbacks
+    def test_a_client_that_closes_cleanly_is_gone_at_once(self):  # type: ignore[no-untyped-def]
+        """The lane is its transport's producer: a TLS close from the client must still end
+        the connection on the proxy's side (nothing waits for the producer to go)."""
+        client = yield self.connect()
+        yield self.exchange(client, self.request(self.raw_base + "/x", self.auth))
+        self.assertTrue(self.on_lane())
+        client.transport.loseConnection()
+        yield poll(lambda: not self.server_protocols(), timeout=10, what="the proxy's close")
+        yield poll(lambda: client.lost, timeout=10, what="the client's close")
+
+    @defer.inlineCallbacks
+    def test_connection_close_closes_at_once_after_the_answer(self):  # type: ignore[no-untyped-def]
+        client = yield self.connect()
+        yield self.exchange(client, self.request(self.raw_base + "/x", self.auth))
+        started = reactor.seconds()
+        client.send(self.request(self.raw_base + "/x", self.auth, "Connection: close"))
+        yield poll(lambda: client.lost, timeout=10, what="the proxy's close")
+        self.assertLess(reactor.seconds() - started, 5)  # not the 15 s abort
+        self.assertFalse(self.handed_over)
