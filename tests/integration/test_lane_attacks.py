@@ -45,6 +45,8 @@ class Extra(resource.Resource):
         if request.path.endswith(b"/padded"):
             request.setHeader(b"X-Pad", b"p" * 8000)
             return b"x" * 100
+        if request.path.endswith(b"/huge"):
+            return bytes(range(256)) * (32 * 1024)  # 8 MiB
         if request.path.endswith(b"/small"):
             return b"x" * (8 * 1024)
         return b"short\n"
@@ -165,6 +167,52 @@ class FlowControl(AttackCase):
         client.received = b""
         ((head, body),) = yield self.exchange(client, self.request(self.path, self.auth))
         self.assertEqual(body, b"hello, world\n")
+        self.assertFalse(self.handed_over)
+
+
+class Backpressure(AttackCase):
+    @defer.inlineCallbacks
+    def test_a_slow_reader_pauses_the_backend_and_gets_every_byte(self):  # type: ignore[no-untyped-def]
+        """Through the lane (the transport's producer), a full send buffer pauses the answer's
+        producer, so the backend is not read; when the client reads again, all of it comes."""
+        client = yield self.connect()
+        yield self.exchange(client, self.request(self.extra_base + "/x", self.auth))
+        tcp = self.server_tls().transport
+        tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        client.transport.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.transport.pauseProducing()
+        client.send(self.request(self.extra_base + "/huge", self.auth))
+        lane = self.server_protocols()[0]
+
+        def backend_paused() -> bool:
+            delivery = lane._request_producer
+            if delivery is None or delivery.transport is None:
+                return False
+            backend = delivery.transport._connection.transport
+            return lane.waiting_for_transport and backend not in reactor.getReaders()
+
+        yield poll(backend_paused, timeout=10, what="the backend to be paused")
+        self.assertLess(len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen, 1024 * 1024)
+        # Ordinary buffers again (4 KiB ones would take minutes for the rest), and read.
+        tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        client.transport.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        client.transport.resumeProducing()
+        before = len(client.received)
+
+        expected = bytes(range(256)) * (32 * 1024)
+
+        def whole() -> bool:
+            try:
+                found = answers(client.received)
+            except (ValueError, IndexError):
+                return False
+            return len(found) == 2 and len(found[1][1]) == len(expected)
+
+        yield poll(whole, timeout=20, what="the whole body")
+        head, body = answers(client.received)[1]
+        self.assertGreater(len(client.received), before)
+        self.assertEqual(body, expected)
+        self.assertTrue(self.on_lane())
         self.assertFalse(self.handed_over)
 
 
