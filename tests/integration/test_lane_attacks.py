@@ -598,3 +598,46 @@ class Closing(AttackCase):
         yield poll(lambda: client.lost, timeout=10, what="the proxy's close")
         self.assertLess(reactor.seconds() - started, 5)  # not the 15 s abort
         self.assertFalse(self.handed_over)
+
+
+class BackAndForth(AttackCase):
+    @defer.inlineCallbacks
+    def test_handed_over_and_back_again_many_times(self):  # type: ignore[no-untyped-def]
+        """The transport's producer changes hands at every handover and every way back: each
+        request is answered once, in order, and the connection ends on the lane."""
+        logged = len(self.access_lines())
+        client = yield self.connect()
+        post = (
+            b"POST "
+            + self.raw_base.encode()
+            + b"/p%d HTTP/1.1\r\nHost: localhost\r\n"
+            + self.auth.encode()
+            + b"\r\nContent-Length: 2\r\n\r\nhi"
+        )
+        for i in range(4):
+            self.handed_over = False
+            ((head, _),) = yield self.exchange(client, post % i)
+            self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+            self.assertTrue(self.handed_over)
+            self.assertTrue(self.on_lane())
+            self.handed_over = False
+            ((head, _),) = yield self.exchange(
+                client, self.request(self.raw_base + f"/g{i}", self.auth)
+            )
+            self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+            self.assertFalse(self.handed_over)
+        self.assertEqual(
+            [h.split(b" ")[1] for h in self.raw.heads],
+            [p for i in range(4) for p in (b"/p%d" % i, b"/g%d" % i)],
+        )
+        self.assertEqual(self.raw.bodies[::2], [b"hi"] * 4)
+        # Each request is in the access log once, as its own path's request.
+        lines = self.access_lines()[logged:]
+        port = self.raw_base.rsplit("/", 1)[1]
+        self.assertEqual(
+            [(line["method"], line["path"].rsplit("/", 1)[1], line["status"]) for line in lines],
+            [(m, f"{m[0].lower()}{i}", 200) for i in range(4) for m in ("POST", "GET")],
+        )
+        self.assertEqual(
+            {(line["account"], line["port"]) for line in lines}, {("alice", int(port))}
+        )
