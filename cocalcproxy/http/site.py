@@ -829,6 +829,13 @@ class ProxyChannel(HTTPChannel):
             return bool(self._failChooseTransferDecoder())
         return bool(super()._maybeChooseTransferDecoder(header, data))
 
+    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
+        """A request line or header line longer than ``MAX_LENGTH`` (16 KiB): the ``400`` any
+        malformed head gets, and the connection closes. Twisted's own only asks the transport
+        to close, which TLS defers while this channel is its producer, so the client waited for
+        the head timeout (then a 408) instead."""
+        self._respondToBadRequestAndDisconnect()
+
     def _respondToBadRequestAndDisconnect(self) -> None:  # noqa: N802
         # A malformed request, body or chunk. Twisted's own answer is a bare "400 Bad Request"
         # head (no length, no Connection: close); ours says that the connection closes. Then

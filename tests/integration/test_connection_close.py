@@ -213,6 +213,17 @@ class MalformedAndOddlySpelled(RawTLSCase):
         self.assertEqual(int(length.group(1)), len(body))
         self.assertEqual(json.loads(body)["status"], 400)
 
+    @defer.inlineCallbacks
+    def test_header_line_over_16k_is_400_at_once(self):  # type: ignore[no-untyped-def]
+        """Not the head timeout (20 s here): the answer and the close come at once."""
+        client = yield self.connect()
+        client.send(b"GET /_/health HTTP/1.1\r\nHost: localhost\r\nX-Long: " + b"a" * 20000)
+        yield poll(lambda: client.lost, timeout=5, what="the proxy to close the connection")
+        heads = client.heads()
+        self.assertEqual(len(heads), 1, client.received[:200])
+        self.assertTrue(heads[0].startswith(b"http/1.1 400 "), heads[0])
+        self.assertTrue(says_close(heads[0]), heads[0])
+
     def test_close_without_spaces(self):  # type: ignore[no-untyped-def]
         return self.closed_after_one(
             self.request(self.path, self.auth, "Connection: TE,close"), b"200"
