@@ -514,6 +514,18 @@ class _LaneExchange(_Exchange):
             channel.response_deadline_clear()
 
     def _got_response(self, response: Any) -> None:
+        try:
+            self._answer(response)
+        except Exception:
+            # A fault of ours with the answer half made: nothing sensible can follow on this
+            # connection, and it must not wait for a finish that never comes.
+            log.failure("answering {uri!r} from its backend failed", uri=self.request.uri)
+            response.deliverBody(_Discard())
+            channel: Any = self.request.channel
+            if channel is not None:
+                channel.abort()
+
+    def _answer(self, response: Any) -> None:
         self.settled = True
         self._disarm()
         request: Any = self.request

@@ -361,6 +361,27 @@ class Ends(LaneCase):
         self.assertEqual(line["client"], "127.0.0.1")  # known after the connection went
 
 
+class Faults(LaneCase):
+    @defer.inlineCallbacks
+    def test_a_fault_of_ours_with_the_answer_closes_the_connection(self):  # type: ignore[no-untyped-def]
+        """Not a connection left waiting for a finish that never comes."""
+        from cocalcproxy.handlers import forward
+
+        client = yield self.connect()
+        yield self.exchange(client, self.request(self.path, self.auth))
+
+        def broken(*args: object, **kwargs: object) -> object:
+            raise RuntimeError("a bug in the header policy")
+
+        self.patch(forward.headers, "client_response_headers", broken)
+        client.send(self.request(self.path, self.auth))
+        yield poll(lambda: client.lost, timeout=10, what="the proxy to close the connection")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(answers(client.received)), 1, "no second answer, not even half")
+        yield poll(lambda: not self.proxy.service.site.in_flight, timeout=10, what="the end")
+        self.assertFalse(self.access_lines()[-1]["completed"])
+
+
 class HandsOver(LaneCase):
     @defer.inlineCallbacks
     def test_body_goes_the_ordinary_way_then_back(self):  # type: ignore[no-untyped-def]
