@@ -102,6 +102,7 @@ class BackendResponse:
         early, self._early = self._early, None
         for item in early or ():
             if isinstance(item, Failure):
+                self._protocol = None
                 protocol.connectionLost(item)
             else:
                 protocol.dataReceived(item)
@@ -116,7 +117,9 @@ class BackendResponse:
         if self._early is not None:
             self._early.append(reason)
         else:
-            self._protocol.connectionLost(reason)
+            # Let go of the body protocol: it refers back to this response (its transport).
+            protocol, self._protocol = self._protocol, None
+            protocol.connectionLost(reason)
 
 
 class _BodyTransport:
@@ -221,33 +224,39 @@ class _Direct:
     __slots__ = ("_call", "_on_result", "_on_failure", "called")
 
     def __init__(self, call: _Call, on_result: Any, on_failure: Any) -> None:
-        self._call = call
+        self._call: _Call | None = call
         self._on_result = on_result
         self._on_failure = on_failure
         self.called = False
 
-    def callback(self, result: Any) -> None:
+    def _fired(self) -> tuple[Any, Any]:
+        """Once: the receiver's two functions, let go of here (they and the call refer back to
+        what holds this, cycles the collector would otherwise have to free)."""
         if self.called:
             raise AlreadyCalledError()
         self.called = True
+        functions = (self._on_result, self._on_failure)
+        self._on_result = self._on_failure = self._call = None
+        return functions
+
+    def callback(self, result: Any) -> None:
+        on_result, _ = self._fired()
         try:
-            self._on_result(result)
+            on_result(result)
         except Exception:
             log.failure("handling a backend's answer failed")
 
     def errback(self, failure: Any = None) -> None:
-        if self.called:
-            raise AlreadyCalledError()
-        self.called = True
         if not isinstance(failure, Failure):
             failure = Failure(failure) if failure is not None else Failure()
+        _, on_failure = self._fired()
         try:
-            self._on_failure(failure)
+            on_failure(failure)
         except Exception:
             log.failure("handling a backend request's failure failed")
 
     def cancel(self) -> None:
-        if self.called:
+        if self.called or self._call is None:
             return
         self._call._cancel(self)
         if not self.called:

@@ -310,6 +310,7 @@ class LaneRequest:
             wire: Any = channel.transport
             wire.write(b"0\r\n\r\n")
         self.finished = True
+        self.on_lost = None  # the forwarder's: it refers back to this request
         if self.producer is not None:
             self.unregisterProducer()
         self._end()
@@ -522,8 +523,11 @@ class LaneChannel(Protocol):
             transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
-        self._deadline.stop()
-        self._response_clock.stop()
+        # Nothing that refers back to the channel is kept (deadlines, the parser): its end frees
+        # it at once, without waiting for the cyclic collector.
+        self._deadline.release()
+        self._response_clock.release()
+        self._parser = None
         self._on_response_due = None
         self._request_producer = None
         self._producing = False
@@ -671,8 +675,8 @@ class LaneChannel(Protocol):
         """Put the ordinary path's protocol in the lane's place and give it ``data`` (every
         byte of the connection the lane has not answered)."""
         transport: Any = self.transport
-        self._deadline.stop()
-        self._response_clock.stop()
+        self._deadline.release()
+        self._response_clock.release()
         self.handed_over = True
         self.buffer = b""
         self._parser = None

@@ -530,6 +530,10 @@ def _closing_answer(status: int, reason: bytes, error: str, detail: str) -> byte
     return b"\r\n".join(lines)
 
 
+def _ignore() -> None:
+    pass
+
+
 class _Deadline:
     """A deadline set and cleared on every request for the price of one DelayedCall a period.
 
@@ -568,6 +572,13 @@ class _Deadline:
         call, self._call = self._call, None
         if call is not None and call.active():
             call.cancel()
+
+    def release(self) -> None:
+        """Stop for good, and let go of what it calls: the deadline and its owner refer to
+        each other, a cycle only the collector would free otherwise (one per connection)."""
+        self.stop()
+        self._fire = _ignore
+        self._call_later = None
 
     def _due(self) -> None:
         call, self._call = self._call, None

@@ -16,6 +16,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.web import resource, server
 
+from cocalcproxy.http import lane as lane_module
 from cocalcproxy.http.lane import LaneChannel
 from tests.forward_harness import poll
 from tests.integration.test_connection_close import RawTLSCase, says_close
@@ -359,6 +360,42 @@ class Ends(LaneCase):
         self.assertEqual(line["path"], self.base + "/held")
         self.assertFalse(line["completed"])
         self.assertEqual(line["client"], "127.0.0.1")  # known after the connection went
+
+
+class Freed(LaneCase):
+    @defer.inlineCallbacks
+    def test_a_connection_and_its_requests_are_freed_without_the_collector(self):  # type: ignore[no-untyped-def]
+        """No reference cycle is left behind (deadlines, the parser, the forwarder's exchange,
+        the backend call): under load, cycles wait for the collector and the process grows."""
+        import gc
+
+        from cocalcproxy.handlers import backendhttp, forward
+
+        kinds = (
+            LaneChannel,
+            lane_module.LaneRequest,
+            forward._LaneExchange,
+            backendhttp._Direct,
+            backendhttp.BackendResponse,
+        )
+
+        def alive() -> list[str]:
+            return [type(o).__name__ for o in gc.get_objects() if isinstance(o, kinds)]
+
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        clients = []
+        for _ in range(5):
+            client = yield self.connect()
+            for _ in range(2):
+                yield self.exchange(client, self.request(self.path, self.auth))
+            clients.append(client)
+        self.assertTrue(alive())  # the count below can see them
+        for client in clients:
+            client.transport.loseConnection()
+        yield poll(lambda: not self.server_protocols(), timeout=10, what="the closes")
+        yield poll(lambda: not alive(), timeout=10, what=f"nothing left: {alive()}")
 
 
 class Faults(LaneCase):
