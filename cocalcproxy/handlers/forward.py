@@ -261,17 +261,21 @@ class _Exchange:
                 has_host=bool(hosts),
             )
         except BadRequestForBackend as e:
-            self._disarm()
-            self.settled = True
-            request.log_info.extra["backend"] = "bad-request"
-            pages.write_error(
-                request,
-                400,
-                "Bad request",
-                f"The request cannot be passed on to a project's server: {e}.",
-            )
+            self._bad_request(e)
             return
         self.pending.addCallbacks(self._got_response, self._failed)
+
+    def _bad_request(self, why: BadRequestForBackend) -> None:
+        """A method or target that cannot be written into a request line: 400, nothing sent."""
+        self._disarm()
+        self.settled = True
+        self.request.log_info.extra["backend"] = "bad-request"
+        pages.write_error(
+            self.request,
+            400,
+            "Bad request",
+            f"The request cannot be passed on to a project's server: {why}.",
+        )
 
     def _progress(self) -> None:
         """(Re)arm the response-header timeout: it counts from the last upload progress."""
@@ -310,21 +314,9 @@ class _Exchange:
         if self.client_gone or request._disconnected:
             response.deliverBody(_Discard())
             return
-        if request.method == b"HEAD":
-            # The length of what a GET would have sent: a header of the representation.
-            backend_headers = [
-                (n, v) for n, v in response.headers if n.lower() != b"transfer-encoding"
-            ]
-        else:
-            backend_headers = [(n, v) for n, v in response.headers if n.lower() not in _FRAMING]
         proxy_hosts = list(self.forwarder.public_hosts)
         proxy_hosts.extend(request.requestHeaders.getRawHeaders(b"host", []))
-        outgoing = headers.client_response_headers(
-            backend_headers,
-            route=self.route,
-            project_host=self.project.host,
-            proxy_hosts=proxy_hosts,
-        )
+        outgoing = self._policed_headers(response, proxy_hosts)
         date = request.responseHeaders.getRawHeaders(b"date")
         response_headers = request.responseHeaders = Headers()
         for name, value in outgoing:
@@ -332,15 +324,30 @@ class _Exchange:
         if date and not request.responseHeaders.hasHeader(b"date"):
             request.responseHeaders.setRawHeaders(b"Date", date)
         request.defaultContentType = None
-        if (
-            response.length is not None
-            and response.code not in (204, 304)
-            and request.method != b"HEAD"
-        ):
-            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])
+        length = self._content_length(response)
+        if length is not None:
+            request.responseHeaders.setRawHeaders(b"Content-Length", [length])
         request.setResponseCode(response.code, response.phrase or None)
         self.delivery = _Delivery(self)
         response.deliverBody(self.delivery)
+
+    def _policed_headers(self, response: Any, proxy_hosts: Sequence[bytes]) -> list[Any]:
+        """The backend's response headers as the client gets them: its framing dropped (the
+        answer is framed again towards the client), the header policy applied."""
+        if self.request.method == b"HEAD":
+            # The length of what a GET would have sent: a header of the representation.
+            kept = [(n, v) for n, v in response.headers if n.lower() != b"transfer-encoding"]
+        else:
+            kept = [(n, v) for n, v in response.headers if n.lower() not in _FRAMING]
+        return headers.client_response_headers(
+            kept, route=self.route, project_host=self.project.host, proxy_hosts=proxy_hosts
+        )
+
+    def _content_length(self, response: Any) -> bytes | None:
+        """The Content-Length the answer is framed with, when its body's length is known."""
+        if response.length is None or response.code in (204, 304) or self.request.method == b"HEAD":
+            return None
+        return b"%d" % response.length
 
     def _failed(self, failure: Failure) -> None:
         self.settled = True
@@ -488,15 +495,7 @@ class _LaneExchange(_Exchange):
                 receiver=(self._got_response, self._failed),
             )
         except BadRequestForBackend as e:
-            self._disarm()
-            self.settled = True
-            request.log_info.extra["backend"] = "bad-request"
-            pages.write_error(
-                request,
-                400,
-                "Bad request",
-                f"The request cannot be passed on to a project's server: {e}.",
-            )
+            self._bad_request(e)
             return
 
     def _progress(self) -> None:
@@ -532,23 +531,11 @@ class _LaneExchange(_Exchange):
         if self.client_gone or request._disconnected:
             response.deliverBody(_Discard())
             return
-        head = request.method == b"HEAD"
-        code = response.code
-        if head:
-            backend_headers = [
-                (n, v) for n, v in response.headers if n.lower() != b"transfer-encoding"
-            ]
-        else:
-            backend_headers = [(n, v) for n, v in response.headers if n.lower() not in _FRAMING]
-        outgoing = headers.client_response_headers(
-            backend_headers,
-            route=self.route,
-            project_host=self.project.host,
-            proxy_hosts=(*self.forwarder.public_hosts, request.host),
-        )
-        if response.length is not None and code not in (204, 304) and not head:
-            outgoing.append((b"Content-Length", b"%d" % response.length))
-        request.set_proxied_head(code, response.phrase or None, outgoing)
+        outgoing = self._policed_headers(response, (*self.forwarder.public_hosts, request.host))
+        length = self._content_length(response)
+        if length is not None:
+            outgoing.append((b"Content-Length", length))
+        request.set_proxied_head(response.code, response.phrase or None, outgoing)
         self.delivery = _Delivery(self)
         response.deliverBody(self.delivery)
 
