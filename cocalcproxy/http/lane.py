@@ -42,7 +42,6 @@ from __future__ import annotations
 from typing import Any
 
 import httptools
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -91,22 +90,9 @@ class LaneHeaders:
         found = self._by_name.get(key)
         return list(found) if found is not None else default
 
-    def hasHeader(self, name: bytes | str) -> bool:  # noqa: N802
-        key = name.lower() if isinstance(name, bytes) else name.lower().encode("ascii")
-        return key in self._by_name
-
-    def getAllRawHeaders(self) -> Any:  # noqa: N802
-        return iter(list(self._by_name.items()))
-
 
 class LaneRequest:
     """One request taken by the lane; see the module's description for what it offers."""
-
-    # Read by the shutdown drain and the access log as on Twisted's Request.
-    queued = 0
-    content = None
-    early_access = None
-    defaultContentType: bytes | None = None  # noqa: N815
 
     def __init__(
         self,
@@ -122,8 +108,6 @@ class LaneRequest:
         self.peer = channel.peer
         self.method = method
         self.uri = uri
-        self.path = uri.split(b"?", 1)[0]
-        self.clientproto = b"HTTP/1.1"
         self.requestHeaders = headers  # noqa: N815
         self.host = host
         self.log_info = LogInfo()
@@ -145,37 +129,11 @@ class LaneRequest:
         self._body_allowed = True
         # Told of the connection's loss while the request is open (the forwarder's cancel).
         self.on_lost: Any = None
-        self._finish_waiters: list[Deferred[None]] | None = None
 
     # --- what the guard, the pages and the access log read --------------------------------
 
     def getClientAddress(self) -> Any:  # noqa: N802
         return self.peer
-
-    def getHost(self) -> Any:  # noqa: N802
-        channel = self.channel
-        transport: Any = channel.transport if channel is not None else None
-        return transport.getHost() if transport is not None else None
-
-    def isSecure(self) -> bool:  # noqa: N802
-        channel = self.channel
-        return channel.secure if channel is not None else False
-
-    def getHeader(self, name: bytes) -> bytes | None:  # noqa: N802
-        values = self.requestHeaders.getRawHeaders(name)
-        return values[-1] if values else None
-
-    def notifyFinish(self) -> Deferred[None]:  # noqa: N802
-        d: Deferred[None] = Deferred()
-        if self.finished:
-            d.callback(None)
-        elif self._disconnected:
-            d.errback(Failure(ConnectionError("the client went away")))
-        else:
-            if self._finish_waiters is None:
-                self._finish_waiters = []
-            self._finish_waiters.append(d)
-        return d
 
     # --- the answer ---------------------------------------------------------------------------
 
@@ -317,14 +275,7 @@ class LaneRequest:
         channel.request_done(self)
 
     def _end(self) -> None:
-        site = self.site
-        site.lane_done(self)
-        waiters, self._finish_waiters = self._finish_waiters, None
-        for d in waiters or ():
-            if self.finished:
-                d.callback(None)
-            else:
-                d.errback(Failure(ConnectionError("the client went away")))
+        self.site.lane_done(self)
 
     def connection_lost(self, reason: Failure) -> None:
         """The client went away before the answer was whole."""
