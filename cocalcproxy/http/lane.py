@@ -53,6 +53,7 @@ from zope.interface import implementer
 from cocalcproxy.http.bannerless import http_date
 from cocalcproxy.http.headers import connection_tokens
 from cocalcproxy.http.site import LogInfo, _Deadline, _timeout_answer
+from cocalcproxy.http.takeover import TakeoverUnsupported, protocol_holder
 
 log = Logger(namespace="cocalcproxy.site")
 
@@ -633,20 +634,19 @@ class LaneChannel(Protocol):
         self._parser = None
         if transport is None:
             return
+        try:
+            holder, attribute = protocol_holder(transport, self)
+        except TakeoverUnsupported:
+            log.error("cannot hand a connection over: the transport does not hold the lane")
+            transport.abortConnection()
+            return
         # The ordinary path's channel becomes the transport's producer, and reads for itself.
         self._stop_being_producer()
         if self.paused:
             self.paused = False
             transport.resumeProducing()
         protocol = self.site.build_channel(self.address)
-        for holder, attribute in ((transport, "wrappedProtocol"), (transport, "protocol")):
-            if getattr(holder, attribute, None) is self:
-                setattr(holder, attribute, protocol)
-                break
-        else:
-            log.error("cannot hand a connection over: the transport does not hold the lane")
-            transport.abortConnection()
-            return
+        setattr(holder, attribute, protocol)
         self.transport = None
         protocol.makeConnection(transport)
         if data:

@@ -25,7 +25,7 @@ from cocalcproxy import pages
 from cocalcproxy.directory import Account, Project
 from cocalcproxy.directory.model import Unavailable
 from cocalcproxy.http import headers as headers_module
-from cocalcproxy.http import prebody, routing
+from cocalcproxy.http import prebody, routing, takeover
 from cocalcproxy.http.bannerless import BannerlessRequest
 
 # The namespace operators see in log lines (kept from before the package layout).
@@ -761,20 +761,15 @@ class ProxyChannel(HTTPChannel):
             or getattr(self, "_abortingCall", None) is not None
         ):
             return
-        from cocalcproxy.http.lane import LaneChannel
-
-        for attribute in ("wrappedProtocol", "protocol"):
-            wrapper = getattr(transport, attribute, None)
-            if wrapper is not None and getattr(wrapper, "_channel", None) is self:
-                break
-        else:
+        try:
+            holder, attribute = takeover.protocol_holder(transport, self)
+        except takeover.TakeoverUnsupported:
             return
-        lane = LaneChannel(site, transport.getPeer())
-        lane.factory = site
+        lane = site.buildProtocol(transport.getPeer())  # a lane: lane_enabled, checked above
         self.setTimeout(None)
         self.stop_timers()
         self._networkProducer.unregisterProducer()
-        setattr(transport, attribute, lane)
+        setattr(holder, attribute, lane)
         self.transport = None
         lane.makeConnection(transport)
         lane.idle()

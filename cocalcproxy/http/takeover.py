@@ -109,13 +109,19 @@ class TakenProtocol:
                 request.connectionLost(reason)
 
 
-def _protocol_holder(transport: object, channel: HTTPChannel) -> tuple[object, str]:
-    """The object and attribute through which the transport reaches the channel's wrapper."""
+def protocol_holder(transport: object, delivers_to: object) -> tuple[object, str]:
+    """The object and attribute through which ``transport`` reaches ``delivers_to``: a TLS
+    wrapper's ``wrappedProtocol`` or a TCP connection's ``protocol``, holding that protocol
+    itself or Twisted's HTTP/1.1 wrapper around it (its ``_channel``). Both are looked up on
+    every event, so setting another protocol there sends every later byte and the end of the
+    connection to it (the takeover, and the fast lane's hand-over and way back)."""
     for attribute in ("wrappedProtocol", "protocol"):
         protocol = getattr(transport, attribute, None)
-        if protocol is not None and getattr(protocol, "_channel", None) is channel:
+        if protocol is not None and (
+            protocol is delivers_to or getattr(protocol, "_channel", None) is delivers_to
+        ):
             return transport, attribute
-    raise TakeoverUnsupported("the connection's protocol is not Twisted's HTTP/1.1 wrapper")
+    raise TakeoverUnsupported("the transport does not deliver to this protocol")
 
 
 def take_over(
@@ -139,7 +145,7 @@ def take_over(
         raise ConnectionGone("the client went away")
     if channel.requests != [request]:
         raise TakeoverUnsupported("another request is queued on this connection")
-    holder, attribute = _protocol_holder(transport, channel)
+    holder, attribute = protocol_holder(transport, channel)
 
     private: Any = channel
     buffered = b"".join(private._dataBuffer) + private._buffer
