@@ -63,3 +63,4 @@ class SettleGC(unittest.TestCase):
         self.assertIsInstance(proxy, service.ProxyService)
         self.assertTrue(proxy.settle_gc_when_listening)
         self.assertTrue(proxy.exit_on_listen_failure)
+        self.assertTrue(proxy.own_event_dispatch)

@@ -33,7 +33,7 @@ from cocalcproxy.http import takeover
 from cocalcproxy.http.ownpages import OwnPages
 from cocalcproxy.http.redirect import RedirectResource
 from cocalcproxy.http.site import ProxySite, Root
-from cocalcproxy.ops import accesslog, memory, systemd, tls, workers
+from cocalcproxy.ops import accesslog, eventloop, memory, systemd, tls, workers
 from cocalcproxy.ops.nometrics import NoMetrics
 
 if TYPE_CHECKING:
@@ -469,12 +469,17 @@ class ProxyService(service.MultiService):
         # Set by the twistd plugin (each worker runs it too): once listening, settle_gc().
         # Not in tests that run the proxy inside the test process, whose GC is the runner's.
         self.settle_gc_when_listening = False
+        # Set by the twistd plugin: the reactor dispatches events with cocalcproxy.ops.eventloop
+        # (established connections first, no log context per event). Not in a test runner's.
+        self.own_event_dispatch = False
         # In a worker process: its link to the supervisor.
         self.worker_link: workers.WorkerLink | None = None
         self._previous_hup: Any = None
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
+        if self.own_event_dispatch and not eventloop.install(self.reactor):
+            log.info("the reactor is not epoll: events are dispatched as Twisted does")
         if self.exit_on_listen_failure:
             self.all_listening().addErrback(self._listen_failed)
         if self.settle_gc_when_listening:

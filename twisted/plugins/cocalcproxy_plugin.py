@@ -31,6 +31,7 @@ class CocalcProxyServiceMaker:
             proxy = build_service(options)
             proxy.exit_on_listen_failure = True
             proxy.settle_gc_when_listening = True
+            proxy.own_event_dispatch = True
             if proxy.worker_link is not None:
                 # Under twistd the listeners may listen before the reactor runs: "ready" only
                 # once this worker's SIGTERM handler is in place.

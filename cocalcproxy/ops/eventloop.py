@@ -1,0 +1,169 @@
+"""The reactor's event dispatch: established connections first, no logging context per event.
+
+**No logging context per event.** Twisted's ``EPollReactor.doPoll`` hands every ready descriptor
+to ``log.callWithLogger``: it asks the descriptor for its ``logPrefix()``, copies the legacy
+logging context into a new dict, pushes it on a thread-local stack, calls ``_doReadOrWrite`` and
+pops the stack again. The context exists for ``twisted.python.log.msg`` calls made while
+handling the event, which then carry the descriptor's prefix as their ``system``. The proxy
+makes no such calls (it logs through ``twisted.logger``, which does not read that context), yet
+the machinery ran two or three times per proxied request: about 8 % of the CPU of a small
+request in a sampling profile (``bench/run.py``, small GET at 16 connections). This is Twisted's
+open ticket #6789 ("Remove callWithLogger usage in reactors"; #2534 measured it at 15 % of a
+UDP echo server). Here the prefix is computed only for the log line of a failure, so an
+unhandled error still names its connection.
+
+**Established connections before TLS handshakes.** A full TLS handshake step (the key exchange
+and signature for a ClientHello) costs the proxy several times what a small proxied request
+does. Dispatched in the order the kernel reports them, a request or a backend's answer that
+became ready behind a few new connections waited for all their handshakes (with 16 clients
+opening a connection per request, this order cut the median request latency by about a
+third in bench/run.py's connection-per-request scenario). Each turn therefore
+serves every ready descriptor that is not a newcomer first (requests, backend answers,
+WebSockets, the directory's connection), then the newcomers (TLS connections still in their
+handshake, and the listening sockets' accepts) one at a time, oldest first, and before each of
+them again whatever became ready on an established connection meanwhile (one ``epoll_wait`` with
+a zero timeout). The newcomers' steps in one turn are bounded by how many the turn started with, so
+timers and the next poll still come round, and a flood of new connections (a class signing in
+at once, or an attacker's handshakes) cannot hold up the connections already being served.
+
+:func:`install` replaces ``doIteration`` on one ``EPollReactor`` instance with :func:`_poll`,
+which waits the same way and dispatches each descriptor the same way (read, then write unless
+the read ended the connection; a hang-up handled only once no input is left to read; a failure
+logged and the descriptor disconnected with it). The class is not subclassed or copied: the
+instance keeps every other method, and any other reactor is left as it is.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+from typing import Any
+
+from twisted.internet import error, tcp
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger(namespace="cocalcproxy.eventloop")
+
+#: A descriptor whose fileno() says -1 has been closed under the reactor.
+_NO_DESCRIPTOR = error.ConnectionFdescWentAway("File descriptor lost")
+
+
+def install(reactor: Any) -> bool:
+    """Use :func:`_poll` for this reactor's iterations. True when installed; False (and nothing
+    changed) when the reactor is not Twisted's epoll reactor, e.g. ``twistd --reactor=poll``."""
+    try:
+        from twisted.internet.epollreactor import EPollReactor
+    except ImportError:  # not on Linux
+        return False
+    if not isinstance(reactor, EPollReactor):
+        return False
+    reactor.doIteration = functools.partial(_poll, reactor)  # type: ignore[method-assign]
+    return True
+
+
+def installed(reactor: Any) -> bool:
+    iteration = getattr(reactor, "__dict__", {}).get("doIteration")
+    return isinstance(iteration, functools.partial) and iteration.func is _poll
+
+
+def _poll(reactor: Any, timeout: float | None) -> None:
+    """One reactor iteration: wait for ready descriptors (at most ``timeout`` seconds, forever
+    when None) and dispatch each, established connections before TLS handshakes."""
+    ready = _ready(reactor, -1 if timeout is None else timeout)
+    handshakes: dict[int, tuple[Any, int]] = {}
+    _serve(reactor, ready, handshakes)
+    # One step for each handshake this poll found, oldest first; before each step after the
+    # first, whatever became ready on an established connection meanwhile is served. Bounded,
+    # so timers and the next poll still come round; a handshake left over is reported again.
+    steps = len(handshakes)
+    while handshakes and steps:
+        fd = next(iter(handshakes))
+        selectable, event = handshakes.pop(fd)
+        steps -= 1
+        # Still the same descriptor (an event served before may have closed it, and an accept
+        # may even have reused its number)?
+        if reactor._selectables.get(fd) is selectable:
+            _dispatch(reactor, selectable, fd, event)
+        if handshakes and steps:
+            _serve(reactor, _ready(reactor, 0), handshakes)
+
+
+def _ready(reactor: Any, timeout: float) -> list[tuple[int, int]]:
+    try:
+        ready: list[tuple[int, int]] = reactor._poller.poll(timeout, len(reactor._selectables))
+    except OSError as e:
+        if e.errno == errno.EINTR:
+            return []
+        raise
+    return ready
+
+
+def _serve(reactor: Any, ready: list[tuple[int, int]], handshakes: dict[int, Any]) -> None:
+    """Dispatch the ready descriptors, except TLS connections still in their handshake: those
+    are put (or updated) in ``handshakes``."""
+    selectables = reactor._selectables
+    for fd, event in ready:
+        selectable = selectables.get(fd)
+        if selectable is None:  # removed by an earlier event of this same turn
+            continue
+        if newcomer(selectable):
+            handshakes[fd] = (selectable, event)
+            continue
+        _dispatch(reactor, selectable, fd, event)
+
+
+def newcomer(selectable: Any) -> bool:
+    """A listening socket (its event is an accept) or a TLS connection still in its handshake
+    (Twisted's TLS wrapper says so in ``_handshakeDone``; anything else is established)."""
+    if type(selectable) is tcp.Port:
+        return True
+    return not getattr(getattr(selectable, "protocol", None), "_handshakeDone", True)
+
+
+def _dispatch(reactor: Any, selectable: Any, fd: int, event: int) -> None:
+    """Read, then write unless the read ended the connection; a hang-up is handled only once no
+    input is left to read; a failure is logged and disconnects the descriptor."""
+    in_read = False
+    try:
+        if event & reactor._POLL_DISCONNECTED and not event & reactor._POLL_IN:
+            # Hung up with no input left to read: a clean end if we were reading from it.
+            if fd in reactor._reads:
+                why: Any = CONNECTION_DONE
+                in_read = True
+            else:
+                why = CONNECTION_LOST
+        elif selectable.fileno() == -1:
+            why = _NO_DESCRIPTOR
+        else:
+            why = None
+            if event & reactor._POLL_IN:
+                why = selectable.doRead()
+                in_read = True
+            if not why and event & reactor._POLL_OUT:
+                why = selectable.doWrite()
+                in_read = False
+    except BaseException:
+        # As Twisted does: the failure is logged and the descriptor is disconnected with it.
+        failure = Failure()
+        why = failure.value
+        _log_failure(selectable, failure)
+    if why:
+        try:
+            reactor._disconnectSelectable(selectable, why, in_read)
+        except BaseException:
+            _log_failure(selectable, Failure())
+
+
+def _log_failure(selectable: Any, failure: Failure) -> None:
+    try:
+        prefix = selectable.logPrefix()
+    except BaseException:
+        prefix = "(buggy logPrefix method)"
+    log.failure(
+        "unhandled error while handling an event of {system}",
+        failure,
+        system=prefix,
+        log_system=prefix,
+    )
