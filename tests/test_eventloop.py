@@ -4,6 +4,7 @@ failure or a hang-up does."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import ssl
 import threading
@@ -251,12 +252,23 @@ class Newcomers(unittest.TestCase):
         until(done.is_set)
         self.assertFalse(eventloop.newcomer(server))
 
+    def test_a_unix_listener_is_a_newcomer_too(self) -> None:
+        reactor = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        port = reactor.listenUNIX(self.mktemp(), Factory.forProtocol(Protocol))
+        self.addCleanup(port.connectionLost, Failure(error.ConnectionDone()))
+        self.assertTrue(eventloop.newcomer(port))
+
     def test_anything_else_is_established(self) -> None:
         self.assertFalse(eventloop.newcomer(SimpleNamespace()))
         self.assertFalse(eventloop.newcomer(SimpleNamespace(protocol=Protocol())))
 
 
 class TheService(unittest.TestCase):
+    def setUp(self) -> None:
+        # startService takes SIGHUP (certificate reload); the test runner's is given back.
+        self.addCleanup(signal.signal, signal.SIGHUP, signal.getsignal(signal.SIGHUP))
+
     def test_installs_when_the_plugin_asks(self) -> None:
         state_dir = self.mktemp()
         reactor = EPollReactor()

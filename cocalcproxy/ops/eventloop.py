@@ -115,9 +115,10 @@ def _serve(reactor: Any, ready: list[tuple[int, int]], handshakes: dict[int, Any
 
 
 def newcomer(selectable: Any) -> bool:
-    """A listening socket (its event is an accept) or a TLS connection still in its handshake
-    (Twisted's TLS wrapper says so in ``_handshakeDone``; anything else is established)."""
-    if type(selectable) is tcp.Port:
+    """A listening socket (its event is an accept; TCP or Unix) or a TLS connection still in its
+    handshake (Twisted's TLS wrapper says so in ``_handshakeDone``); anything else is
+    established."""
+    if isinstance(selectable, tcp.Port):
         return True
     return not getattr(getattr(selectable, "protocol", None), "_handshakeDone", True)
 
