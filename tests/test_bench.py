@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -196,3 +197,43 @@ class QuickSmokeRun(unittest.TestCase):
             self.assertEqual([len(v) for v in f["values"].values()], [1, 1], f)
         throughput = [f for f in data["figures"] if f["name"].endswith("requests/s")][0]
         self.assertGreater(min(throughput["values"]["cocalcproxy"]), 0)
+
+
+class InstructionCount(unittest.TestCase):
+    """``bench/instructions.py``: callgrind's count of the proxy's instructions per request."""
+
+    timeout = 180
+
+    def test_reads_the_summary_of_a_dump(self) -> None:
+        from bench import instructions
+
+        dump = Path(self.mktemp())
+        dump.write_text("version: 1\ncreator: callgrind-3.19.0\nevents: Ir\nsummary: 1234567\n")
+        self.assertEqual(instructions.total_instructions(dump), 1234567)
+        dump.write_text("events: Ir\ntotals: 42\n")
+        self.assertEqual(instructions.total_instructions(dump), 42)
+        dump.write_text("events: Ir\n")
+        with self.assertRaises(SystemExit):
+            instructions.total_instructions(dump)
+
+    def test_counts_a_real_proxy_under_callgrind(self) -> None:
+        for tool in ("valgrind", "callgrind_control"):
+            self.assertIsNotNone(shutil.which(tool), f"{tool} is needed by bench/instructions.py")
+        result = subprocess.run(
+            [
+                sys.executable, str(REPO / "bench" / "instructions.py"),
+                "--requests", "60", "--warm-up", "20", "--connections", "2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=170,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
+        line = r"^([\d,]+) instructions per request \(60 small GETs"
+        found = re.search(line, result.stdout, re.MULTILINE)
+        self.assertIsNotNone(found, result.stdout)
+        assert found is not None
+        # A proxied request over TLS is hundreds of thousands of instructions; far outside this
+        # range, the count did not cover (only) the measured requests.
+        self.assertTrue(100_000 < int(found.group(1).replace(",", "")) < 20_000_000, found.group(0))
