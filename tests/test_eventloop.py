@@ -4,10 +4,10 @@ failure or a hang-up does."""
 
 from __future__ import annotations
 
+import select
 import signal
 import socket
 import ssl
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,7 +38,7 @@ class Descriptor:
         self.order = order
         # Looks like a TLS connection (in its handshake or past it) when handshake is given.
         if handshake is not None:
-            self.protocol = SimpleNamespace(_handshakeDone=not handshake)
+            self.protocol = SimpleNamespace(awaiting_hello=handshake)
         self.lost: list[Any] = []
         self.on_read: Any = None
         self.fd = self.sock.fileno()
@@ -214,7 +214,7 @@ class Newcomers(unittest.TestCase):
     """What counts as a newcomer, on real connections: the proxy's TLS wrapper, over a real
     handshake with a real client."""
 
-    def test_a_tls_connection_is_a_newcomer_until_its_handshake_is_done(self) -> None:
+    def test_a_tls_connection_is_a_newcomer_until_its_client_hello_is_answered(self) -> None:
         reactor = EPollReactor()
         self.addCleanup(reactor._poller.close)
         cert, key, _, _ = tlsutil.write_pair(Path(self.mktemp()), "server")
@@ -242,14 +242,29 @@ class Newcomers(unittest.TestCase):
         self.addCleanup(server.connectionLost, Failure(error.ConnectionDone()))
         self.assertIsInstance(server.protocol, tls.LeanTLSProtocol)
         self.assertTrue(eventloop.newcomer(server))
+
+        # A real client, one flight at a time.
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        wrapped = context.wrap_socket(client, do_handshake_on_connect=False)
-        done = threading.Event()
-        threading.Thread(target=lambda: (wrapped.do_handshake(), done.set()), daemon=True).start()
-        until(lambda: not eventloop.newcomer(server))
-        until(done.is_set)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls_client = context.wrap_bio(incoming, outgoing)
+        with self.assertRaises(ssl.SSLWantReadError):
+            tls_client.do_handshake()
+        client.sendall(outgoing.read())  # the ClientHello
+        until(lambda: select.select([client], [], [], 0)[0])
+        # Answered (the server's flight is here), not yet done (no client Finished yet).
+        self.assertFalse(server.protocol._handshakeDone)
+        self.assertFalse(eventloop.newcomer(server))
+        client.setblocking(False)
+        while True:
+            try:
+                incoming.write(client.recv(65536))
+            except BlockingIOError:
+                break
+        tls_client.do_handshake()
+        client.sendall(outgoing.read())  # the client's Finished
+        until(lambda: server.protocol._handshakeDone)
         self.assertFalse(eventloop.newcomer(server))
 
     def test_a_unix_listener_is_a_newcomer_too(self) -> None:

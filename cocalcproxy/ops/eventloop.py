@@ -12,19 +12,21 @@ open ticket #6789 ("Remove callWithLogger usage in reactors"; #2534 measured it 
 UDP echo server). Here the prefix is computed only for the log line of a failure, so an
 unhandled error still names its connection.
 
-**Established connections before TLS handshakes.** A full TLS handshake step (the key exchange
-and signature for a ClientHello) costs the proxy several times what a small proxied request
-does. Dispatched in the order the kernel reports them, a request or a backend's answer that
-became ready behind a few new connections waited for all their handshakes (with 16 clients
-opening a connection per request, this order cut the median request latency by about a
-third in bench/run.py's connection-per-request scenario). Each turn therefore
-serves every ready descriptor that is not a newcomer first (requests, backend answers,
-WebSockets, the directory's connection), then the newcomers (TLS connections still in their
-handshake, and the listening sockets' accepts) one at a time, oldest first, and before each of
-them again whatever became ready on an established connection meanwhile (one ``epoll_wait`` with
-a zero timeout). The newcomers' steps in one turn are bounded by how many the turn started with, so
-timers and the next poll still come round, and a flood of new connections (a class signing in
-at once, or an attacker's handshakes) cannot hold up the connections already being served.
+**Established connections before new ones.** Answering a TLS ClientHello (the key exchange and
+the signature) costs the proxy several times what a small proxied request does. Dispatched in
+the order the kernel reports them, a request or a backend's answer that became ready behind a
+few new connections waited for all their ClientHellos (with 16 clients opening a connection per
+request, this order cut the median request latency by about a third in bench/run.py's
+connection-per-request scenario). Each turn therefore serves every ready descriptor that is not
+a newcomer first (requests, backend answers, WebSockets, the directory's connection, and the
+client's Finished that completes a handshake, which usually arrives with the first request),
+then the newcomers (connections whose ClientHello has not been answered yet, and the listening
+sockets' accepts) one at a time, oldest first, and before each of them again whatever became
+ready on an established connection meanwhile (one ``epoll_wait`` with a zero timeout). The
+newcomers' steps in one turn are bounded by how many the turn started with, so timers and the
+next poll still come round, and a flood of new connections (a class signing in at once, or an
+attacker's handshakes) cannot hold up the connections already being served. Newcomers are not
+starved either: every one that was ready when a turn began gets its step in that turn.
 
 :func:`install` replaces ``doIteration`` on one ``EPollReactor`` instance with :func:`_poll`,
 which waits the same way and dispatches each descriptor the same way (read, then write unless
@@ -70,24 +72,24 @@ def installed(reactor: Any) -> bool:
 
 def _poll(reactor: Any, timeout: float | None) -> None:
     """One reactor iteration: wait for ready descriptors (at most ``timeout`` seconds, forever
-    when None) and dispatch each, established connections before TLS handshakes."""
+    when None) and dispatch each, established connections before newcomers."""
     ready = _ready(reactor, -1 if timeout is None else timeout)
-    handshakes: dict[int, tuple[Any, int]] = {}
-    _serve(reactor, ready, handshakes)
-    # One step for each handshake this poll found, oldest first; before each step after the
+    newcomers: dict[int, tuple[Any, int]] = {}
+    _serve(reactor, ready, newcomers)
+    # One step for each newcomer this poll found, oldest first; before each step after the
     # first, whatever became ready on an established connection meanwhile is served. Bounded,
-    # so timers and the next poll still come round; a handshake left over is reported again.
-    steps = len(handshakes)
-    while handshakes and steps:
-        fd = next(iter(handshakes))
-        selectable, event = handshakes.pop(fd)
+    # so timers and the next poll still come round; a newcomer left over is reported again.
+    steps = len(newcomers)
+    while newcomers and steps:
+        fd = next(iter(newcomers))
+        selectable, event = newcomers.pop(fd)
         steps -= 1
         # Still the same descriptor (an event served before may have closed it, and an accept
         # may even have reused its number)?
         if reactor._selectables.get(fd) is selectable:
             _dispatch(reactor, selectable, fd, event)
-        if handshakes and steps:
-            _serve(reactor, _ready(reactor, 0), handshakes)
+        if newcomers and steps:
+            _serve(reactor, _ready(reactor, 0), newcomers)
 
 
 def _ready(reactor: Any, timeout: float) -> list[tuple[int, int]]:
@@ -100,27 +102,27 @@ def _ready(reactor: Any, timeout: float) -> list[tuple[int, int]]:
     return ready
 
 
-def _serve(reactor: Any, ready: list[tuple[int, int]], handshakes: dict[int, Any]) -> None:
-    """Dispatch the ready descriptors, except TLS connections still in their handshake: those
-    are put (or updated) in ``handshakes``."""
+def _serve(reactor: Any, ready: list[tuple[int, int]], newcomers: dict[int, Any]) -> None:
+    """Dispatch the ready descriptors, except newcomers: those are put (or updated) in
+    ``newcomers``."""
     selectables = reactor._selectables
     for fd, event in ready:
         selectable = selectables.get(fd)
         if selectable is None:  # removed by an earlier event of this same turn
             continue
         if newcomer(selectable):
-            handshakes[fd] = (selectable, event)
+            newcomers[fd] = (selectable, event)
             continue
         _dispatch(reactor, selectable, fd, event)
 
 
 def newcomer(selectable: Any) -> bool:
-    """A listening socket (its event is an accept; TCP or Unix) or a TLS connection still in its
-    handshake (Twisted's TLS wrapper says so in ``_handshakeDone``); anything else is
-    established."""
+    """A listening socket (its event is an accept; TCP or Unix) or a TLS connection whose
+    ClientHello the server has not answered yet (``LeanTLSProtocol.awaiting_hello``); anything
+    else is established."""
     if isinstance(selectable, tcp.Port):
         return True
-    return not getattr(getattr(selectable, "protocol", None), "_handshakeDone", True)
+    return getattr(getattr(selectable, "protocol", None), "awaiting_hello", False) is True
 
 
 def _dispatch(reactor: Any, selectable: Any, fd: int, event: int) -> None:

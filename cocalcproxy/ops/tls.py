@@ -285,6 +285,12 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
     #: Whether the handshake's memory BIOs have been replaced by empty ones (renew_memory_bios).
     _bios_renewed = False
 
+    #: True until the server has answered a ClientHello (sent its first flight): the expensive
+    #: step of a handshake (key exchange and signature). cocalcproxy.ops.eventloop serves such
+    #: connections after the established ones; the client's Finished, which usually arrives
+    #: with the first request, is then served as promptly as any request.
+    awaiting_hello = True
+
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         super().dataReceived(data)
         # Once the handshake is over and everything it and this read produced has been passed
@@ -373,4 +379,5 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
             data = self._tlsConnection.bio_read(2**15)
         except SSL.WantReadError:
             return  # nothing in the send BIO right now
+        self.awaiting_hello = False
         eager_write(self.transport, data)
