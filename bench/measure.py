@@ -52,6 +52,18 @@ def cpu_ticks(stats: Iterable[ProcStat]) -> int:
     return sum(s.utime + s.stime for s in stats)
 
 
+def machine_ticks(proc_stat: str) -> tuple[int, int]:
+    """(idle, total) clock ticks of all CPUs from /proc/stat's first (``cpu``) line: idle is
+    idle plus iowait; total adds user, nice, system, irq, softirq and steal (guest time is
+    already inside user and nice)."""
+    line = proc_stat.splitlines()[0].split()
+    if line[0] != "cpu":
+        raise ValueError("not /proc/stat: its first line is not the 'cpu' line")
+    values = [int(v) for v in line[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = values + [0] * (8 - len(values))
+    return idle + iowait, user + nice + system + idle + iowait + irq + softirq + steal
+
+
 def descendants(root: int, stats: Iterable[ProcStat]) -> set[int]:
     """``root`` and every process below it, from a snapshot of all processes' stat lines."""
     children: dict[int, list[int]] = {}

@@ -146,6 +146,26 @@ class CpuWindow:
         self.seconds = tree_cpu_seconds(self.pids) - self.before
 
 
+class MachineIdle:
+    """The share (%) of all CPUs' time left idle between ``with`` entry and exit."""
+
+    def __init__(self) -> None:
+        self.percent = 0.0
+
+    @staticmethod
+    def _ticks() -> tuple[int, int]:
+        return measure.machine_ticks(Path("/proc/stat").read_text())
+
+    def __enter__(self) -> MachineIdle:
+        self.before = self._ticks()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        idle, total = self._ticks()
+        idle, total = idle - self.before[0], total - self.before[1]
+        self.percent = 100 * idle / total if total > 0 else 0.0
+
+
 class PeakRss:
     """Samples a process tree's resident memory every 20 ms; keeps the first and the peak."""
 
@@ -443,6 +463,9 @@ def scenario_workers(run: Run) -> None:
         w: run.figure(f"--workers {w}, 128 conns: proxy CPU used (cores)", "cores", "higher")
         for w in (1, 2)
     }
+    # Whether the second worker had every cycle the load generator and the backend left: at 0,
+    # the machine was saturated and the gain is bounded by what they need, not by the proxy.
+    idle = run.figure("--workers 2, 128 conns: the machine's CPU left idle", "%", "lower")
     rate_16 = run.figure("--workers 2, 16 conns: requests/s", "req/s", "higher")
     split = {
         c: run.figure(
@@ -452,7 +475,7 @@ def scenario_workers(run: Run) -> None:
         )
         for c in (16, 128)
     }
-    figures = [one, two, gain, cpu_one, cpu_two, *busy.values(), rate_16, *split.values()]
+    figures = [one, two, gain, cpu_one, cpu_two, *busy.values(), idle, rate_16, *split.values()]
     if not peers_module.has_workers_option():
         for f in figures:
             f.missing[SUBJECT] = "n/a (no --workers option)"
@@ -479,7 +502,7 @@ def scenario_workers(run: Run) -> None:
             for workers, connections in runs:
                 proxy = proxies[workers]
                 before = worker_cpu(proxy)
-                with CpuWindow(proxy) as window:
+                with CpuWindow(proxy) as window, MachineIdle() as machine:
                     result = wrk(
                         run, proxy.url("small"), proxy.header_lines(), connections,
                         run.settings.duration, cpus,
@@ -489,7 +512,7 @@ def scenario_workers(run: Run) -> None:
                 if connections == 16:
                     figs = [rate_16, split[16]]
                 else:
-                    figs = [one, cpu_one] if workers == 1 else [two, cpu_two, split[128]]
+                    figs = [one, cpu_one] if workers == 1 else [two, cpu_two, split[128], idle]
                     figs.append(busy[workers])
                 if not check_wrk(run, SUBJECT, what, result, figs):
                     continue
@@ -499,6 +522,8 @@ def scenario_workers(run: Run) -> None:
                     figs[1].add(SUBJECT, window.seconds / max(1, result.requests) * 1e6)
                     wall = result.seconds or run.settings.duration
                     busy[workers].add(SUBJECT, window.seconds / wall)
+                    if workers == 2:
+                        idle.add(SUBJECT, machine.percent)
                 if workers == 2:
                     used = [after[pid] - before.get(pid, 0.0) for pid in after]
                     if len(used) < 2:

@@ -237,3 +237,14 @@ class InstructionCount(unittest.TestCase):
         # A proxied request over TLS is hundreds of thousands of instructions; far outside this
         # range, the count did not cover (only) the measured requests.
         self.assertTrue(100_000 < int(found.group(1).replace(",", "")) < 20_000_000, found.group(0))
+
+
+class MachineTicks(unittest.TestCase):
+    def test_idle_and_total_from_the_cpu_line(self) -> None:
+        text = "cpu  100 5 50 800 20 1 9 15 7 0\ncpu0 50 2 25 400 10 0 4 7 3 0\nintr 1 2\n"
+        # idle + iowait; user + nice + system + idle + iowait + irq + softirq + steal
+        self.assertEqual(measure.machine_ticks(text), (820, 1000))
+
+    def test_not_proc_stat(self) -> None:
+        with self.assertRaises(ValueError):
+            measure.machine_ticks("intr 1 2\n")
