@@ -31,7 +31,14 @@ from tests.support import options_for
 class Descriptor:
     """One end of a socket pair, registered with the reactor, recording when it is served."""
 
-    def __init__(self, name: str, order: list[str], handshake: bool | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        order: list[str],
+        handshake: bool | None = None,
+        clock: list[float] | None = None,
+        cost: float = 0.0,
+    ) -> None:
         self.sock, self.peer = socket.socketpair()
         self.sock.setblocking(False)
         self.name = name
@@ -42,12 +49,16 @@ class Descriptor:
         self.lost: list[Any] = []
         self.on_read: Any = None
         self.fd = self.sock.fileno()
+        # Serving it takes ``cost`` seconds on the test's clock.
+        self.clock = clock if clock is not None else [0.0]
+        self.cost = cost
 
     def fileno(self) -> int:
         return self.fd
 
     def doRead(self) -> Any:  # noqa: N802
         self.order.append(self.name)
+        self.clock[0] += self.cost
         data = self.sock.recv(65536)
         if self.on_read is not None:
             self.on_read()
@@ -71,12 +82,13 @@ class Descriptor:
 class EventLoop(unittest.TestCase):
     def setUp(self) -> None:
         self.reactor = EPollReactor()
-        self.assertTrue(eventloop.install(self.reactor))
+        self.now = [100.0]
+        self.assertTrue(eventloop.install(self.reactor, clock=lambda: self.now[0]))
         self.order: list[str] = []
         self.addCleanup(self.reactor._poller.close)
 
-    def descriptor(self, name: str, handshake: bool | None = None) -> Descriptor:
-        d = Descriptor(name, self.order, handshake)
+    def descriptor(self, name: str, handshake: bool | None = None, cost: float = 0.0) -> Descriptor:
+        d = Descriptor(name, self.order, handshake, self.now, cost)
         self.addCleanup(d.close)
         self.reactor.addReader(d)
         self.addCleanup(self.reactor.removeReader, d)
@@ -117,21 +129,38 @@ class EventLoop(unittest.TestCase):
         backend.peer.send(b"HTTP/1.1 200 OK")
         self.assertEqual(self.turn(), ["established", "backend", "handshake"])
 
-    def test_what_became_ready_meanwhile_goes_before_the_next_handshake(self) -> None:
-        first = self.descriptor("handshake 1", handshake=True)
-        second = self.descriptor("handshake 2", handshake=True)
+    def test_newcomers_get_a_slice_then_established_connections_go_first_again(self) -> None:
+        step = 0.6 * eventloop.SLICE
+        first = self.descriptor("hello 1", handshake=True, cost=step)
+        second = self.descriptor("hello 2", handshake=True, cost=step)
+        third = self.descriptor("hello 3", handshake=True, cost=step)
         old = self.descriptor("established", handshake=False)
         first.on_read = lambda: old.peer.send(b"GET")
-        first.peer.send(b"client hello")
-        second.peer.send(b"client hello")
-        self.assertEqual(self.turn(), ["handshake 1", "established", "handshake 2"])
+        for d in (first, second, third):
+            d.peer.send(b"client hello")
+        # The slice is spent after the second (the one under way is finished).
+        self.assertEqual(self.turn(), ["hello 1", "hello 2"])
+        self.assertEqual(self.turn(), ["established", "hello 3"])
+
+    def test_newcomers_get_as_long_as_established_connections_took(self) -> None:
+        self.descriptor("established", handshake=False, cost=10 * eventloop.SLICE).peer.send(b"x")
+        hellos = [
+            self.descriptor(f"hello {i}", handshake=True, cost=3 * eventloop.SLICE)
+            for i in range(1, 6)
+        ]
+        for d in hellos:
+            d.peer.send(b"client hello")
+        # 10 slices of established work: four hellos (the fourth passes the mark) ...
+        self.assertEqual(self.turn(), ["established", "hello 1", "hello 2", "hello 3", "hello 4"])
+        # ... and at least one in every turn, however long it takes.
+        self.assertEqual(self.turn(), ["hello 5"])
 
     def test_a_turn_serves_only_the_handshakes_it_started_with(self) -> None:
         first = self.descriptor("handshake 1", handshake=True)
         second = self.descriptor("handshake 2", handshake=True)
         first.on_read = lambda: second.peer.send(b"client hello")
         first.peer.send(b"client hello")
-        self.assertEqual(self.turn(), ["handshake 1"])
+        self.assertEqual(self.turn(), ["handshake 1"])  # handshake 2 was not ready at the poll
         self.assertEqual(self.turn(), ["handshake 2"])
 
     def test_accepts_wait_for_established_connections(self) -> None:

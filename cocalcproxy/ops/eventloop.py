@@ -12,21 +12,26 @@ open ticket #6789 ("Remove callWithLogger usage in reactors"; #2534 measured it 
 UDP echo server). Here the prefix is computed only for the log line of a failure, so an
 unhandled error still names its connection.
 
-**Established connections before new ones.** Answering a TLS ClientHello (the key exchange and
-the signature) costs the proxy several times what a small proxied request does. Dispatched in
-the order the kernel reports them, a request or a backend's answer that became ready behind a
-few new connections waited for all their ClientHellos (with 16 clients opening a connection per
-request, this order cut the median request latency by about a third in bench/run.py's
-connection-per-request scenario). Each turn therefore serves every ready descriptor that is not
-a newcomer first (requests, backend answers, WebSockets, the directory's connection, and the
-client's Finished that completes a handshake, which usually arrives with the first request),
-then the newcomers (connections whose ClientHello has not been answered yet, and the listening
-sockets' accepts) one at a time, oldest first, and before each of them again whatever became
-ready on an established connection meanwhile (one ``epoll_wait`` with a zero timeout). The
-newcomers' steps in one turn are bounded by how many the turn started with, so timers and the
-next poll still come round, and a flood of new connections (a class signing in at once, or an
-attacker's handshakes) cannot hold up the connections already being served. Newcomers are not
-starved either: every one that was ready when a turn began gets its step in that turn.
+**Established connections before new ones, and new ones not starved.** Answering a TLS
+ClientHello (the key exchange and the signature) costs the proxy several times what a small
+proxied request does. Dispatched in the order the kernel reports them, a request or a backend's
+answer that became ready behind a few new connections waited for all their ClientHellos. Each
+turn therefore serves every ready descriptor that is not a newcomer first (requests, backend
+answers, WebSockets, the directory's connection, and the client's Finished that completes a
+handshake, which usually arrives with the first request), then the newcomers (connections
+whose ClientHello has not been answered yet, and the listening sockets' accepts), oldest first,
+for as long as the established ones took, at least ``SLICE`` and at least one newcomer. The
+newcomers left over are still ready, so the next poll reports them again, after the timers have
+run and behind whatever established connection became ready meanwhile.
+
+So a request waits behind at most about one slice of handshakes, and when both kinds are
+waiting each gets about half of the CPU: a flood of new connections (a class signing in at
+once, or an attacker's handshakes) cannot take more than half from the connections already
+being served, and a busy proxy still lets new connections in at a steady pace. A first version
+served newcomers one at a time with a fresh poll of the established ones before each: at 512
+busy connections each such poll served hundreds of requests, so new connections got a few per
+cent of the CPU and the 512-connection p99 latency in bench/run.py went from 126 ms to
+158-609 ms (medians of three runs); with the slice it is back to 148 ms.
 
 :func:`install` replaces ``doIteration`` on one ``EPollReactor`` instance with :func:`_poll`,
 which waits the same way and dispatches each descriptor the same way (read, then write unless
@@ -39,6 +44,8 @@ from __future__ import annotations
 
 import errno
 import functools
+import time
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import error, tcp
@@ -52,7 +59,13 @@ log = Logger(namespace="cocalcproxy.eventloop")
 _NO_DESCRIPTOR = error.ConnectionFdescWentAway("File descriptor lost")
 
 
-def install(reactor: Any) -> bool:
+#: Seconds of newcomers' work a turn may take at least (when established connections took less):
+#: about one ClientHello here. A request that arrives meanwhile waits at most this long (plus
+#: the step under way) behind newcomers.
+SLICE = 0.0005
+
+
+def install(reactor: Any, clock: Callable[[], float] = time.monotonic) -> bool:
     """Use :func:`_poll` for this reactor's iterations. True when installed; False (and nothing
     changed) when the reactor is not Twisted's epoll reactor, e.g. ``twistd --reactor=poll``."""
     try:
@@ -61,7 +74,7 @@ def install(reactor: Any) -> bool:
         return False
     if not isinstance(reactor, EPollReactor):
         return False
-    reactor.doIteration = functools.partial(_poll, reactor)  # type: ignore[method-assign]
+    reactor.doIteration = functools.partial(_poll, reactor, clock)  # type: ignore[method-assign]
     return True
 
 
@@ -70,26 +83,27 @@ def installed(reactor: Any) -> bool:
     return isinstance(iteration, functools.partial) and iteration.func is _poll
 
 
-def _poll(reactor: Any, timeout: float | None) -> None:
+def _poll(reactor: Any, clock: Callable[[], float], timeout: float | None) -> None:
     """One reactor iteration: wait for ready descriptors (at most ``timeout`` seconds, forever
-    when None) and dispatch each, established connections before newcomers."""
+    when None); serve the established ones, then newcomers, oldest first, for as long as the
+    established ones took (at least ``SLICE``, and at least one newcomer). Newcomers left over
+    are still ready, so the next poll reports them again, after timers have run and behind
+    whatever established connection became ready meanwhile."""
     ready = _ready(reactor, -1 if timeout is None else timeout)
     newcomers: dict[int, tuple[Any, int]] = {}
+    started = clock()
     _serve(reactor, ready, newcomers)
-    # One step for each newcomer this poll found, oldest first; before each step after the
-    # first, whatever became ready on an established connection meanwhile is served. Bounded,
-    # so timers and the next poll still come round; a newcomer left over is reported again.
-    steps = len(newcomers)
-    while newcomers and steps:
-        fd = next(iter(newcomers))
-        selectable, event = newcomers.pop(fd)
-        steps -= 1
+    if not newcomers:
+        return
+    now = clock()
+    until = now + max(SLICE, now - started)
+    for fd, (selectable, event) in newcomers.items():
         # Still the same descriptor (an event served before may have closed it, and an accept
         # may even have reused its number)?
         if reactor._selectables.get(fd) is selectable:
             _dispatch(reactor, selectable, fd, event)
-        if newcomers and steps:
-            _serve(reactor, _ready(reactor, 0), newcomers)
+            if clock() >= until:
+                return
 
 
 def _ready(reactor: Any, timeout: float) -> list[tuple[int, int]]:
