@@ -117,8 +117,7 @@ def _ready(reactor: Any, timeout: float) -> list[tuple[int, int]]:
 
 
 def _serve(reactor: Any, ready: list[tuple[int, int]], newcomers: dict[int, Any]) -> None:
-    """Dispatch the ready descriptors, except newcomers: those are put (or updated) in
-    ``newcomers``."""
+    """Dispatch the ready descriptors, except newcomers: those are put in ``newcomers``."""
     selectables = reactor._selectables
     for fd, event in ready:
         selectable = selectables.get(fd)
