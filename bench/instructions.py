@@ -76,18 +76,18 @@ def main() -> None:
     peers.compile_checkout()
     with tempfile.TemporaryDirectory(prefix="cocalcproxy-instructions-") as work:
         out = Path(work) / "callgrind.out"
-        plain = peers.twistd_command
-        peers.twistd_command = lambda: [  # type: ignore[assignment]
-            "valgrind",
-            "--tool=callgrind",
-            "--instr-atstart=no",
-            f"--callgrind-out-file={out}",
-            *plain(),
-        ]
+        # Instrumentation off until the warm-up: start-up runs at valgrind's plain speed.
+        callgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
         backend = peers.start_backend(None)
         proxy = None
         try:
-            proxy = peers.start_cocalcproxy(Path(work) / "state", backend, None, [])
+            proxy = peers.start_cocalcproxy(
+                Path(work) / "state",
+                backend,
+                None,
+                [],
+                launcher=[*callgrind, f"--callgrind-out-file={out}"],
+            )
             control(proxy.pid, "--instr=on")
             requests(proxy, args.warm_up, args.connections)
             control(proxy.pid, "--zero")

@@ -322,10 +322,12 @@ def start_cocalcproxy(
     project_id: str | None = None,
     label: str = "cocalcproxy",
     profile: str | None = None,
+    launcher: list[str] | None = None,
 ) -> CocalcProxy:
     """A fresh proxy with its own state directory and an API token for user ``bench``. Without
     ``database``, a new SQLite directory with that user and a project; with it, the user and
-    the project (``project_id``) must already be there (several proxies share them)."""
+    the project (``project_id``) must already be there (several proxies share them).
+    ``launcher`` goes in front of twistd's command line (bench/instructions.py: valgrind)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     where = ["--database", database] if database else ["--state-dir", str(state_dir)]
     if project_id is None:
@@ -337,6 +339,7 @@ def start_cocalcproxy(
     log_path = state_dir / "proxy.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed when the process is
     command = [
+        *(launcher or []),
         *twistd_command(),
         "-n",
         "--pidfile=",

@@ -155,6 +155,21 @@ class WrkOutput(unittest.TestCase):
             measure.parse_wrk("Usage: wrk <options> <url>")
 
 
+def run_bench_script(
+    case: unittest.TestCase, script: str, *args: str, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """``bench/<script> args`` against this checkout; it must exit 0 (else its output shows)."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    case.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
+    return result
+
+
 class QuickSmokeRun(unittest.TestCase):
     """``bench/run.py --quick`` end to end, cocalcproxy and nginx, two scenarios (about 10 s)."""
 
@@ -164,18 +179,12 @@ class QuickSmokeRun(unittest.TestCase):
         for tool in ("wrk", "nginx", "curl", "taskset"):
             self.assertIsNotNone(shutil.which(tool), f"{tool} is needed by the benchmark")
         out = Path(self.mktemp()).absolute()
-        result = subprocess.run(
-            [
-                sys.executable, str(REPO / "bench" / "run.py"), "--quick",
-                "--peers", "cocalcproxy,nginx", "--scenarios", "small,websocket",
-                "--connections", "4", "--ws-connections", "2", "--json", str(out),
-            ],
-            capture_output=True,
-            text=True,
+        result = run_bench_script(
+            self, "run.py", "--quick",
+            "--peers", "cocalcproxy,nginx", "--scenarios", "small,websocket",
+            "--connections", "4", "--ws-connections", "2", "--json", str(out),
             timeout=110,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
         )  # fmt: skip
-        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
         self.assertIn("QUICK SMOKE RUN: these numbers are not measurements.", result.stdout)
         self.assertIn("| cocalcproxy / nginx ", result.stdout)
         data = json.loads(out.read_text())
@@ -219,17 +228,10 @@ class InstructionCount(unittest.TestCase):
     def test_counts_a_real_proxy_under_callgrind(self) -> None:
         for tool in ("valgrind", "callgrind_control"):
             self.assertIsNotNone(shutil.which(tool), f"{tool} is needed by bench/instructions.py")
-        result = subprocess.run(
-            [
-                sys.executable, str(REPO / "bench" / "instructions.py"),
-                "--requests", "60", "--warm-up", "20", "--connections", "2",
-            ],
-            capture_output=True,
-            text=True,
+        result = run_bench_script(
+            self, "instructions.py", "--requests", "60", "--warm-up", "20", "--connections", "2",
             timeout=170,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
         )  # fmt: skip
-        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
         line = r"^([\d,]+) instructions per request \(60 small GETs"
         found = re.search(line, result.stdout, re.MULTILINE)
         self.assertIsNotNone(found, result.stdout)
